@@ -1,0 +1,114 @@
+"""Typed errors of nova-torrent-images.
+
+Every message names the image (and, where one is involved, the setting) so an operator can
+act on it from the log line alone. ``TorrentFetchError`` subclasses are the failures after
+which a fetch falls back to plain Glance; ``IntegrityError`` is never swallowed silently.
+"""
+
+from __future__ import annotations
+
+
+class TorrentImagesError(Exception):
+    """Base class of every error raised by this library."""
+
+    msg_fmt = "An unknown error occurred."
+
+    def __init__(self, message: str | None = None, **kwargs: object) -> None:
+        self.kwargs = kwargs
+        if message is None:
+            try:
+                message = self.msg_fmt % kwargs
+            except (KeyError, TypeError, ValueError):
+                # A wrong format key is a bug of ours; keep the raw template rather than
+                # hiding the original error behind a formatting one.
+                message = f"{self.msg_fmt} {kwargs!r}"
+        super().__init__(message)
+
+
+class ConfigError(TorrentImagesError):
+    msg_fmt = "Invalid setting [torrent_images] %(option)s: %(reason)s"
+
+
+class InvalidImageMetadata(TorrentImagesError):
+    """A Glance property of the image is missing or malformed."""
+
+    msg_fmt = "Image %(image_id)s: property %(prop)s is invalid: %(reason)s"
+
+
+class InvalidMagnet(InvalidImageMetadata):
+    msg_fmt = "Image %(image_id)s: property %(prop)s is not a usable magnet URI: %(reason)s"
+
+
+class ImageNotFound(TorrentImagesError):
+    msg_fmt = "Image %(image_id)s was not found in Glance"
+
+
+class GlanceError(TorrentImagesError):
+    msg_fmt = "Glance request for image %(image_id)s failed: %(reason)s"
+
+
+class IntegrityError(TorrentImagesError):
+    """Bytes do not match what Glance says the image is. Never handed on."""
+
+    msg_fmt = (
+        "Image %(image_id)s: %(algo)s of the downloaded data is %(actual)s, "
+        "Glance says %(expected)s; the data was discarded"
+    )
+
+
+class TorrentFetchError(TorrentImagesError):
+    """The swarm could not deliver the image; the caller may fall back to Glance."""
+
+    msg_fmt = "Image %(image_id)s: torrent fetch failed: %(reason)s"
+
+
+class MetadataTimeout(TorrentFetchError):
+    msg_fmt = (
+        "Image %(image_id)s: no peer sent the torrent metadata within %(timeout)ss "
+        "([torrent_images] metadata_timeout); peers seen: %(peers)s"
+    )
+
+
+class TorrentStalled(TorrentFetchError):
+    msg_fmt = (
+        "Image %(image_id)s: download made no progress for %(timeout)ss "
+        "([torrent_images] stall_timeout) at %(percent).1f%% with %(peers)s peers"
+    )
+
+
+class TorrentTimeout(TorrentFetchError):
+    msg_fmt = (
+        "Image %(image_id)s: download did not finish within %(timeout)ss "
+        "([torrent_images] overall_timeout), reached %(percent).1f%%"
+    )
+
+
+class TorrentMismatch(TorrentFetchError):
+    """The torrent behind the magnet does not describe the Glance image."""
+
+    msg_fmt = "Image %(image_id)s: the torrent does not match the image: %(reason)s"
+
+
+class TorrentStorageError(TorrentFetchError):
+    msg_fmt = "Image %(image_id)s: libtorrent could not write %(path)s: %(reason)s"
+
+
+class NotTorrentable(TorrentImagesError):
+    msg_fmt = "Image %(image_id)s is not delivered by torrent: %(reason)s"
+
+
+class StoreError(TorrentImagesError):
+    msg_fmt = "Image store error: %(reason)s"
+
+
+class StoreFull(StoreError):
+    msg_fmt = (
+        "Not enough space for image %(image_id)s in %(store)s: "
+        "need %(needed)s bytes, %(available)s bytes free"
+    )
+
+
+class FetchFailed(TorrentImagesError):
+    """Neither the swarm nor the Glance fallback produced a verified image."""
+
+    msg_fmt = "Image %(image_id)s could not be fetched: %(reason)s"

@@ -1,0 +1,158 @@
+"""What a Glance v2 image record says, parsed strictly into :class:`ImageInfo`.
+
+Glance custom properties are free-form strings set by users, so every property this library
+acts on is validated here, once. A bad torrent property never raises out of
+:func:`parse_image`: it is kept in ``ImageInfo.torrent_error`` so policy can log it and send
+the image down the plain Glance path, which needs none of those properties.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from oslo_utils import strutils
+
+from nova_torrent_images import exception
+from nova_torrent_images.swarm.torrent import Magnet, MagnetError, parse_magnet
+
+DEFAULT_TORRENTABLE_PROPERTY = "is_torrentable"
+DEFAULT_MAGNET_PROPERTY = "torrent_magnet"
+
+# Glance's core attributes; everything else in a v2 record is a custom property.
+_CORE_FIELDS = frozenset({
+    "id", "name", "status", "visibility", "protected", "os_hidden", "checksum",
+    "os_hash_algo", "os_hash_value", "owner", "size", "virtual_size", "min_ram", "min_disk",
+    "disk_format", "container_format", "created_at", "updated_at", "tags", "direct_url",
+    "locations", "self", "file", "schema", "stores",
+})
+
+
+@dataclass
+class ImageInfo:
+    """A Glance image as far as delivery is concerned."""
+
+    id: str
+    name: str | None
+    status: str | None
+    size: int | None
+    disk_format: str | None
+    container_format: str | None
+    hash_algo: str | None
+    hash_value: str | None
+    is_torrentable: bool | None
+    magnet: Magnet | None
+    magnet_uri: str | None
+    properties: dict[str, Any] = field(default_factory=dict)
+    # The first problem found in the torrent properties, if any.
+    torrent_error: exception.InvalidImageMetadata | None = None
+
+    def require_verifiable(self) -> None:
+        """Raise unless the image has the size and hash that verification needs."""
+        if self.size is None or self.size <= 0:
+            raise exception.InvalidImageMetadata(
+                image_id=self.id, prop="size",
+                reason=f"it is {self.size!r}; the image must be active with data")
+        if not self.hash_algo or not self.hash_value:
+            raise exception.InvalidImageMetadata(
+                image_id=self.id, prop="os_hash_value",
+                reason="Glance has no hash for this image, so its bytes cannot be verified")
+
+    def new_hasher(self) -> hashlib._Hash:
+        """A hashlib object for the image's Glance hash algorithm."""
+        self.require_verifiable()
+        return hashlib.new(self.hash_algo)
+
+
+def _parse_size(image_id: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise exception.InvalidImageMetadata(
+            image_id=image_id, prop="size", reason=f"{value!r} is not an integer") from None
+    if size < 0:
+        raise exception.InvalidImageMetadata(
+            image_id=image_id, prop="size", reason=f"{size} is negative")
+    return size
+
+
+def _parse_hash(image_id: str, record: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    algo, value = record.get("os_hash_algo"), record.get("os_hash_value")
+    if algo or value:
+        if not algo or not value:
+            raise exception.InvalidImageMetadata(
+                image_id=image_id, prop="os_hash_algo/os_hash_value",
+                reason="only one of the two is set")
+        if algo not in hashlib.algorithms_available:
+            raise exception.InvalidImageMetadata(
+                image_id=image_id, prop="os_hash_algo",
+                reason=f"{algo!r} is not a hash algorithm this host knows")
+        expected_len = hashlib.new(algo).digest_size * 2
+        if len(value) != expected_len or any(c not in "0123456789abcdef" for c in value.lower()):
+            raise exception.InvalidImageMetadata(
+                image_id=image_id, prop="os_hash_value",
+                reason=f"it is not {expected_len} hex digits of {algo}")
+        return algo, value.lower()
+    checksum = record.get("checksum")
+    if checksum:
+        # Images uploaded before Glance had multihash carry only an MD5 checksum.
+        return "md5", str(checksum).lower()
+    return None, None
+
+
+def parse_image(
+    record: Mapping[str, Any],
+    *,
+    torrentable_property: str = DEFAULT_TORRENTABLE_PROPERTY,
+    magnet_property: str = DEFAULT_MAGNET_PROPERTY,
+) -> ImageInfo:
+    """Parse a Glance v2 image record (a dict, or glanceclient's model).
+
+    Raises :class:`~nova_torrent_images.exception.InvalidImageMetadata` only for problems
+    that also stop a plain Glance download from being verified (size, hash); torrent
+    property problems are recorded in ``torrent_error``.
+    """
+    image_id = str(record.get("id") or "<unknown>")
+    size = _parse_size(image_id, record.get("size"))
+    algo, value = _parse_hash(image_id, record)
+    properties = {k: v for k, v in record.items() if k not in _CORE_FIELDS}
+
+    torrent_error: exception.InvalidImageMetadata | None = None
+    is_torrentable: bool | None = None
+    raw_flag = record.get(torrentable_property)
+    if raw_flag is not None:
+        try:
+            is_torrentable = strutils.bool_from_string(raw_flag, strict=True)
+        except ValueError:
+            torrent_error = exception.InvalidImageMetadata(
+                image_id=image_id, prop=torrentable_property,
+                reason=f"{raw_flag!r} is not true or false")
+
+    magnet: Magnet | None = None
+    magnet_uri = record.get(magnet_property)
+    if magnet_uri is not None:
+        try:
+            magnet = parse_magnet(magnet_uri)
+        except MagnetError as exc:
+            torrent_error = torrent_error or exception.InvalidMagnet(
+                image_id=image_id, prop=magnet_property, reason=str(exc))
+
+    return ImageInfo(
+        id=image_id,
+        name=record.get("name"),
+        status=record.get("status"),
+        size=size,
+        disk_format=record.get("disk_format"),
+        container_format=record.get("container_format"),
+        hash_algo=algo,
+        hash_value=value,
+        is_torrentable=is_torrentable,
+        magnet=magnet,
+        magnet_uri=magnet_uri,
+        properties=properties,
+        torrent_error=torrent_error,
+    )

@@ -1,0 +1,310 @@
+"""The libtorrent session of a process, in the datacenter profile, and its alert pump.
+
+One :class:`SwarmEngine` per process (``get_engine``); tests make several, one per
+simulated host, each bound to its own 127.0.0.x address. A single pump thread owns
+``pop_alerts`` and hands each torrent's alerts to the :class:`TorrentWatch` that added it,
+so concurrent downloads never steal each other's alerts. The pump sleeps between polls
+instead of blocking in C (``wait_for_alert``) and never uses ``set_alert_notify``, which
+deadlocks on the GIL: under eventlet its thread is a green thread and the hub keeps running.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import queue
+import threading
+import time
+from collections.abc import Iterable
+
+import libtorrent as lt
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_torrent_images import exception
+
+LOG = logging.getLogger(__name__)
+
+KiB = 1024
+PUMP_INTERVAL = 0.05
+ALERT_MASK = (
+    lt.alert_category.error
+    | lt.alert_category.status
+    | lt.alert_category.storage
+    | lt.alert_category.tracker
+    | lt.alert_category.ip_block
+    | lt.alert_category.performance_warning
+    # One alert per 16 KiB block, with the peer that sent it: the only exact account of
+    # where bytes came from (peer_info counters vanish when seeds disconnect at the end).
+    | lt.alert_category.block_progress
+)
+_DISK_IO = {
+    "posix": "posix_disk_io_constructor",
+    "mmap": "mmap_disk_io_constructor",
+    "pread": "pread_disk_io_constructor",
+    "default": None,
+}
+
+
+def _is_wildcard(host: str) -> bool:
+    return host.strip("[]") in ("0.0.0.0", "::", "")
+
+
+def build_ip_filter(cidrs: Iterable[str]) -> lt.ip_filter | None:
+    """An ip_filter that blocks every peer address outside ``cidrs`` (None: allow all)."""
+    networks = [ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip()]
+    if not networks:
+        return None
+    ipf = lt.ip_filter()
+    ipf.add_rule("0.0.0.0", "255.255.255.255", 1)  # 1 = blocked
+    ipf.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
+    for net in networks:
+        ipf.add_rule(str(net[0]), str(net[-1]), 0)
+    return ipf
+
+
+def build_settings(opts: cfg.ConfigOpts.GroupAttr) -> dict:
+    """libtorrent settings for a datacenter: no discovery beyond trackers and hints."""
+    listen = [i.strip() for i in opts.listen_interfaces if i.strip()]
+    settings = {
+        "listen_interfaces": ",".join(listen),
+        "max_retry_port_bind": opts.max_retry_port_bind,
+        "enable_dht": False,
+        "enable_lsd": False,
+        "enable_upnp": False,
+        "enable_natpmp": False,
+        "webtorrent_stun_server": "",  # 2.1 would otherwise contact an outside STUN server
+        # TCP only: uTP's delay-based congestion control is meant for home links and only
+        # slows a datacenter fabric down; QoS for guests comes from the explicit rate limits.
+        "enable_outgoing_utp": False,
+        "enable_incoming_utp": False,
+        "alert_mask": int(ALERT_MASK),
+        "alert_queue_size": 100000,
+        "upload_rate_limit": opts.upload_rate_limit * KiB,
+        "download_rate_limit": opts.download_rate_limit * KiB,
+        "connections_limit": opts.connections_limit,
+        "min_announce_interval": opts.min_announce_interval,
+        "stop_tracker_timeout": 1,  # shutdown must not wait on a dead tracker
+        "allow_multiple_connections_per_ip": False,
+        "user_agent": "nova-torrent-images/libtorrent-" + lt.__version__,
+        "peer_fingerprint": "-NT0001-",
+        # Hosts announce often so that a new peer is found within seconds.
+        "tracker_completion_timeout": 10,
+        "tracker_receive_timeout": 10,
+    }
+    if len(listen) == 1:
+        host = listen[0].rpartition(":")[0]
+        if not _is_wildcard(host):
+            # Connect out from the listen address, so peers see the same address that the
+            # tracker announced (and simulated hosts on 127.0.0.x stay apart).
+            settings["outgoing_interfaces"] = host.strip("[]")
+    return settings
+
+
+class TorrentWatch:
+    """A torrent added through the engine, with the queue its alerts arrive on."""
+
+    def __init__(self, handle: lt.torrent_handle, label: str) -> None:
+        self.handle = handle
+        self.label = label
+        self.alerts: queue.Queue = queue.Queue()
+
+    def drain(self, timeout: float = 0.0) -> list:
+        """Alerts received so far, waiting up to ``timeout`` for the first one."""
+        items = []
+        try:
+            items.append(self.alerts.get(timeout=timeout) if timeout else
+                         self.alerts.get_nowait())
+            while True:
+                items.append(self.alerts.get_nowait())
+        except queue.Empty:
+            pass
+        return items
+
+    def wait_for(self, alert_type: type, timeout: float) -> object | None:
+        """Wait for an alert of ``alert_type``; other alerts seen meanwhile are dropped."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                alert = self.alerts.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                continue
+            if isinstance(alert, alert_type):
+                return alert
+        return None
+
+
+class SwarmEngine:
+    """Owns one libtorrent session configured from ``[torrent_images]``."""
+
+    def __init__(self, conf: cfg.ConfigOpts, *, listen_interfaces: list[str] | None = None
+                 ) -> None:
+        self.conf = conf
+        self.opts = conf.torrent_images
+        self._listen_override = listen_interfaces
+        self._session: lt.session | None = None
+        self._watches: dict[lt.torrent_handle, TorrentWatch] = {}
+        self._lock = threading.Lock()
+        self._pump: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> SwarmEngine:
+        with self._lock:
+            if self._session is not None:
+                return self
+            settings = build_settings(self.opts)
+            if self._listen_override:
+                settings["listen_interfaces"] = ",".join(self._listen_override)
+                host = self._listen_override[0].rpartition(":")[0]
+                if len(self._listen_override) == 1 and not _is_wildcard(host):
+                    settings["outgoing_interfaces"] = host.strip("[]")
+            params = lt.session_params()
+            params.settings = settings
+            disk_io = _DISK_IO[self.opts.disk_io]
+            if disk_io:
+                params.disk_io_constructor = disk_io
+            try:
+                cidrs = list(self.opts.allowed_peer_cidrs)
+                ip_filter = build_ip_filter(cidrs)
+            except ValueError as exc:
+                raise exception.ConfigError(option="allowed_peer_cidrs", reason=str(exc)) from exc
+            if ip_filter is not None:
+                params.ip_filter = ip_filter
+            session = lt.session(params)
+            # Rate limits skip "local" peers (private ranges, loopback) unless every address
+            # is in the global peer class; in a datacenter every peer is local.
+            classes = lt.ip_filter()
+            everyone = 1 << lt.session.global_peer_class_id
+            classes.add_rule("0.0.0.0", "255.255.255.255", everyone)
+            classes.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", everyone)
+            session.set_peer_class_filter(classes)
+            self._session = session
+            self._stopping.clear()
+            self._pump = threading.Thread(
+                target=self._pump_alerts, name="torrent-alert-pump", daemon=True)
+            self._pump.start()
+        LOG.info("Swarm engine started: listening on %s, peers allowed from %s, disk I/O %s, "
+                 "upload limit %s KiB/s, download limit %s KiB/s",
+                 settings["listen_interfaces"], ", ".join(cidrs) or "anywhere",
+                 self.opts.disk_io, self.opts.upload_rate_limit or "no",
+                 self.opts.download_rate_limit or "no")
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the pump and destroy the session (tracker stops wait at most 1 s)."""
+        with self._lock:
+            session, self._session = self._session, None
+            self._stopping.set()
+            pump, self._pump = self._pump, None
+            self._watches.clear()
+        if pump is not None:
+            pump.join(timeout=5)
+        if session is not None:
+            session.pause()
+            del session
+
+    @property
+    def session(self) -> lt.session:
+        if self._session is None:
+            raise exception.TorrentImagesError("The swarm engine is not started")
+        return self._session
+
+    @property
+    def listen_port(self) -> int:
+        return self.session.listen_port()
+
+    def listen_host(self) -> str:
+        listen = self._listen_override or list(self.opts.listen_interfaces)
+        return listen[0].rpartition(":")[0].strip("[]")
+
+    def set_rate_limits(self, upload_kib: int | None = None, download_kib: int | None = None
+                        ) -> None:
+        pack = {}
+        if upload_kib is not None:
+            pack["upload_rate_limit"] = upload_kib * KiB
+        if download_kib is not None:
+            pack["download_rate_limit"] = download_kib * KiB
+        self.session.apply_settings(pack)
+
+    # -- torrents ----------------------------------------------------------------------
+    def add_torrent(self, params: lt.add_torrent_params, label: str) -> TorrentWatch:
+        """Add a torrent and start routing its alerts to the returned watch."""
+        with self._lock:
+            handle = self.session.add_torrent(params)
+            watch = TorrentWatch(handle, label)
+            self._watches[handle] = watch
+        return watch
+
+    def remove_torrent(self, watch: TorrentWatch, *, timeout: float = 10.0) -> None:
+        """Remove a torrent and wait until libtorrent let go of its storage.
+
+        With the posix disk backend writes happen on libtorrent's network thread, so once
+        ``torrent_removed_alert`` arrives no late write can touch the destination again.
+        """
+        if self._session is None:
+            return
+        self._session.remove_torrent(watch.handle)
+        if watch.wait_for(lt.torrent_removed_alert, timeout) is None:
+            LOG.warning("libtorrent did not confirm removal of %s within %ss",
+                        watch.label, timeout)
+        with self._lock:
+            self._watches.pop(watch.handle, None)
+
+    def torrents(self) -> list[TorrentWatch]:
+        with self._lock:
+            return list(self._watches.values())
+
+    # -- alert pump --------------------------------------------------------------------
+    def _pump_alerts(self) -> None:
+        while not self._stopping.is_set():
+            session = self._session
+            if session is None:
+                break
+            try:
+                alerts = session.pop_alerts()
+            except RuntimeError:
+                LOG.exception("Popping libtorrent alerts failed")
+                alerts = []
+            for alert in alerts:
+                self._dispatch(alert)
+            time.sleep(PUMP_INTERVAL)
+
+    def _dispatch(self, alert: object) -> None:
+        handle = getattr(alert, "handle", None)
+        if handle is not None:
+            with self._lock:
+                watch = self._watches.get(handle)
+            if watch is not None:
+                watch.alerts.put(alert)
+                return
+        category = alert.category()
+        if isinstance(alert, lt.listen_failed_alert):
+            LOG.error("libtorrent cannot listen: %s (check [torrent_images] "
+                      "listen_interfaces)", alert.message())
+        elif isinstance(alert, lt.listen_succeeded_alert):
+            LOG.debug("libtorrent: %s", alert.message())
+        elif category & lt.alert_category.error:
+            LOG.warning("libtorrent: %s", alert.message())
+        else:
+            LOG.debug("libtorrent: %s", alert.message())
+
+
+_ENGINE: SwarmEngine | None = None
+_ENGINE_LOCK = threading.Lock()
+
+
+def get_engine(conf: cfg.ConfigOpts) -> SwarmEngine:
+    """The process's one engine, started on first use."""
+    global _ENGINE
+    with _ENGINE_LOCK:
+        if _ENGINE is None:
+            _ENGINE = SwarmEngine(conf).start()
+        return _ENGINE
+
+
+def shutdown_engine() -> None:
+    global _ENGINE
+    with _ENGINE_LOCK:
+        engine, _ENGINE = _ENGINE, None
+    if engine is not None:
+        engine.shutdown()

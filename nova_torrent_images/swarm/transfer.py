@@ -1,0 +1,206 @@
+"""One swarm download: join by magnet, write straight into the destination, watch it.
+
+The transfer adds the torrent in upload mode, checks the metadata against the Glance record
+(one file, the image's size) before any piece is requested, then lets it download. It fails
+with a typed error on metadata, stall and overall timeouts or storage errors, and always
+removes the torrent from the session before returning, so no late write can reach the
+destination after the caller starts cleaning up or falling back.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import libtorrent as lt
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_torrent_images import exception
+from nova_torrent_images.image import ImageInfo
+from nova_torrent_images.swarm.engine import SwarmEngine, TorrentWatch
+
+LOG = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.2
+FLUSH_TIMEOUT = 60.0
+MiB = 1024 * 1024
+BLOCK_SIZE = 16 * 1024  # libtorrent's transfer unit
+
+
+@dataclass
+class SwarmStats:
+    """Where the bytes of a swarm download came from."""
+
+    bytes_total: int = 0
+    bytes_from_origin: int = 0  # origin seeders named by x.pe, and web seeds
+    bytes_from_peers: int = 0  # every other peer: other compute hosts
+    peers_seen: int = 0
+    hash_failures: int = 0
+    seconds: float = 0.0
+    per_peer: dict[str, int] = field(default_factory=dict)
+
+
+def _resolve_peers(peers: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
+    resolved = []
+    for host, port in peers:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            LOG.warning("Peer hint %s:%s does not resolve (%s); skipping it", host, port, exc)
+            continue
+        resolved.extend((info[4][0], port) for info in infos[:1])
+    return resolved
+
+
+class Transfer:
+    """Download ``image`` from its swarm into ``destination`` (a new file or a device)."""
+
+    def __init__(self, engine: SwarmEngine, image: ImageInfo, destination: str,
+                 conf: cfg.ConfigOpts) -> None:
+        if image.magnet is None:
+            raise exception.NotTorrentable(image_id=image.id, reason="it has no magnet")
+        image.require_verifiable()
+        self.engine = engine
+        self.image = image
+        self.magnet = image.magnet
+        self.destination = os.path.abspath(destination)
+        self.opts = conf.torrent_images
+        self.stats = SwarmStats()
+        self._origin_hosts = {host for host, _ in _resolve_peers(self.magnet.peers)}
+        self._watch: TorrentWatch | None = None
+        self._piece_size = None
+
+    # -- setup -------------------------------------------------------------------------
+    def _params(self) -> lt.add_torrent_params:
+        params = lt.add_torrent_params()
+        params.info_hashes = self.magnet.info_hashes()
+        params.name = self.image.id
+        params.save_path = os.path.dirname(self.destination)
+        # The one file of the torrent is the destination itself: no copy anywhere else.
+        params.renamed_files = {0: self.destination}
+        params.trackers = list(dict.fromkeys([*self.magnet.trackers, *self.opts.trackers]))
+        params.peers = _resolve_peers(self.magnet.peers)
+        flags = lt.torrent_flags.default_flags | lt.torrent_flags.upload_mode
+        flags &= ~lt.torrent_flags.auto_managed & ~lt.torrent_flags.paused
+        params.flags = flags
+        return params
+
+    def _check_metadata(self) -> None:
+        info = self._watch.handle.torrent_file()
+        files = info.layout()
+        if info.num_files() != 1:
+            raise exception.TorrentMismatch(
+                image_id=self.image.id,
+                reason=f"it has {info.num_files()} files, an image torrent has exactly one")
+        if files.file_size(0) != self.image.size:
+            raise exception.TorrentMismatch(
+                image_id=self.image.id,
+                reason=f"its file is {files.file_size(0)} bytes, Glance says the image is "
+                f"{self.image.size} bytes")
+        LOG.info("Image %s: torrent metadata received (%d pieces of %d KiB); downloading "
+                 "into %s", self.image.id, info.num_pieces(), info.piece_length() // 1024,
+                 self.destination)
+        self._watch.handle.unset_flags(lt.torrent_flags.upload_mode)
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> SwarmStats:
+        start = time.monotonic()
+        params = self._params()
+        self._watch = self.engine.add_torrent(params, label=f"image {self.image.id}")
+        LOG.info("Image %s: joining swarm %s (%d trackers, %d peer hints)", self.image.id,
+                 self.magnet.best_hash, len(params.trackers), len(params.peers))
+        try:
+            self._download(start)
+            self._flush()
+        finally:
+            self.stats.seconds = time.monotonic() - start
+            self.engine.remove_torrent(self._watch)
+        return self.stats
+
+    def _download(self, start: float) -> None:
+        handle = self._watch.handle
+        metadata_ok = False
+        last_done, last_progress = -1, time.monotonic()
+        next_log = start + self.opts.progress_interval
+        while True:
+            for alert in self._watch.drain(timeout=POLL_INTERVAL):
+                self._on_alert(alert)
+            status = handle.status()
+            now = time.monotonic()
+            if not metadata_ok:
+                if status.has_metadata:
+                    self._check_metadata()
+                    metadata_ok, last_progress = True, now
+                elif now - start > self.opts.metadata_timeout:
+                    raise exception.MetadataTimeout(
+                        image_id=self.image.id, timeout=self.opts.metadata_timeout,
+                        peers=f"{status.num_peers} connected, {status.list_peers} known")
+                continue
+            if status.total_wanted_done > last_done:
+                last_done, last_progress = status.total_wanted_done, now
+            if status.is_finished and status.total_wanted_done >= status.total_wanted:
+                self._finish_stats(status)
+                return
+            percent = 100.0 * status.progress
+            if now - last_progress > self.opts.stall_timeout:
+                raise exception.TorrentStalled(
+                    image_id=self.image.id, timeout=self.opts.stall_timeout,
+                    percent=percent, peers=status.num_peers)
+            if now - start > self.opts.overall_timeout:
+                raise exception.TorrentTimeout(
+                    image_id=self.image.id, timeout=self.opts.overall_timeout,
+                    percent=percent)
+            if now >= next_log:
+                next_log = now + self.opts.progress_interval
+                LOG.info("Image %s: %.1f%% of %d MiB, %.1f MiB/s, %d peers (%d seeds)",
+                         self.image.id, percent, self.image.size // MiB,
+                         status.download_payload_rate / MiB, status.num_peers,
+                         status.num_seeds)
+
+    def _on_alert(self, alert: object) -> None:
+        if isinstance(alert, lt.block_finished_alert):
+            self._count_block(alert)
+        elif isinstance(alert, lt.hash_failed_alert):
+            self.stats.hash_failures += 1
+            LOG.warning("Image %s: piece %d failed its hash check and is downloaded again "
+                        "(a peer sent bad data)", self.image.id, alert.piece_index)
+        elif isinstance(alert, lt.file_error_alert | lt.torrent_error_alert):
+            raise exception.TorrentStorageError(
+                image_id=self.image.id, path=self.destination, reason=alert.message())
+        elif isinstance(alert, lt.peer_ban_alert | lt.peer_blocked_alert):
+            LOG.warning("Image %s: %s", self.image.id, alert.message())
+        elif isinstance(alert, lt.tracker_error_alert):
+            LOG.warning("Image %s: tracker: %s", self.image.id, alert.message())
+        else:
+            LOG.debug("Image %s: %s", self.image.id, alert.message())
+
+    def _count_block(self, alert: lt.block_finished_alert) -> None:
+        if self._piece_size is None:
+            info = self._watch.handle.torrent_file()
+            self._piece_size = info.piece_size
+        piece_bytes = self._piece_size(alert.piece_index)
+        size = min(BLOCK_SIZE, piece_bytes - alert.block_index * BLOCK_SIZE)
+        host, port = alert.endpoint
+        key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.stats.per_peer[key] = self.stats.per_peer.get(key, 0) + size
+        if host in self._origin_hosts:
+            self.stats.bytes_from_origin += size
+        else:
+            self.stats.bytes_from_peers += size
+        self.stats.peers_seen = len(self.stats.per_peer)
+
+    def _finish_stats(self, status: lt.torrent_status) -> None:
+        # Blocks of pieces that failed their hash check are counted too; total_payload
+        # is what really crossed the wire, the split is as exact as the blocks are.
+        self.stats.bytes_total = status.total_payload_download
+
+    def _flush(self) -> None:
+        # libtorrent 2.1 may say "finished" before every block is written: flush first.
+        self._watch.handle.flush_cache()
+        if self._watch.wait_for(lt.cache_flushed_alert, FLUSH_TIMEOUT) is None:
+            raise exception.TorrentStorageError(
+                image_id=self.image.id, path=self.destination,
+                reason=f"the disk cache was not flushed within {FLUSH_TIMEOUT:.0f}s")

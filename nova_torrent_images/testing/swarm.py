@@ -1,0 +1,86 @@
+"""Simulated hosts for tests and the demo: real libtorrent sessions on 127.0.0.x.
+
+Each :class:`SimulatedHost` has its own loopback address, its own engine and its own
+configuration, exactly as a separate compute or Glance host would. Linux routes all of
+127.0.0.0/8 to the loopback interface, so no setup is needed to bind 127.0.0.2, .3, ...
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+import libtorrent as lt
+from oslo_config import cfg
+
+from nova_torrent_images import conf as nti_conf
+from nova_torrent_images.swarm.engine import SwarmEngine, TorrentWatch
+from nova_torrent_images.swarm.torrent import load_torrent
+
+_next_octet = itertools.count(0)
+_octet_lock = threading.Lock()
+
+
+def next_loopback_address() -> str:
+    """A fresh 127.0.0.x address for a simulated host (2..254, then wraps to 127.0.1.x)."""
+    with _octet_lock:
+        n = next(_next_octet)
+    return f"127.0.{n // 250}.{n % 250 + 2}"
+
+
+def make_conf(**overrides: object) -> cfg.ConfigOpts:
+    """A fresh ConfigOpts with this library's options and test-friendly overrides."""
+    conf = cfg.ConfigOpts()
+    nti_conf.register_opts(conf)
+    conf([], project="nova-torrent-images", default_config_files=[])
+    defaults = {"min_announce_interval": 1, "progress_interval": 2}
+    for name, value in {**defaults, **overrides}.items():
+        conf.set_override(name, value, group=nti_conf.GROUP)
+    return conf
+
+
+class SimulatedHost:
+    """A host with its own address and libtorrent session."""
+
+    def __init__(self, name: str, address: str | None = None, **conf_overrides: object
+                 ) -> None:
+        self.name = name
+        self.address = address or next_loopback_address()
+        self.conf = make_conf(**conf_overrides)
+        self.engine = SwarmEngine(self.conf, listen_interfaces=[f"{self.address}:0"]).start()
+        self.seeds: list[TorrentWatch] = []
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return self.address, self.engine.listen_port
+
+    def seed(self, torrent_data: bytes, data_path: str, *, trackers: list[str] | None = None
+             ) -> TorrentWatch:
+        """Seed ``data_path`` without checking it (like a verified base copy).
+
+        Seed mode trusts the data; a test that wants a lying peer seeds a corrupted file.
+        """
+        params = lt.add_torrent_params()
+        params.ti = load_torrent(torrent_data)
+        params.save_path = os.path.dirname(os.path.abspath(data_path))
+        params.renamed_files = {0: os.path.abspath(data_path)}
+        if trackers:
+            params.trackers = trackers
+        flags = lt.torrent_flags.seed_mode
+        params.flags = flags
+        watch = self.engine.add_torrent(params, label=f"seed on {self.name}")
+        self.seeds.append(watch)
+        return watch
+
+    def uploaded_bytes(self) -> int:
+        return sum(w.handle.status().total_payload_upload for w in self.seeds)
+
+    def stop(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> SimulatedHost:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,76 @@
+"""Destinations and verification: bytes are checked against Glance before anyone uses them.
+
+A destination is either a new regular file (the libvirt image cache, a prefetch) or an
+existing block device (an attached XenServer VDI). Only what this library created is
+removed on failure; a block device belongs to the store, which destroys its own slot.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import stat
+import time
+
+from oslo_log import log as logging
+
+from nova_torrent_images import exception
+from nova_torrent_images.image import ImageInfo
+
+LOG = logging.getLogger(__name__)
+
+CHUNK = 4 * 1024 * 1024
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def discard(path: str) -> None:
+    """Remove a partial regular-file destination; leave block devices to their store."""
+    if is_block_device(path):
+        return
+    try:
+        os.unlink(path)
+        LOG.debug("Removed partial data at %s", path)
+    except FileNotFoundError:
+        pass
+
+
+def hash_file(path: str, algo_factory, size: int) -> str:
+    """Hex digest of the first ``size`` bytes of ``path`` (a device may be larger)."""
+    hasher = algo_factory()
+    left = size
+    with open(path, "rb", buffering=0) as f:
+        while left > 0:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                break
+            hasher.update(chunk)
+            left -= len(chunk)
+            time.sleep(0)  # let an eventlet hub run between chunks
+    if left:
+        raise exception.IntegrityError(
+            image_id="?", algo="length", actual=f"{size - left} bytes", expected=f"{size} bytes")
+    return hasher.hexdigest()
+
+
+def verify_file(image: ImageInfo, path: str) -> None:
+    """Raise :class:`IntegrityError` unless ``path`` holds exactly the Glance image."""
+    image.require_verifiable()
+    try:
+        actual = hash_file(path, image.new_hasher, image.size)
+    except exception.IntegrityError as exc:
+        raise exception.IntegrityError(
+            image_id=image.id, algo="length", actual=exc.kwargs["actual"],
+            expected=exc.kwargs["expected"]) from None
+    if not is_block_device(path) and os.path.getsize(path) != image.size:
+        raise exception.IntegrityError(
+            image_id=image.id, algo="length", actual=f"{os.path.getsize(path)} bytes",
+            expected=f"{image.size} bytes")
+    if not hmac.compare_digest(actual, image.hash_value):
+        raise exception.IntegrityError(
+            image_id=image.id, algo=image.hash_algo, actual=actual, expected=image.hash_value)

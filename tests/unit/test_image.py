@@ -1,0 +1,146 @@
+"""Strict parsing of Glance image records: every bad value is a typed, named error."""
+
+import hashlib
+
+import pytest
+
+from nova_torrent_images import exception
+from nova_torrent_images.image import parse_image
+
+V1 = "c12fe1c06bba254a9dc9f519b335aa7c1367a88a"
+V2 = "e1f2" * 16
+DATA = b"image bytes"
+
+
+def record(**props):
+    base = {
+        "id": "6d0f-image",
+        "name": "cirros",
+        "status": "active",
+        "size": len(DATA),
+        "disk_format": "raw",
+        "container_format": "bare",
+        "os_hash_algo": "sha512",
+        "os_hash_value": hashlib.sha512(DATA).hexdigest(),
+        "checksum": hashlib.md5(DATA).hexdigest(),  # noqa: S324 - Glance's legacy field
+        "visibility": "public",
+        "is_torrentable": "true",
+        "torrent_magnet": f"magnet:?xt=urn:btih:{V1}",
+    }
+    base.update(props)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_good_record():
+    image = parse_image(record(torrent_magnet=f"magnet:?xt=urn:btih:{V1}&xt=urn:btmh:1220{V2}"
+                                              "&tr=udp%3A%2F%2F10.0.0.1%3A6969&x.pe=10.0.0.2:6881"))
+    assert image.torrent_error is None
+    assert image.is_torrentable is True
+    assert image.magnet.info_hash_v1 == V1
+    assert image.magnet.info_hash_v2 == V2
+    assert image.magnet.trackers == ("udp://10.0.0.1:6969",)
+    assert image.magnet.peers == (("10.0.0.2", 6881),)
+    assert image.hash_algo == "sha512"
+    assert image.size == len(DATA)
+    assert image.properties["is_torrentable"] == "true"
+    assert "size" not in image.properties
+
+
+@pytest.mark.parametrize("flag,expected", [("true", True), ("False", False), ("1", True),
+                                           ("no", False)])
+def test_is_torrentable_accepts_booleans(flag, expected):
+    image = parse_image(record(is_torrentable=flag))
+    assert image.torrent_error is None
+    assert image.is_torrentable is expected
+
+
+@pytest.mark.parametrize("flag", ["yes please", "", "2", "truee"])
+def test_is_torrentable_is_strict(flag):
+    image = parse_image(record(is_torrentable=flag))
+    err = image.torrent_error
+    assert isinstance(err, exception.InvalidImageMetadata)
+    assert "6d0f-image" in str(err) and "is_torrentable" in str(err)
+    assert image.is_torrentable is None
+
+
+BAD_MAGNETS = {
+    "not a magnet": "http://example.com/x.torrent",
+    "empty": "",
+    "no hash": "magnet:?dn=cirros",
+    "short btih": "magnet:?xt=urn:btih:abcdef",
+    "non-hex btih": "magnet:?xt=urn:btih:" + "z" * 40,
+    "bad base32": "magnet:?xt=urn:btih:" + "1" * 32,
+    "btmh not sha256": "magnet:?xt=urn:btmh:1114" + "a" * 40,
+    "btmh short": "magnet:?xt=urn:btmh:1220" + "a" * 63,
+    "other urn": "magnet:?xt=urn:sha1:" + "a" * 40,
+    "two btih": f"magnet:?xt=urn:btih:{V1}&xt=urn:btih:{'b' * 40}",
+    "file tracker": f"magnet:?xt=urn:btih:{V1}&tr=file%3A%2F%2F%2Fetc%2Fpasswd",
+    "ws tracker": f"magnet:?xt=urn:btih:{V1}&tr=wss%3A%2F%2Ftracker.example%2F",
+    "tracker no host": f"magnet:?xt=urn:btih:{V1}&tr=http%3A%2F%2F%2Fannounce",
+    "tracker bad port": f"magnet:?xt=urn:btih:{V1}&tr=http%3A%2F%2Fh%3A99999%2Fannounce",
+    "peer no port": f"magnet:?xt=urn:btih:{V1}&x.pe=10.0.0.1",
+    "peer bad port": f"magnet:?xt=urn:btih:{V1}&x.pe=10.0.0.1:0",
+    "peer bad host": f"magnet:?xt=urn:btih:{V1}&x.pe=$(reboot):6881",
+    "malformed query": "magnet:?xt",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MAGNETS))
+def test_bad_magnet_is_a_typed_error(case):
+    image = parse_image(record(torrent_magnet=BAD_MAGNETS[case]))
+    err = image.torrent_error
+    assert isinstance(err, exception.InvalidMagnet), case
+    assert "6d0f-image" in str(err) and "torrent_magnet" in str(err)
+    assert image.magnet is None
+
+
+def test_base32_btih_is_converted_to_hex():
+    import base64
+
+    b32 = base64.b32encode(bytes.fromhex(V1)).decode()
+    image = parse_image(record(torrent_magnet=f"magnet:?xt=urn:btih:{b32}"))
+    assert image.magnet.info_hash_v1 == V1
+
+
+def test_web_seeds_in_magnet_are_dropped():
+    image = parse_image(record(
+        torrent_magnet=f"magnet:?xt=urn:btih:{V1}&ws=http%3A%2F%2Fevil.example%2Fimg"))
+    assert image.torrent_error is None
+    assert "evil" not in image.magnet.to_uri()
+
+
+def test_custom_property_names():
+    image = parse_image(record(is_torrentable=None, torrent_magnet=None, p2p="true",
+                               mag=f"magnet:?xt=urn:btih:{V1}"),
+                        torrentable_property="p2p", magnet_property="mag")
+    assert image.is_torrentable is True and image.magnet.info_hash_v1 == V1
+
+
+@pytest.mark.parametrize("props,prop", [
+    ({"size": "big"}, "size"),
+    ({"size": -1}, "size"),
+    ({"os_hash_algo": "sha512", "os_hash_value": None}, "os_hash_algo/os_hash_value"),
+    ({"os_hash_algo": "rot13"}, "os_hash_algo"),
+    ({"os_hash_value": "abc"}, "os_hash_value"),
+])
+def test_bad_size_or_hash_raises(props, prop):
+    with pytest.raises(exception.InvalidImageMetadata) as ctx:
+        parse_image(record(**props))
+    assert "6d0f-image" in str(ctx.value) and prop in str(ctx.value)
+
+
+@pytest.mark.parametrize("props,prop", [
+    ({"size": None}, "size"),
+    ({"os_hash_algo": None, "os_hash_value": None, "checksum": None}, "os_hash_value"),
+])
+def test_unverifiable_image_is_refused_before_download(props, prop):
+    image = parse_image(record(**props))
+    with pytest.raises(exception.InvalidImageMetadata) as ctx:
+        image.require_verifiable()
+    assert "6d0f-image" in str(ctx.value) and prop in str(ctx.value)
+
+
+def test_md5_checksum_is_the_fallback_hash():
+    image = parse_image(record(os_hash_algo=None, os_hash_value=None))
+    assert image.hash_algo == "md5"
+    assert image.hash_value == hashlib.md5(DATA).hexdigest()  # noqa: S324
