@@ -11,8 +11,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import glanceclient
 from glanceclient import exc as glance_exc
+from glanceclient.v2 import client as glance_v2
 from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -42,12 +42,10 @@ class GlanceClient:
     def for_endpoint(cls, endpoint: str, conf: cfg.ConfigOpts | None = None,
                      *, token: str | None = None, timeout: int = 600) -> GlanceClient:
         """A client for ``endpoint``; without ``token``, Glance must run with noauth."""
-        kwargs: dict[str, Any] = {"timeout": timeout}
-        if token:
-            kwargs["token"] = token
-        else:
+        kwargs: dict[str, Any] = {"timeout": timeout, "token": token or "noauth"}
+        if not token:
             kwargs["identity_headers"] = dict(NOAUTH_HEADERS)
-        return cls(glanceclient.Client("2", endpoint=endpoint, **kwargs), conf)
+        return cls(glance_v2.Client(endpoint=endpoint, **kwargs), conf)
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> GlanceClient:
@@ -63,7 +61,7 @@ class GlanceClient:
         kwargs: dict[str, Any] = {"session": session}
         if opts.glance_endpoint:
             kwargs["endpoint"] = opts.glance_endpoint
-        return cls(glanceclient.Client("2", **kwargs), conf)
+        return cls(glance_v2.Client(**kwargs), conf)
 
     # -- records -----------------------------------------------------------------------
     def get_image(self, image_id: str) -> dict[str, Any]:

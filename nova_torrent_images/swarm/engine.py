@@ -120,8 +120,8 @@ class TorrentWatch:
             pass
         return items
 
-    def wait_for(self, alert_type: type, timeout: float) -> object | None:
-        """Wait for an alert of ``alert_type``; other alerts seen meanwhile are dropped."""
+    def wait_for(self, alert_type: type, timeout: float, on_other=None) -> object | None:
+        """Wait for an alert of ``alert_type``; others go to ``on_other`` (or are dropped)."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -130,6 +130,8 @@ class TorrentWatch:
                 continue
             if isinstance(alert, alert_type):
                 return alert
+            if on_other is not None:
+                on_other(alert)
         return None
 
 

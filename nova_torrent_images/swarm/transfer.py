@@ -200,7 +200,8 @@ class Transfer:
     def _flush(self) -> None:
         # libtorrent 2.1 may say "finished" before every block is written: flush first.
         self._watch.handle.flush_cache()
-        if self._watch.wait_for(lt.cache_flushed_alert, FLUSH_TIMEOUT) is None:
+        flushed = self._watch.wait_for(lt.cache_flushed_alert, FLUSH_TIMEOUT, self._on_alert)
+        if flushed is None:
             raise exception.TorrentStorageError(
                 image_id=self.image.id, path=self.destination,
                 reason=f"the disk cache was not flushed within {FLUSH_TIMEOUT:.0f}s")

@@ -43,8 +43,7 @@ def make_conf(**overrides: object) -> cfg.ConfigOpts:
 class SimulatedHost:
     """A host with its own address and libtorrent session."""
 
-    def __init__(self, name: str, address: str | None = None, **conf_overrides: object
-                 ) -> None:
+    def __init__(self, name: str, address: str | None = None, **conf_overrides: object) -> None:
         self.name = name
         self.address = address or next_loopback_address()
         self.conf = make_conf(**conf_overrides)
@@ -55,11 +54,20 @@ class SimulatedHost:
     def endpoint(self) -> tuple[str, int]:
         return self.address, self.engine.listen_port
 
-    def seed(self, torrent_data: bytes, data_path: str, *, trackers: list[str] | None = None
-             ) -> TorrentWatch:
-        """Seed ``data_path`` without checking it (like a verified base copy).
+    def seed(
+        self,
+        torrent_data: bytes,
+        data_path: str,
+        *,
+        trackers: list[str] | None = None,
+        lying: bool = False,
+    ) -> TorrentWatch:
+        """Seed ``data_path`` without a full check first (like a verified base copy).
 
-        Seed mode trusts the data; a test that wants a lying peer seeds a corrupted file.
+        Seed mode hashes each piece the first time a peer asks for it and stops serving
+        pieces that fail, so a corrupted file alone makes no lying peer. With ``lying``
+        the host claims every piece through resume data instead and serves whatever the
+        file holds: a peer that sends corrupt pieces.
         """
         params = lt.add_torrent_params()
         params.ti = load_torrent(torrent_data)
@@ -67,7 +75,13 @@ class SimulatedHost:
         params.renamed_files = {0: os.path.abspath(data_path)}
         if trackers:
             params.trackers = trackers
-        flags = lt.torrent_flags.seed_mode
+        # Never paused or auto-managed: a queue could otherwise park the seed.
+        flags = lt.torrent_flags.default_flags & ~lt.torrent_flags.auto_managed
+        flags &= ~lt.torrent_flags.paused
+        if lying:
+            params.have_pieces = [True] * params.ti.num_pieces()
+        else:
+            flags |= lt.torrent_flags.seed_mode
         params.flags = flags
         watch = self.engine.add_torrent(params, label=f"seed on {self.name}")
         self.seeds.append(watch)

@@ -1,0 +1,151 @@
+"""The core action end to end: real glance-api, real libtorrent peers on 127.0.0.x."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import pytest
+
+from nova_torrent_images import exception
+from nova_torrent_images.fetch import fetch
+
+MiB = 1024 * 1024
+
+
+def sha512_of(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha512").hexdigest()
+
+
+def test_fetch_from_two_seeders(make_image, hosts, glance, tmp_path):
+    image = make_image(64 * MiB)
+    seeders = [hosts(f"seeder-{i}") for i in range(2)]
+    for seeder in seeders:
+        seeder.seed(image.torrent.data, image.path)
+    image.set_magnet(peers=[s.endpoint for s in seeders])
+    compute = hosts("compute-1")
+    info = glance.image_info(image.id)
+    destination = str(tmp_path / "cache" / image.id)
+    os.makedirs(os.path.dirname(destination))
+
+    result = fetch(info, destination, conf=compute.conf, glance=glance, engine=compute.engine)
+
+    assert result.source == "torrent" and result.fallback_reason is None
+    assert sha512_of(destination) == image.record["os_hash_value"]
+    assert result.bytes_from_glance == 0
+    swarm = result.swarm
+    assert swarm.bytes_from_origin + swarm.bytes_from_peers == 64 * MiB
+    # Both seeders served part of the image, and their own counters agree with ours.
+    assert len(swarm.per_peer) == 2 and all(n > 0 for n in swarm.per_peer.values())
+    assert sum(s.uploaded_bytes() for s in seeders) >= 64 * MiB
+    # Nothing but the destination was written next to it.
+    assert os.listdir(os.path.dirname(destination)) == [image.id]
+
+
+def test_no_peers_falls_back_within_timeout(make_image, hosts, glance, tmp_path, caplog):
+    image = make_image(64 * MiB)
+    image.set_magnet()  # a magnet with no tracker and no peer hint: nobody to ask
+    compute = hosts("compute-1", metadata_timeout=3)
+    destination = str(tmp_path / image.id)
+    caplog.set_level(logging.INFO)
+
+    started = time.monotonic()
+    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
+                   engine=compute.engine)
+    took = time.monotonic() - started
+
+    assert result.source == "glance"
+    assert sha512_of(destination) == image.record["os_hash_value"]
+    assert "metadata_timeout" in result.fallback_reason
+    assert took < 3 + 20, f"gave up after {took:.1f}s"
+    assert any("no peer sent the torrent metadata within 3s" in r.getMessage()
+               for r in caplog.records)
+
+
+def corrupt_copy(src: str, dst: str, piece_length: int) -> None:
+    """Same size, every piece different: every block from this peer fails its hash."""
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        while chunk := f.read(piece_length):
+            out.write(bytes([chunk[0] ^ 0xFF]) + chunk[1:])
+
+
+def test_corrupting_peer_never_yields_a_wrong_file(make_image, hosts, glance, tmp_path):
+    image = make_image(32 * MiB)
+    bad_path = str(tmp_path / "corrupt.raw")
+    corrupt_copy(image.path, bad_path, image.torrent.piece_length)
+    good, bad = hosts("good-seeder"), hosts("lying-seeder")
+    good.seed(image.torrent.data, image.path)
+    bad.seed(image.torrent.data, bad_path, lying=True)
+    # The lying peer is named first, so it is asked early and often.
+    image.set_magnet(peers=[bad.endpoint, good.endpoint])
+    compute = hosts("compute-1", stall_timeout=20)
+    destination = str(tmp_path / image.id)
+
+    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
+                   engine=compute.engine)
+
+    assert sha512_of(destination) == image.record["os_hash_value"]
+    assert result.source == "torrent"
+    assert bad.uploaded_bytes() > 0 and result.swarm.hash_failures > 0
+
+
+def test_only_a_corrupting_peer_falls_back_to_glance(make_image, hosts, glance, tmp_path):
+    image = make_image(8 * MiB)
+    bad_path = str(tmp_path / "corrupt.raw")
+    corrupt_copy(image.path, bad_path, image.torrent.piece_length)
+    bad = hosts("lying-seeder")
+    bad.seed(image.torrent.data, bad_path, lying=True)
+    image.set_magnet(peers=[bad.endpoint])
+    compute = hosts("compute-1", stall_timeout=4)
+    destination = str(tmp_path / image.id)
+
+    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
+                   engine=compute.engine)
+
+    assert result.source == "glance" and result.fallback_reason
+    assert sha512_of(destination) == image.record["os_hash_value"]
+
+
+def test_torrent_of_another_file_is_refused(make_image, hosts, glance, tmp_path):
+    image = make_image(4 * MiB)
+    other = make_image(5 * MiB)
+    seeder = hosts("seeder")
+    seeder.seed(other.torrent.data, other.path)
+    # Glance says image, but its magnet points at the other image's torrent.
+    magnet = other.torrent.magnet(peers=[seeder.endpoint], max_length=None)
+    glance.set_properties(image.id, is_torrentable="true", torrent_magnet=magnet)
+    compute = hosts("compute-1")
+    destination = str(tmp_path / image.id)
+
+    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
+                   engine=compute.engine)
+
+    assert result.source == "glance"
+    assert "does not match the image" in result.fallback_reason
+    assert sha512_of(destination) == image.record["os_hash_value"]
+
+
+def test_fallback_off_raises_and_leaves_nothing(make_image, hosts, glance, tmp_path):
+    image = make_image(4 * MiB)
+    image.set_magnet()
+    compute = hosts("compute-1", metadata_timeout=1, fallback_to_glance=False)
+    destination = str(tmp_path / image.id)
+
+    with pytest.raises(exception.FetchFailed, match="fallback_to_glance is off"):
+        fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
+              engine=compute.engine)
+    assert not os.path.exists(destination)
+
+
+def test_not_torrentable_goes_to_glance(make_image, hosts, glance, tmp_path):
+    image = make_image(4 * MiB)
+    compute = hosts("compute-1")
+    destination = str(tmp_path / image.id)
+    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
+                   engine=compute.engine)
+    assert result.source == "glance" and result.fallback_reason is None
+    assert result.bytes_from_glance == 4 * MiB
+    assert sha512_of(destination) == image.record["os_hash_value"]
