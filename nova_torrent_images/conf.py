@@ -13,11 +13,17 @@ from oslo_config import cfg
 GROUP = "torrent_images"
 GLANCE_GROUP = "torrent_images_glance"
 
-torrent_images_group = cfg.OptGroup(
-    GROUP,
-    title="Peer-to-peer delivery of Glance images",
-    help="Settings of nova-torrent-images on compute hosts and on the Glance-side seeder.",
-)
+
+def _group() -> cfg.OptGroup:
+    # A new OptGroup per ConfigOpts: register_group() copies the group shallowly, so a
+    # shared instance would share its option table, and set_override() on one ConfigOpts
+    # would leak into every other one.
+    return cfg.OptGroup(
+        GROUP,
+        title="Peer-to-peer delivery of Glance images",
+        help="Settings of nova-torrent-images on compute hosts and on the Glance-side seeder.",
+    )
+
 
 policy_opts = [
     cfg.StrOpt(
@@ -26,8 +32,11 @@ policy_opts = [
         choices=[
             ("none", "Never use torrents; every image comes from Glance over HTTP."),
             ("some", "Use torrents only for images whose is_torrentable property is true."),
-            ("all", "Use torrents for every image carrying a torrent magnet, unless its "
-             "is_torrentable property is explicitly false."),
+            (
+                "all",
+                "Use torrents for every image carrying a torrent magnet, unless its "
+                "is_torrentable property is explicitly false.",
+            ),
         ],
         help="Which images are delivered peer to peer.",
     ),
@@ -97,8 +106,14 @@ swarm_opts = [
     ),
     cfg.ListOpt(
         "allowed_peer_cidrs",
-        default=["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8",
-                 "fc00::/7", "::1/128"],
+        default=[
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "127.0.0.0/8",
+            "fc00::/7",
+            "::1/128",
+        ],
         help="Peers are accepted and contacted only inside these networks (CIDR). Set it "
         "to the compute and Glance networks of the deployment. An empty list allows any "
         "address, which is not recommended.",
@@ -196,8 +211,8 @@ ALL_OPTS = policy_opts + swarm_opts + fetch_opts + glance_opts
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     """Register every option of this library on ``conf`` (idempotent)."""
-    conf.register_group(torrent_images_group)
-    conf.register_opts(ALL_OPTS, group=torrent_images_group)
+    conf.register_group(_group())
+    conf.register_opts(ALL_OPTS, group=GROUP)
     ks_loading.register_session_conf_options(conf, GLANCE_GROUP)
     ks_loading.register_auth_conf_options(conf, GLANCE_GROUP)
 
@@ -205,4 +220,4 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 def list_opts() -> list[tuple[str | cfg.OptGroup, list[cfg.Opt]]]:
     """Options for ``oslo-config-generator --namespace nova_torrent_images``."""
     ks_opts = ks_loading.get_session_conf_options() + ks_loading.get_auth_common_conf_options()
-    return [(torrent_images_group, ALL_OPTS), (GLANCE_GROUP, ks_opts)]
+    return [(_group(), ALL_OPTS), (GLANCE_GROUP, ks_opts)]

@@ -39,8 +39,14 @@ class GlanceClient:
         self.conf = conf
 
     @classmethod
-    def for_endpoint(cls, endpoint: str, conf: cfg.ConfigOpts | None = None,
-                     *, token: str | None = None, timeout: int = 600) -> GlanceClient:
+    def for_endpoint(
+        cls,
+        endpoint: str,
+        conf: cfg.ConfigOpts | None = None,
+        *,
+        token: str | None = None,
+        timeout: int = 600,
+    ) -> GlanceClient:
         """A client for ``endpoint``; without ``token``, Glance must run with noauth."""
         kwargs: dict[str, Any] = {"timeout": timeout, "token": token or "noauth"}
         if not token:
@@ -53,11 +59,11 @@ class GlanceClient:
         if opts.glance_noauth:
             if not opts.glance_endpoint:
                 raise exception.ConfigError(
-                    option="glance_endpoint", reason="glance_noauth needs an endpoint")
+                    option="glance_endpoint", reason="glance_noauth needs an endpoint"
+                )
             return cls.for_endpoint(opts.glance_endpoint, conf, timeout=opts.glance_timeout)
         auth = ks_loading.load_auth_from_conf_options(conf, nti_conf.GLANCE_GROUP)
-        session = ks_loading.load_session_from_conf_options(
-            conf, nti_conf.GLANCE_GROUP, auth=auth)
+        session = ks_loading.load_session_from_conf_options(conf, nti_conf.GLANCE_GROUP, auth=auth)
         kwargs: dict[str, Any] = {"session": session}
         if opts.glance_endpoint:
             kwargs["endpoint"] = opts.glance_endpoint
@@ -75,8 +81,10 @@ class GlanceClient:
     def image_info(self, image_id: str) -> ImageInfo:
         kwargs = {}
         if self.conf is not None:
-            kwargs = {"torrentable_property": self.conf.torrent_images.torrentable_property,
-                      "magnet_property": self.conf.torrent_images.magnet_property}
+            kwargs = {
+                "torrentable_property": self.conf.torrent_images.torrentable_property,
+                "magnet_property": self.conf.torrent_images.magnet_property,
+            }
         return parse_image(self.get_image(image_id), **kwargs)
 
     def set_properties(self, image_id: str, **properties: str) -> None:
@@ -128,16 +136,27 @@ class GlanceClient:
                 os.fsync(out.fileno())
             if written != image.size:
                 raise exception.IntegrityError(
-                    image_id=image.id, algo="length", actual=f"{written} bytes",
-                    expected=f"{image.size} bytes")
+                    image_id=image.id,
+                    algo="length",
+                    actual=f"{written} bytes",
+                    expected=f"{image.size} bytes",
+                )
             digest = hasher.hexdigest()
             if verify_hash and digest != image.hash_value:
                 raise exception.IntegrityError(
-                    image_id=image.id, algo=image.hash_algo, actual=digest,
-                    expected=image.hash_value)
+                    image_id=image.id,
+                    algo=image.hash_algo,
+                    actual=digest,
+                    expected=image.hash_value,
+                )
         except BaseException:
             verify.discard(destination)
             raise
-        LOG.info("Image %s: %d MiB downloaded from Glance over HTTP in %.1fs and verified "
-                 "(%s)", image.id, written >> 20, time.monotonic() - start, image.hash_algo)
+        LOG.info(
+            "Image %s: %d MiB downloaded from Glance over HTTP in %.1fs and verified (%s)",
+            image.id,
+            written >> 20,
+            time.monotonic() - start,
+            image.hash_algo,
+        )
         return written

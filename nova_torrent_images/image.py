@@ -22,12 +22,35 @@ DEFAULT_TORRENTABLE_PROPERTY = "is_torrentable"
 DEFAULT_MAGNET_PROPERTY = "torrent_magnet"
 
 # Glance's core attributes; everything else in a v2 record is a custom property.
-_CORE_FIELDS = frozenset({
-    "id", "name", "status", "visibility", "protected", "os_hidden", "checksum",
-    "os_hash_algo", "os_hash_value", "owner", "size", "virtual_size", "min_ram", "min_disk",
-    "disk_format", "container_format", "created_at", "updated_at", "tags", "direct_url",
-    "locations", "self", "file", "schema", "stores",
-})
+_CORE_FIELDS = frozenset(
+    {
+        "id",
+        "name",
+        "status",
+        "visibility",
+        "protected",
+        "os_hidden",
+        "checksum",
+        "os_hash_algo",
+        "os_hash_value",
+        "owner",
+        "size",
+        "virtual_size",
+        "min_ram",
+        "min_disk",
+        "disk_format",
+        "container_format",
+        "created_at",
+        "updated_at",
+        "tags",
+        "direct_url",
+        "locations",
+        "self",
+        "file",
+        "schema",
+        "stores",
+    }
+)
 
 
 @dataclass
@@ -53,12 +76,16 @@ class ImageInfo:
         """Raise unless the image has the size and hash that verification needs."""
         if self.size is None or self.size <= 0:
             raise exception.InvalidImageMetadata(
-                image_id=self.id, prop="size",
-                reason=f"it is {self.size!r}; the image must be active with data")
+                image_id=self.id,
+                prop="size",
+                reason=f"it is {self.size!r}; the image must be active with data",
+            )
         if not self.hash_algo or not self.hash_value:
             raise exception.InvalidImageMetadata(
-                image_id=self.id, prop="os_hash_value",
-                reason="Glance has no hash for this image, so its bytes cannot be verified")
+                image_id=self.id,
+                prop="os_hash_value",
+                reason="Glance has no hash for this image, so its bytes cannot be verified",
+            )
 
     def new_hasher(self) -> hashlib._Hash:
         """A hashlib object for the image's Glance hash algorithm."""
@@ -73,10 +100,12 @@ def _parse_size(image_id: str, value: Any) -> int | None:
         size = int(value)
     except (TypeError, ValueError):
         raise exception.InvalidImageMetadata(
-            image_id=image_id, prop="size", reason=f"{value!r} is not an integer") from None
+            image_id=image_id, prop="size", reason=f"{value!r} is not an integer"
+        ) from None
     if size < 0:
         raise exception.InvalidImageMetadata(
-            image_id=image_id, prop="size", reason=f"{size} is negative")
+            image_id=image_id, prop="size", reason=f"{size} is negative"
+        )
     return size
 
 
@@ -85,17 +114,23 @@ def _parse_hash(image_id: str, record: Mapping[str, Any]) -> tuple[str | None, s
     if algo or value:
         if not algo or not value:
             raise exception.InvalidImageMetadata(
-                image_id=image_id, prop="os_hash_algo/os_hash_value",
-                reason="only one of the two is set")
+                image_id=image_id,
+                prop="os_hash_algo/os_hash_value",
+                reason="only one of the two is set",
+            )
         if algo not in hashlib.algorithms_available:
             raise exception.InvalidImageMetadata(
-                image_id=image_id, prop="os_hash_algo",
-                reason=f"{algo!r} is not a hash algorithm this host knows")
+                image_id=image_id,
+                prop="os_hash_algo",
+                reason=f"{algo!r} is not a hash algorithm this host knows",
+            )
         expected_len = hashlib.new(algo).digest_size * 2
         if len(value) != expected_len or any(c not in "0123456789abcdef" for c in value.lower()):
             raise exception.InvalidImageMetadata(
-                image_id=image_id, prop="os_hash_value",
-                reason=f"it is not {expected_len} hex digits of {algo}")
+                image_id=image_id,
+                prop="os_hash_value",
+                reason=f"it is not {expected_len} hex digits of {algo}",
+            )
         return algo, value.lower()
     checksum = record.get("checksum")
     if checksum:
@@ -129,8 +164,10 @@ def parse_image(
             is_torrentable = strutils.bool_from_string(raw_flag, strict=True)
         except ValueError:
             torrent_error = exception.InvalidImageMetadata(
-                image_id=image_id, prop=torrentable_property,
-                reason=f"{raw_flag!r} is not true or false")
+                image_id=image_id,
+                prop=torrentable_property,
+                reason=f"{raw_flag!r} is not true or false",
+            )
 
     magnet: Magnet | None = None
     magnet_uri = record.get(magnet_property)
@@ -139,7 +176,8 @@ def parse_image(
             magnet = parse_magnet(magnet_uri)
         except MagnetError as exc:
             torrent_error = torrent_error or exception.InvalidMagnet(
-                image_id=image_id, prop=magnet_property, reason=str(exc))
+                image_id=image_id, prop=magnet_property, reason=str(exc)
+            )
 
     return ImageInfo(
         id=image_id,

@@ -20,8 +20,9 @@ class Decision:
         return self.use_torrent
 
 
-def decide(image: ImageInfo, conf: cfg.ConfigOpts, *, disk_formats: tuple[str, ...] | None = None
-           ) -> Decision:
+def decide(
+    image: ImageInfo, conf: cfg.ConfigOpts, *, disk_formats: tuple[str, ...] | None = None
+) -> Decision:
     """Decide how ``image`` is delivered under ``[torrent_images]`` settings.
 
     ``disk_formats`` restricts torrent delivery to formats the destination can take as they
@@ -36,19 +37,27 @@ def decide(image: ImageInfo, conf: cfg.ConfigOpts, *, disk_formats: tuple[str, .
         return Decision(False, f"{opts.torrentable_property} is false")
     if opts.mode == "some" and image.is_torrentable is not True:
         return Decision(
-            False, f"{opts.torrentable_property} is not set and [torrent_images] mode is some")
+            False, f"{opts.torrentable_property} is not set and [torrent_images] mode is some"
+        )
     if image.magnet is None:
         return Decision(False, f"the image has no {opts.magnet_property} property")
     if image.status not in (None, "active"):
         return Decision(False, f"the image is {image.status}, not active")
     if disk_formats is not None and image.disk_format not in disk_formats:
         return Decision(
-            False, f"disk format {image.disk_format} cannot be written straight into "
-            f"the destination (accepted: {', '.join(disk_formats)})")
+            False,
+            f"disk format {image.disk_format} cannot be written straight into "
+            f"the destination (accepted: {', '.join(disk_formats)})",
+        )
     floor = opts.min_torrent_image_size * MiB
     if image.size is not None and image.size < floor:
         return Decision(
-            False, f"the image ({image.size} bytes) is smaller than "
-            f"[torrent_images] min_torrent_image_size ({opts.min_torrent_image_size} MiB)")
-    return Decision(True, f"{opts.torrentable_property}={image.is_torrentable}, mode "
-                    f"{opts.mode}, info-hash {image.magnet.best_hash}")
+            False,
+            f"the image ({image.size} bytes) is smaller than "
+            f"[torrent_images] min_torrent_image_size ({opts.min_torrent_image_size} MiB)",
+        )
+    return Decision(
+        True,
+        f"{opts.torrentable_property}={image.is_torrentable}, mode "
+        f"{opts.mode}, info-hash {image.magnet.best_hash}",
+    )

@@ -54,7 +54,8 @@ def hash_file(path: str, algo_factory, size: int) -> str:
             time.sleep(0)  # let an eventlet hub run between chunks
     if left:
         raise exception.IntegrityError(
-            image_id="?", algo="length", actual=f"{size - left} bytes", expected=f"{size} bytes")
+            image_id="?", algo="length", actual=f"{size - left} bytes", expected=f"{size} bytes"
+        )
     return hasher.hexdigest()
 
 
@@ -65,12 +66,19 @@ def verify_file(image: ImageInfo, path: str) -> None:
         actual = hash_file(path, image.new_hasher, image.size)
     except exception.IntegrityError as exc:
         raise exception.IntegrityError(
-            image_id=image.id, algo="length", actual=exc.kwargs["actual"],
-            expected=exc.kwargs["expected"]) from None
+            image_id=image.id,
+            algo="length",
+            actual=exc.kwargs["actual"],
+            expected=exc.kwargs["expected"],
+        ) from None
     if not is_block_device(path) and os.path.getsize(path) != image.size:
         raise exception.IntegrityError(
-            image_id=image.id, algo="length", actual=f"{os.path.getsize(path)} bytes",
-            expected=f"{image.size} bytes")
+            image_id=image.id,
+            algo="length",
+            actual=f"{os.path.getsize(path)} bytes",
+            expected=f"{image.size} bytes",
+        )
     if not hmac.compare_digest(actual, image.hash_value):
         raise exception.IntegrityError(
-            image_id=image.id, algo=image.hash_algo, actual=actual, expected=image.hash_value)
+            image_id=image.id, algo=image.hash_algo, actual=actual, expected=image.hash_value
+        )

@@ -112,8 +112,7 @@ class TorrentWatch:
         """Alerts received so far, waiting up to ``timeout`` for the first one."""
         items = []
         try:
-            items.append(self.alerts.get(timeout=timeout) if timeout else
-                         self.alerts.get_nowait())
+            items.append(self.alerts.get(timeout=timeout) if timeout else self.alerts.get_nowait())
             while True:
                 items.append(self.alerts.get_nowait())
         except queue.Empty:
@@ -138,8 +137,7 @@ class TorrentWatch:
 class SwarmEngine:
     """Owns one libtorrent session configured from ``[torrent_images]``."""
 
-    def __init__(self, conf: cfg.ConfigOpts, *, listen_interfaces: list[str] | None = None
-                 ) -> None:
+    def __init__(self, conf: cfg.ConfigOpts, *, listen_interfaces: list[str] | None = None) -> None:
         self.conf = conf
         self.opts = conf.torrent_images
         self._listen_override = listen_interfaces
@@ -183,13 +181,18 @@ class SwarmEngine:
             self._session = session
             self._stopping.clear()
             self._pump = threading.Thread(
-                target=self._pump_alerts, name="torrent-alert-pump", daemon=True)
+                target=self._pump_alerts, name="torrent-alert-pump", daemon=True
+            )
             self._pump.start()
-        LOG.info("Swarm engine started: listening on %s, peers allowed from %s, disk I/O %s, "
-                 "upload limit %s KiB/s, download limit %s KiB/s",
-                 settings["listen_interfaces"], ", ".join(cidrs) or "anywhere",
-                 self.opts.disk_io, self.opts.upload_rate_limit or "no",
-                 self.opts.download_rate_limit or "no")
+        LOG.info(
+            "Swarm engine started: listening on %s, peers allowed from %s, disk I/O %s, "
+            "upload limit %s KiB/s, download limit %s KiB/s",
+            settings["listen_interfaces"],
+            ", ".join(cidrs) or "anywhere",
+            self.opts.disk_io,
+            self.opts.upload_rate_limit or "no",
+            self.opts.download_rate_limit or "no",
+        )
         return self
 
     def shutdown(self) -> None:
@@ -219,8 +222,9 @@ class SwarmEngine:
         listen = self._listen_override or list(self.opts.listen_interfaces)
         return listen[0].rpartition(":")[0].strip("[]")
 
-    def set_rate_limits(self, upload_kib: int | None = None, download_kib: int | None = None
-                        ) -> None:
+    def set_rate_limits(
+        self, upload_kib: int | None = None, download_kib: int | None = None
+    ) -> None:
         pack = {}
         if upload_kib is not None:
             pack["upload_rate_limit"] = upload_kib * KiB
@@ -247,8 +251,7 @@ class SwarmEngine:
             return
         self._session.remove_torrent(watch.handle)
         if watch.wait_for(lt.torrent_removed_alert, timeout) is None:
-            LOG.warning("libtorrent did not confirm removal of %s within %ss",
-                        watch.label, timeout)
+            LOG.warning("libtorrent did not confirm removal of %s within %ss", watch.label, timeout)
         with self._lock:
             self._watches.pop(watch.handle, None)
 
@@ -281,8 +284,10 @@ class SwarmEngine:
                 return
         category = alert.category()
         if isinstance(alert, lt.listen_failed_alert):
-            LOG.error("libtorrent cannot listen: %s (check [torrent_images] "
-                      "listen_interfaces)", alert.message())
+            LOG.error(
+                "libtorrent cannot listen: %s (check [torrent_images] listen_interfaces)",
+                alert.message(),
+            )
         elif isinstance(alert, lt.listen_succeeded_alert):
             LOG.debug("libtorrent: %s", alert.message())
         elif category & lt.alert_category.error:

@@ -87,9 +87,7 @@ def _parse_peer(value: str) -> tuple[str, int]:
 def _parse_tracker(value: str) -> str:
     parsed = urllib.parse.urlsplit(value)
     if parsed.scheme not in TRACKER_SCHEMES:
-        raise MagnetError(
-            f"tracker {value!r} must use one of {', '.join(TRACKER_SCHEMES)}"
-        )
+        raise MagnetError(f"tracker {value!r} must use one of {', '.join(TRACKER_SCHEMES)}")
     if not parsed.hostname:
         raise MagnetError(f"tracker {value!r} has no host")
     try:
@@ -106,7 +104,7 @@ def parse_magnet(uri: str) -> Magnet:
     if not uri.startswith("magnet:?"):
         raise MagnetError("it does not start with 'magnet:?'")
     try:
-        pairs = urllib.parse.parse_qsl(uri[len("magnet:?"):], strict_parsing=True)
+        pairs = urllib.parse.parse_qsl(uri[len("magnet:?") :], strict_parsing=True)
     except ValueError as exc:
         raise MagnetError(f"its query is malformed ({exc})") from None
     v1 = v2 = name = None
@@ -115,7 +113,7 @@ def parse_magnet(uri: str) -> Magnet:
     for key, value in pairs:
         if key == "xt":
             if value.startswith("urn:btih:"):
-                digest = value[len("urn:btih:"):]
+                digest = value[len("urn:btih:") :]
                 if _HEX40.match(digest):
                     new_v1 = digest.lower()
                 elif _BASE32_32.match(digest):
@@ -126,7 +124,7 @@ def parse_magnet(uri: str) -> Magnet:
                     raise MagnetError("it has two different urn:btih hashes")
                 v1 = new_v1
             elif value.startswith("urn:btmh:"):
-                match = _BTMH_SHA256.match(value[len("urn:btmh:"):])
+                match = _BTMH_SHA256.match(value[len("urn:btmh:") :])
                 if not match:
                     raise MagnetError("urn:btmh must be '1220' followed by 64 hex digits")
                 if v2 is not None and v2 != match.group(1).lower():
@@ -207,8 +205,13 @@ class TorrentFile:
     piece_length: int
     num_pieces: int
 
-    def magnet(self, trackers=(), peers=(), with_name: bool = True,
-               max_length: int | None = MAGNET_MAX_LENGTH) -> str:
+    def magnet(
+        self,
+        trackers=(),
+        peers=(),
+        with_name: bool = True,
+        max_length: int | None = MAGNET_MAX_LENGTH,
+    ) -> str:
         return build_magnet(
             info_hash_v1=self.info_hash_v1,
             info_hash_v2=self.info_hash_v2,

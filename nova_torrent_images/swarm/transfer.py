@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import libtorrent as lt
@@ -43,6 +44,10 @@ class SwarmStats:
     per_peer: dict[str, int] = field(default_factory=dict)
 
 
+# Called on every poll with (bytes done, bytes wanted, payload rate B/s, connected peers).
+ProgressCallback = Callable[[int, int, int, int], None]
+
+
 def _resolve_peers(peers: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
     resolved = []
     for host, port in peers:
@@ -58,8 +63,14 @@ def _resolve_peers(peers: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
 class Transfer:
     """Download ``image`` from its swarm into ``destination`` (a new file or a device)."""
 
-    def __init__(self, engine: SwarmEngine, image: ImageInfo, destination: str,
-                 conf: cfg.ConfigOpts) -> None:
+    def __init__(
+        self,
+        engine: SwarmEngine,
+        image: ImageInfo,
+        destination: str,
+        conf: cfg.ConfigOpts,
+        progress: ProgressCallback | None = None,
+    ) -> None:
         if image.magnet is None:
             raise exception.NotTorrentable(image_id=image.id, reason="it has no magnet")
         image.require_verifiable()
@@ -69,6 +80,7 @@ class Transfer:
         self.destination = os.path.abspath(destination)
         self.opts = conf.torrent_images
         self.stats = SwarmStats()
+        self.progress = progress
         self._origin_hosts = {host for host, _ in _resolve_peers(self.magnet.peers)}
         self._watch: TorrentWatch | None = None
         self._piece_size = None
@@ -94,15 +106,21 @@ class Transfer:
         if info.num_files() != 1:
             raise exception.TorrentMismatch(
                 image_id=self.image.id,
-                reason=f"it has {info.num_files()} files, an image torrent has exactly one")
+                reason=f"it has {info.num_files()} files, an image torrent has exactly one",
+            )
         if files.file_size(0) != self.image.size:
             raise exception.TorrentMismatch(
                 image_id=self.image.id,
                 reason=f"its file is {files.file_size(0)} bytes, Glance says the image is "
-                f"{self.image.size} bytes")
-        LOG.info("Image %s: torrent metadata received (%d pieces of %d KiB); downloading "
-                 "into %s", self.image.id, info.num_pieces(), info.piece_length() // 1024,
-                 self.destination)
+                f"{self.image.size} bytes",
+            )
+        LOG.info(
+            "Image %s: torrent metadata received (%d pieces of %d KiB); downloading into %s",
+            self.image.id,
+            info.num_pieces(),
+            info.piece_length() // 1024,
+            self.destination,
+        )
         self._watch.handle.unset_flags(lt.torrent_flags.upload_mode)
 
     # -- the loop ----------------------------------------------------------------------
@@ -110,8 +128,13 @@ class Transfer:
         start = time.monotonic()
         params = self._params()
         self._watch = self.engine.add_torrent(params, label=f"image {self.image.id}")
-        LOG.info("Image %s: joining swarm %s (%d trackers, %d peer hints)", self.image.id,
-                 self.magnet.best_hash, len(params.trackers), len(params.peers))
+        LOG.info(
+            "Image %s: joining swarm %s (%d trackers, %d peer hints)",
+            self.image.id,
+            self.magnet.best_hash,
+            len(params.trackers),
+            len(params.peers),
+        )
         try:
             self._download(start)
             self._flush()
@@ -136,40 +159,62 @@ class Transfer:
                     metadata_ok, last_progress = True, now
                 elif now - start > self.opts.metadata_timeout:
                     raise exception.MetadataTimeout(
-                        image_id=self.image.id, timeout=self.opts.metadata_timeout,
-                        peers=f"{status.num_peers} connected, {status.list_peers} known")
+                        image_id=self.image.id,
+                        timeout=self.opts.metadata_timeout,
+                        peers=f"{status.num_peers} connected, {status.list_peers} known",
+                    )
                 continue
             if status.total_wanted_done > last_done:
                 last_done, last_progress = status.total_wanted_done, now
+            if self.progress is not None:
+                self.progress(
+                    status.total_wanted_done,
+                    status.total_wanted,
+                    status.download_payload_rate,
+                    status.num_peers,
+                )
             if status.is_finished and status.total_wanted_done >= status.total_wanted:
                 self._finish_stats(status)
                 return
             percent = 100.0 * status.progress
             if now - last_progress > self.opts.stall_timeout:
                 raise exception.TorrentStalled(
-                    image_id=self.image.id, timeout=self.opts.stall_timeout,
-                    percent=percent, peers=status.num_peers)
+                    image_id=self.image.id,
+                    timeout=self.opts.stall_timeout,
+                    percent=percent,
+                    peers=status.num_peers,
+                )
             if now - start > self.opts.overall_timeout:
                 raise exception.TorrentTimeout(
-                    image_id=self.image.id, timeout=self.opts.overall_timeout,
-                    percent=percent)
+                    image_id=self.image.id, timeout=self.opts.overall_timeout, percent=percent
+                )
             if now >= next_log:
                 next_log = now + self.opts.progress_interval
-                LOG.info("Image %s: %.1f%% of %d MiB, %.1f MiB/s, %d peers (%d seeds)",
-                         self.image.id, percent, self.image.size // MiB,
-                         status.download_payload_rate / MiB, status.num_peers,
-                         status.num_seeds)
+                LOG.info(
+                    "Image %s: %.1f%% of %d MiB, %.1f MiB/s, %d peers (%d seeds)",
+                    self.image.id,
+                    percent,
+                    self.image.size // MiB,
+                    status.download_payload_rate / MiB,
+                    status.num_peers,
+                    status.num_seeds,
+                )
 
     def _on_alert(self, alert: object) -> None:
         if isinstance(alert, lt.block_finished_alert):
             self._count_block(alert)
         elif isinstance(alert, lt.hash_failed_alert):
             self.stats.hash_failures += 1
-            LOG.warning("Image %s: piece %d failed its hash check and is downloaded again "
-                        "(a peer sent bad data)", self.image.id, alert.piece_index)
+            LOG.warning(
+                "Image %s: piece %d failed its hash check and is downloaded again "
+                "(a peer sent bad data)",
+                self.image.id,
+                alert.piece_index,
+            )
         elif isinstance(alert, lt.file_error_alert | lt.torrent_error_alert):
             raise exception.TorrentStorageError(
-                image_id=self.image.id, path=self.destination, reason=alert.message())
+                image_id=self.image.id, path=self.destination, reason=alert.message()
+            )
         elif isinstance(alert, lt.peer_ban_alert | lt.peer_blocked_alert):
             LOG.warning("Image %s: %s", self.image.id, alert.message())
         elif isinstance(alert, lt.tracker_error_alert):
@@ -203,5 +248,7 @@ class Transfer:
         flushed = self._watch.wait_for(lt.cache_flushed_alert, FLUSH_TIMEOUT, self._on_alert)
         if flushed is None:
             raise exception.TorrentStorageError(
-                image_id=self.image.id, path=self.destination,
-                reason=f"the disk cache was not flushed within {FLUSH_TIMEOUT:.0f}s")
+                image_id=self.image.id,
+                path=self.destination,
+                reason=f"the disk cache was not flushed within {FLUSH_TIMEOUT:.0f}s",
+            )

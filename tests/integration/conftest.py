@@ -48,7 +48,8 @@ class PublishedImage:
     def set_magnet(self, peers=(), trackers=(), torrentable="true") -> str:
         magnet = self.torrent.magnet(peers=peers, trackers=trackers, max_length=None)
         self.glance_server.client().images.update(
-            self.id, is_torrentable=torrentable, torrent_magnet=magnet)
+            self.id, is_torrentable=torrentable, torrent_magnet=magnet
+        )
         return magnet
 
 
@@ -68,8 +69,7 @@ def make_image(glance_server, tmp_path):
         record = glance_server.create_image(path, name=name)
         with open(path, "rb") as f:
             assert record["os_hash_value"] == hashlib.file_digest(f, "sha512").hexdigest()
-        image = PublishedImage(glance_server, path, record,
-                               make_torrent(path, name=record["id"]))
+        image = PublishedImage(glance_server, path, record, make_torrent(path, name=record["id"]))
         created.append(image)
         return image
 

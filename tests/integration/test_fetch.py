@@ -53,16 +53,22 @@ def test_no_peers_falls_back_within_timeout(make_image, hosts, glance, tmp_path,
     caplog.set_level(logging.INFO)
 
     started = time.monotonic()
-    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
-                   engine=compute.engine)
+    result = fetch(
+        glance.image_info(image.id),
+        destination,
+        conf=compute.conf,
+        glance=glance,
+        engine=compute.engine,
+    )
     took = time.monotonic() - started
 
     assert result.source == "glance"
     assert sha512_of(destination) == image.record["os_hash_value"]
     assert "metadata_timeout" in result.fallback_reason
     assert took < 3 + 20, f"gave up after {took:.1f}s"
-    assert any("no peer sent the torrent metadata within 3s" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "no peer sent the torrent metadata within 3s" in r.getMessage() for r in caplog.records
+    )
 
 
 def corrupt_copy(src: str, dst: str, piece_length: int) -> None:
@@ -84,8 +90,13 @@ def test_corrupting_peer_never_yields_a_wrong_file(make_image, hosts, glance, tm
     compute = hosts("compute-1", stall_timeout=20)
     destination = str(tmp_path / image.id)
 
-    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
-                   engine=compute.engine)
+    result = fetch(
+        glance.image_info(image.id),
+        destination,
+        conf=compute.conf,
+        glance=glance,
+        engine=compute.engine,
+    )
 
     assert sha512_of(destination) == image.record["os_hash_value"]
     assert result.source == "torrent"
@@ -102,8 +113,13 @@ def test_only_a_corrupting_peer_falls_back_to_glance(make_image, hosts, glance, 
     compute = hosts("compute-1", stall_timeout=4)
     destination = str(tmp_path / image.id)
 
-    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
-                   engine=compute.engine)
+    result = fetch(
+        glance.image_info(image.id),
+        destination,
+        conf=compute.conf,
+        glance=glance,
+        engine=compute.engine,
+    )
 
     assert result.source == "glance" and result.fallback_reason
     assert sha512_of(destination) == image.record["os_hash_value"]
@@ -120,8 +136,13 @@ def test_torrent_of_another_file_is_refused(make_image, hosts, glance, tmp_path)
     compute = hosts("compute-1")
     destination = str(tmp_path / image.id)
 
-    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
-                   engine=compute.engine)
+    result = fetch(
+        glance.image_info(image.id),
+        destination,
+        conf=compute.conf,
+        glance=glance,
+        engine=compute.engine,
+    )
 
     assert result.source == "glance"
     assert "does not match the image" in result.fallback_reason
@@ -135,8 +156,13 @@ def test_fallback_off_raises_and_leaves_nothing(make_image, hosts, glance, tmp_p
     destination = str(tmp_path / image.id)
 
     with pytest.raises(exception.FetchFailed, match="fallback_to_glance is off"):
-        fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
-              engine=compute.engine)
+        fetch(
+            glance.image_info(image.id),
+            destination,
+            conf=compute.conf,
+            glance=glance,
+            engine=compute.engine,
+        )
     assert not os.path.exists(destination)
 
 
@@ -144,8 +170,13 @@ def test_not_torrentable_goes_to_glance(make_image, hosts, glance, tmp_path):
     image = make_image(4 * MiB)
     compute = hosts("compute-1")
     destination = str(tmp_path / image.id)
-    result = fetch(glance.image_info(image.id), destination, conf=compute.conf, glance=glance,
-                   engine=compute.engine)
+    result = fetch(
+        glance.image_info(image.id),
+        destination,
+        conf=compute.conf,
+        glance=glance,
+        engine=compute.engine,
+    )
     assert result.source == "glance" and result.fallback_reason is None
     assert result.bytes_from_glance == 4 * MiB
     assert sha512_of(destination) == image.record["os_hash_value"]

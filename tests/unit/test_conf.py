@@ -18,8 +18,9 @@ def test_registers_on_any_configopts_twice():
 
 def test_config_file_values(tmp_path):
     path = tmp_path / "nova.conf"
-    path.write_text("[torrent_images]\nmode = all\nupload_rate_limit = 4096\n"
-                    "allowed_peer_cidrs = 10.1.0.0/16\n")
+    path.write_text(
+        "[torrent_images]\nmode = all\nupload_rate_limit = 4096\nallowed_peer_cidrs = 10.1.0.0/16\n"
+    )
     conf = cfg.ConfigOpts()
     nti_conf.register_opts(conf)
     conf(["--config-file", str(path)], default_config_files=[])
@@ -35,10 +36,24 @@ def test_every_option_has_help():
 
 
 def test_oslo_config_generator_prints_sample():
-    gen = [sys.executable, "-c",
-           "import sys; from oslo_config.generator import main; sys.exit(main())"]
-    out = subprocess.run(gen + ["--namespace", "nova_torrent_images"],
-                         capture_output=True, text=True, check=True).stdout
+    gen = [
+        sys.executable,
+        "-c",
+        "import sys; from oslo_config.generator import main; sys.exit(main())",
+    ]
+    out = subprocess.run(
+        gen + ["--namespace", "nova_torrent_images"], capture_output=True, text=True, check=True
+    ).stdout
     assert "[torrent_images]" in out
     for name in ("mode", "stall_timeout", "allowed_peer_cidrs", "upload_rate_limit"):
         assert f"#{name} = " in out
+
+
+def test_overrides_do_not_leak_between_configopts():
+    first, second = cfg.ConfigOpts(), cfg.ConfigOpts()
+    for conf in (first, second):
+        nti_conf.register_opts(conf)
+        conf([], default_config_files=[])
+    first.set_override("fallback_to_glance", False, group="torrent_images")
+    assert first.torrent_images.fallback_to_glance is False
+    assert second.torrent_images.fallback_to_glance is True

@@ -29,8 +29,9 @@ def test_datacenter_profile():
 
 
 def test_engine_applies_settings_and_peer_classes():
-    eng = engine.SwarmEngine(make_conf(upload_rate_limit=100),
-                             listen_interfaces=["127.0.0.9:0"]).start()
+    eng = engine.SwarmEngine(
+        make_conf(upload_rate_limit=100), listen_interfaces=["127.0.0.9:0"]
+    ).start()
     try:
         settings = eng.session.get_settings()
         assert settings["enable_dht"] is False
@@ -42,8 +43,9 @@ def test_engine_applies_settings_and_peer_classes():
 
 
 def test_bad_cidr_is_a_config_error():
-    eng = engine.SwarmEngine(make_conf(allowed_peer_cidrs=["10.0.0.0/33"]),
-                             listen_interfaces=["127.0.0.9:0"])
+    eng = engine.SwarmEngine(
+        make_conf(allowed_peer_cidrs=["10.0.0.0/33"]), listen_interfaces=["127.0.0.9:0"]
+    )
     with pytest.raises(exception.ConfigError, match="allowed_peer_cidrs"):
         eng.start()
 

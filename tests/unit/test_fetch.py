@@ -24,12 +24,18 @@ class StubGlance(GlanceClient):
 
     def iter_data(self, image_id):
         self.calls += 1
-        return (self.body[i:i + 65536] for i in range(0, len(self.body), 65536))
+        return (self.body[i : i + 65536] for i in range(0, len(self.body), 65536))
 
 
 def image(**props):
-    rec = {"id": "img-1", "status": "active", "size": len(DATA), "disk_format": "raw",
-           "os_hash_algo": "sha512", "os_hash_value": hashlib.sha512(DATA).hexdigest()}
+    rec = {
+        "id": "img-1",
+        "status": "active",
+        "size": len(DATA),
+        "disk_format": "raw",
+        "os_hash_algo": "sha512",
+        "os_hash_value": hashlib.sha512(DATA).hexdigest(),
+    }
     rec.update(props)
     return parse_image(rec)
 
@@ -61,8 +67,9 @@ def test_bad_magnet_falls_to_glance_with_a_warning(tmp_path, caplog):
     img = image(is_torrentable="true", torrent_magnet="magnet:?xt=urn:btih:nothex")
     result = fetch(img, str(tmp_path / "img"), conf=make_conf(), glance=glance)
     assert result.source == "glance" and glance.calls == 1
-    assert any("torrent_magnet" in r.getMessage() and "img-1" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "torrent_magnet" in r.getMessage() and "img-1" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_no_glance_and_no_torrent_is_a_clear_error(tmp_path):

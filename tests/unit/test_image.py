@@ -32,8 +32,12 @@ def record(**props):
 
 
 def test_good_record():
-    image = parse_image(record(torrent_magnet=f"magnet:?xt=urn:btih:{V1}&xt=urn:btmh:1220{V2}"
-                                              "&tr=udp%3A%2F%2F10.0.0.1%3A6969&x.pe=10.0.0.2:6881"))
+    image = parse_image(
+        record(
+            torrent_magnet=f"magnet:?xt=urn:btih:{V1}&xt=urn:btmh:1220{V2}"
+            "&tr=udp%3A%2F%2F10.0.0.1%3A6969&x.pe=10.0.0.2:6881"
+        )
+    )
     assert image.torrent_error is None
     assert image.is_torrentable is True
     assert image.magnet.info_hash_v1 == V1
@@ -46,8 +50,9 @@ def test_good_record():
     assert "size" not in image.properties
 
 
-@pytest.mark.parametrize("flag,expected", [("true", True), ("False", False), ("1", True),
-                                           ("no", False)])
+@pytest.mark.parametrize(
+    "flag,expected", [("true", True), ("False", False), ("1", True), ("no", False)]
+)
 def test_is_torrentable_accepts_booleans(flag, expected):
     image = parse_image(record(is_torrentable=flag))
     assert image.torrent_error is None
@@ -103,36 +108,47 @@ def test_base32_btih_is_converted_to_hex():
 
 
 def test_web_seeds_in_magnet_are_dropped():
-    image = parse_image(record(
-        torrent_magnet=f"magnet:?xt=urn:btih:{V1}&ws=http%3A%2F%2Fevil.example%2Fimg"))
+    image = parse_image(
+        record(torrent_magnet=f"magnet:?xt=urn:btih:{V1}&ws=http%3A%2F%2Fevil.example%2Fimg")
+    )
     assert image.torrent_error is None
     assert "evil" not in image.magnet.to_uri()
 
 
 def test_custom_property_names():
-    image = parse_image(record(is_torrentable=None, torrent_magnet=None, p2p="true",
-                               mag=f"magnet:?xt=urn:btih:{V1}"),
-                        torrentable_property="p2p", magnet_property="mag")
+    image = parse_image(
+        record(
+            is_torrentable=None, torrent_magnet=None, p2p="true", mag=f"magnet:?xt=urn:btih:{V1}"
+        ),
+        torrentable_property="p2p",
+        magnet_property="mag",
+    )
     assert image.is_torrentable is True and image.magnet.info_hash_v1 == V1
 
 
-@pytest.mark.parametrize("props,prop", [
-    ({"size": "big"}, "size"),
-    ({"size": -1}, "size"),
-    ({"os_hash_algo": "sha512", "os_hash_value": None}, "os_hash_algo/os_hash_value"),
-    ({"os_hash_algo": "rot13"}, "os_hash_algo"),
-    ({"os_hash_value": "abc"}, "os_hash_value"),
-])
+@pytest.mark.parametrize(
+    "props,prop",
+    [
+        ({"size": "big"}, "size"),
+        ({"size": -1}, "size"),
+        ({"os_hash_algo": "sha512", "os_hash_value": None}, "os_hash_algo/os_hash_value"),
+        ({"os_hash_algo": "rot13"}, "os_hash_algo"),
+        ({"os_hash_value": "abc"}, "os_hash_value"),
+    ],
+)
 def test_bad_size_or_hash_raises(props, prop):
     with pytest.raises(exception.InvalidImageMetadata) as ctx:
         parse_image(record(**props))
     assert "6d0f-image" in str(ctx.value) and prop in str(ctx.value)
 
 
-@pytest.mark.parametrize("props,prop", [
-    ({"size": None}, "size"),
-    ({"os_hash_algo": None, "os_hash_value": None, "checksum": None}, "os_hash_value"),
-])
+@pytest.mark.parametrize(
+    "props,prop",
+    [
+        ({"size": None}, "size"),
+        ({"os_hash_algo": None, "os_hash_value": None, "checksum": None}, "os_hash_value"),
+    ],
+)
 def test_unverifiable_image_is_refused_before_download(props, prop):
     image = parse_image(record(**props))
     with pytest.raises(exception.InvalidImageMetadata) as ctx:

@@ -8,24 +8,34 @@ MAGNET = "magnet:?xt=urn:btih:" + "a" * 40
 
 
 def image(**props):
-    rec = {"id": "img", "status": "active", "size": 64 << 20, "disk_format": "raw",
-           "os_hash_algo": "sha512", "os_hash_value": "0" * 128, "torrent_magnet": MAGNET}
+    rec = {
+        "id": "img",
+        "status": "active",
+        "size": 64 << 20,
+        "disk_format": "raw",
+        "os_hash_algo": "sha512",
+        "os_hash_value": "0" * 128,
+        "torrent_magnet": MAGNET,
+    }
     rec.update(props)
     return parse_image({k: v for k, v in rec.items() if v is not None})
 
 
-@pytest.mark.parametrize("mode,props,expected", [
-    ("none", {"is_torrentable": "true"}, False),
-    ("some", {"is_torrentable": "true"}, True),
-    ("some", {}, False),
-    ("some", {"is_torrentable": "false"}, False),
-    ("all", {}, True),
-    ("all", {"is_torrentable": "false"}, False),
-    ("all", {"torrent_magnet": None}, False),
-    ("all", {"is_torrentable": "maybe"}, False),
-    ("some", {"is_torrentable": "true", "torrent_magnet": "magnet:?xt=urn:btih:12"}, False),
-    ("some", {"is_torrentable": "true", "status": "queued"}, False),
-])
+@pytest.mark.parametrize(
+    "mode,props,expected",
+    [
+        ("none", {"is_torrentable": "true"}, False),
+        ("some", {"is_torrentable": "true"}, True),
+        ("some", {}, False),
+        ("some", {"is_torrentable": "false"}, False),
+        ("all", {}, True),
+        ("all", {"is_torrentable": "false"}, False),
+        ("all", {"torrent_magnet": None}, False),
+        ("all", {"is_torrentable": "maybe"}, False),
+        ("some", {"is_torrentable": "true", "torrent_magnet": "magnet:?xt=urn:btih:12"}, False),
+        ("some", {"is_torrentable": "true", "status": "queued"}, False),
+    ],
+)
 def test_mode_and_properties(mode, props, expected):
     decision = policy.decide(image(**props), make_conf(mode=mode))
     assert bool(decision) is expected, decision.reason

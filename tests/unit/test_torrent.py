@@ -45,9 +45,11 @@ def test_single_version_torrents(tmp_path, version, v1, v2):
 
 def test_magnet_length_limit():
     with pytest.raises(torrent.MagnetError, match="more than 255"):
-        torrent.build_magnet(info_hash_v1="a" * 40, info_hash_v2="b" * 64,
-                             trackers=["http://tracker-%d.example:6969/announce" % i
-                                       for i in range(4)])
+        torrent.build_magnet(
+            info_hash_v1="a" * 40,
+            info_hash_v2="b" * 64,
+            trackers=[f"http://tracker-{i}.example:6969/announce" for i in range(4)],
+        )
 
 
 def test_ipv6_peer_hint_round_trip():

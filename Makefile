@@ -1,0 +1,38 @@
+# The two entry points of the README: `make demo` and `make test`.
+# Everything is installed into .venv/ (and, for the tracker tests, Debian's opentracker).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint unit integration system-packages clean
+
+$(STAMP): setup.cfg requirements.txt test-requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt -r test-requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+system-packages:
+	tools/install-system-packages
+
+demo: $(STAMP)
+	$(BIN)/nova-torrent-images demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+integration: $(STAMP) system-packages
+	$(BIN)/pytest -q tests/integration
+
+test: $(STAMP) system-packages lint
+	$(BIN)/pytest -q -ra tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
