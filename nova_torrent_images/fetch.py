@@ -49,19 +49,17 @@ def fetch(
     engine: SwarmEngine | None = None,
     disk_formats: tuple[str, ...] | None = None,
     progress: ProgressCallback | None = None,
+    preallocated: bool = False,
 ) -> FetchResult:
-    """Put the verified bytes of ``image`` at ``destination``.
+    """Put the verified bytes of ``image`` at ``destination``: swarm first, then Glance.
 
-    ``destination`` is a path that does not exist yet (it is created) or an existing block
-    device. Raises :class:`~nova_torrent_images.exception.FetchFailed` when neither the
-    swarm nor Glance delivered a verified image.
+    ``destination`` is a path that does not exist yet (it is created), or, with
+    ``preallocated``, a file or device the caller owns (a store slot) that is written in
+    place and never removed here. Raises
+    :class:`~nova_torrent_images.exception.FetchFailed` when neither the swarm nor Glance
+    delivered a verified image.
     """
-    destination = os.path.abspath(destination)
-    if os.path.lexists(destination) and not verify.is_block_device(destination):
-        raise exception.StoreError(
-            reason=f"destination {destination} of image {image.id} already exists; "
-            "refusing to overwrite it"
-        )
+    destination = _check_destination(image, destination, preallocated)
     opts = conf.torrent_images
     start = time.monotonic()
     decision = policy.decide(image, conf, disk_formats=disk_formats)
@@ -71,14 +69,16 @@ def fetch(
     fallback_reason = None
     if decision:
         try:
-            return _fetch_by_torrent(image, destination, conf, engine, start, progress)
-        except exception.TorrentImagesError as exc:
+            return fetch_by_torrent(
+                image,
+                destination,
+                conf=conf,
+                engine=engine,
+                progress=progress,
+                preallocated=preallocated,
+            )
+        except exception.TorrentFetchError as exc:
             fallback_reason = str(exc)
-            LOG.warning("Image %s: swarm download failed, partial data removed: %s", image.id, exc)
-        except Exception as exc:  # noqa: BLE001  libtorrent raises bare RuntimeErrors
-            fallback_reason = f"unexpected {type(exc).__name__}: {exc}"
-            LOG.exception("Image %s: swarm download failed unexpectedly", image.id)
-        verify.discard(destination)
         if not opts.fallback_to_glance:
             raise exception.FetchFailed(
                 image_id=image.id,
@@ -93,29 +93,62 @@ def fetch(
             image_id=image.id,
             reason=(fallback_reason or decision.reason) + "; no Glance client to fall back to",
         )
-    written = glance.download(image, destination, verify_hash=opts.verify_image_hash)
-    return FetchResult(
-        image_id=image.id,
-        destination=destination,
-        source="glance",
-        seconds=time.monotonic() - start,
-        bytes_from_glance=written,
-        fallback_reason=fallback_reason,
+    result = fetch_from_glance(
+        image, destination, conf=conf, glance=glance, preallocated=preallocated
     )
+    result.seconds = time.monotonic() - start
+    result.fallback_reason = fallback_reason
+    return result
 
 
-def _fetch_by_torrent(
+def _check_destination(image: ImageInfo, destination: str, preallocated: bool) -> str:
+    destination = os.path.abspath(destination)
+    if preallocated:
+        if not os.path.exists(destination):
+            raise exception.StoreError(
+                reason=f"preallocated destination {destination} of image {image.id} does not exist"
+            )
+    elif os.path.lexists(destination):
+        raise exception.StoreError(
+            reason=f"destination {destination} of image {image.id} already exists; "
+            "refusing to overwrite it"
+        )
+    return destination
+
+
+def fetch_by_torrent(
     image: ImageInfo,
     destination: str,
+    *,
     conf: cfg.ConfigOpts,
-    engine: SwarmEngine | None,
-    start: float,
-    progress: ProgressCallback | None,
+    engine: SwarmEngine | None = None,
+    progress: ProgressCallback | None = None,
+    preallocated: bool = False,
 ) -> FetchResult:
-    engine = engine or get_engine(conf)
-    stats = Transfer(engine, image, destination, conf, progress).run()
-    if conf.torrent_images.verify_image_hash:
-        verify.verify_file(image, destination)
+    """Swarm download into ``destination``, verified; no fallback.
+
+    Raises :class:`~nova_torrent_images.exception.TorrentFetchError` (or its subclasses)
+    on any failure, after removing the partial data unless the destination is
+    ``preallocated`` (then its owner cleans up).
+    """
+    destination = _check_destination(image, destination, preallocated)
+    start = time.monotonic()
+    try:
+        engine = engine or get_engine(conf)
+        stats = Transfer(engine, image, destination, conf, progress).run()
+        if conf.torrent_images.verify_image_hash:
+            verify.verify_file(image, destination, exact_size=not preallocated)
+    except exception.TorrentImagesError as exc:
+        _discard_after_failure(image, destination, preallocated, exc)
+        if isinstance(exc, exception.TorrentFetchError):
+            raise
+        raise exception.TorrentFetchError(image_id=image.id, reason=str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001  libtorrent raises bare RuntimeErrors
+        LOG.exception("Image %s: swarm download failed unexpectedly", image.id)
+        _discard_after_failure(image, destination, preallocated, exc)
+        raise exception.TorrentFetchError(
+            image_id=image.id, reason=f"unexpected {type(exc).__name__}: {exc}"
+        ) from exc
     seconds = time.monotonic() - start
     LOG.info(
         "Image %s: %d MiB from the swarm in %.1fs (%d MiB from peers, %d MiB from "
@@ -137,4 +170,43 @@ def _fetch_by_torrent(
         bytes_from_peers=stats.bytes_from_peers,
         bytes_from_origin=stats.bytes_from_origin,
         swarm=stats,
+    )
+
+
+def _discard_after_failure(
+    image: ImageInfo, destination: str, preallocated: bool, exc: BaseException
+) -> None:
+    if not preallocated:
+        verify.discard(destination)
+    LOG.warning(
+        "Image %s: swarm download failed%s: %s",
+        image.id,
+        "" if preallocated else ", partial data removed",
+        exc,
+    )
+
+
+def fetch_from_glance(
+    image: ImageInfo,
+    destination: str,
+    *,
+    conf: cfg.ConfigOpts,
+    glance: GlanceClient,
+    preallocated: bool = False,
+) -> FetchResult:
+    """Verified Glance HTTP download into ``destination``; no swarm involved."""
+    destination = _check_destination(image, destination, preallocated)
+    start = time.monotonic()
+    written = glance.download(
+        image,
+        destination,
+        verify_hash=conf.torrent_images.verify_image_hash,
+        preallocated=preallocated,
+    )
+    return FetchResult(
+        image_id=image.id,
+        destination=destination,
+        source="glance",
+        seconds=time.monotonic() - start,
+        bytes_from_glance=written,
     )

@@ -113,19 +113,27 @@ class GlanceClient:
             raise exception.GlanceError(image_id=image_id, reason="the image has no data")
         return body
 
-    def download(self, image: ImageInfo, destination: str, *, verify_hash: bool = True) -> int:
+    def download(
+        self,
+        image: ImageInfo,
+        destination: str,
+        *,
+        verify_hash: bool = True,
+        preallocated: bool = False,
+    ) -> int:
         """Stream the image into ``destination`` and verify it; return bytes written.
 
-        ``destination`` is a new file or an existing block device. On any error a file is
+        ``destination`` is a new file, or with ``preallocated`` a file or device owned by
+        the caller (written in place, never removed here). On any error a new file is
         removed again; the hash is checked before returning, so a mismatch never escapes.
         """
         image.require_verifiable()
         hasher = image.new_hasher()
         written = 0
         start = time.monotonic()
-        block_device = verify.is_block_device(destination)
+        in_place = preallocated or verify.is_block_device(destination)
         try:
-            with open(destination, "r+b" if block_device else "wb") as out:
+            with open(destination, "r+b" if in_place else "wb") as out:
                 for chunk in self.iter_data(image.id):
                     out.write(chunk)
                     hasher.update(chunk)
@@ -150,7 +158,8 @@ class GlanceClient:
                     expected=image.hash_value,
                 )
         except BaseException:
-            verify.discard(destination)
+            if not in_place:
+                verify.discard(destination)
             raise
         LOG.info(
             "Image %s: %d MiB downloaded from Glance over HTTP in %.1fs and verified (%s)",
