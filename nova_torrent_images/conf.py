@@ -184,6 +184,24 @@ fetch_opts = [
     ),
 ]
 
+xenapi_opts = [
+    cfg.StrOpt(
+        "xenapi_sr_uuid",
+        help="uuid of the SR that holds downloads and base copies on a XenServer host. "
+        "Default: the pool's default SR.",
+    ),
+    cfg.StrOpt(
+        "xenapi_compute_vm_uuid",
+        help="uuid of the VM running nova-compute, which downloads are attached to. "
+        "Default: read from /sys/hypervisor/uuid inside that VM.",
+    ),
+    cfg.StrOpt(
+        "xenapi_device_dir",
+        default="/dev",
+        help="Directory where plugged VBDs appear as devices (xvdb, xvdc, ...).",
+    ),
+]
+
 glance_opts = [
     cfg.URIOpt(
         "glance_endpoint",
@@ -206,7 +224,7 @@ glance_opts = [
     ),
 ]
 
-ALL_OPTS = policy_opts + swarm_opts + fetch_opts + glance_opts
+ALL_OPTS = policy_opts + swarm_opts + fetch_opts + xenapi_opts + glance_opts
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

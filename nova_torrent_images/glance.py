@@ -69,6 +69,24 @@ class GlanceClient:
             kwargs["endpoint"] = opts.glance_endpoint
         return cls(glance_v2.Client(**kwargs), conf)
 
+    @classmethod
+    def for_context(cls, context: Any, conf: cfg.ConfigOpts) -> GlanceClient:
+        """A client acting as the request's user (Nova's ``RequestContext``), if any.
+
+        With ``[torrent_images] glance_endpoint`` set, the context's token is used against
+        it; otherwise the ``[torrent_images_glance]`` Keystone settings apply.
+        """
+        opts = conf.torrent_images
+        token = getattr(context, "auth_token", None)
+        if opts.glance_endpoint and (token or opts.glance_noauth):
+            return cls.for_endpoint(
+                opts.glance_endpoint,
+                conf,
+                token=None if opts.glance_noauth else token,
+                timeout=opts.glance_timeout,
+            )
+        return cls.from_conf(conf)
+
     # -- records -----------------------------------------------------------------------
     def get_image(self, image_id: str) -> dict[str, Any]:
         try:
@@ -102,6 +120,15 @@ class GlanceClient:
             raise exception.GlanceError(image_id=image_id, reason=str(exc)) from exc
 
     # -- data --------------------------------------------------------------------------
+    def upload(self, image_id: str, data: Any, size: int) -> None:
+        """Upload image data (a file object) to an image record Nova created."""
+        try:
+            self.client.images.upload(image_id, data, image_size=size)
+        except glance_exc.HTTPNotFound:
+            raise exception.ImageNotFound(image_id=image_id) from None
+        except (glance_exc.BaseException, OSError) as exc:
+            raise exception.GlanceError(image_id=image_id, reason=str(exc)) from exc
+
     def iter_data(self, image_id: str) -> Iterable[bytes]:
         try:
             body = self.client.images.data(image_id, do_checksum=False)

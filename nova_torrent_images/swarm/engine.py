@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import libtorrent as lt
 from oslo_config import cfg
@@ -100,6 +101,43 @@ def build_settings(opts: cfg.ConfigOpts.GroupAttr) -> dict:
     return settings
 
 
+@dataclass(frozen=True, slots=True)
+class AlertEvent:
+    """A copy of what a libtorrent alert said.
+
+    Alert objects are owned by the session and freed by the next ``pop_alerts()``: handing
+    them to another thread crashes the process. The pump copies the fields we use.
+    """
+
+    kind: type  # the libtorrent alert class
+    message: str
+    handle: lt.torrent_handle | None = None
+    piece_index: int = -1
+    block_index: int = -1
+    endpoint: tuple[str, int] | None = None
+
+    def is_a(self, *kinds: type) -> bool:
+        return issubclass(self.kind, kinds)
+
+
+def snapshot_alert(alert: object) -> AlertEvent:
+    kind = type(alert)
+    if kind is lt.block_finished_alert:
+        # The hot path (one per 16 KiB): skip formatting a message nobody reads.
+        return AlertEvent(
+            kind, "", alert.handle, alert.piece_index, alert.block_index, tuple(alert.endpoint)
+        )
+    endpoint = getattr(alert, "endpoint", None)
+    return AlertEvent(
+        kind,
+        alert.message(),
+        getattr(alert, "handle", None),
+        getattr(alert, "piece_index", -1),
+        getattr(alert, "block_index", -1),
+        tuple(endpoint) if endpoint is not None else None,
+    )
+
+
 class TorrentWatch:
     """A torrent added through the engine, with the queue its alerts arrive on."""
 
@@ -108,7 +146,7 @@ class TorrentWatch:
         self.label = label
         self.alerts: queue.Queue = queue.Queue()
 
-    def drain(self, timeout: float = 0.0) -> list:
+    def drain(self, timeout: float = 0.0) -> list[AlertEvent]:
         """Alerts received so far, waiting up to ``timeout`` for the first one."""
         items = []
         try:
@@ -119,7 +157,7 @@ class TorrentWatch:
             pass
         return items
 
-    def wait_for(self, alert_type: type, timeout: float, on_other=None) -> object | None:
+    def wait_for(self, alert_type: type, timeout: float, on_other=None) -> AlertEvent | None:
         """Wait for an alert of ``alert_type``; others go to ``on_other`` (or are dropped)."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
@@ -127,7 +165,7 @@ class TorrentWatch:
                 alert = self.alerts.get(timeout=min(left, 0.2))
             except queue.Empty:
                 continue
-            if isinstance(alert, alert_type):
+            if alert.is_a(alert_type):
                 return alert
             if on_other is not None:
                 on_other(alert)
@@ -275,12 +313,13 @@ class SwarmEngine:
             time.sleep(PUMP_INTERVAL)
 
     def _dispatch(self, alert: object) -> None:
+        # Runs before the next pop_alerts(), while ``alert`` is still valid.
         handle = getattr(alert, "handle", None)
         if handle is not None:
             with self._lock:
                 watch = self._watches.get(handle)
             if watch is not None:
-                watch.alerts.put(alert)
+                watch.alerts.put(snapshot_alert(alert))
                 return
         category = alert.category()
         if isinstance(alert, lt.listen_failed_alert):

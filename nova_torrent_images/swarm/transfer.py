@@ -21,7 +21,7 @@ from oslo_log import log as logging
 
 from nova_torrent_images import exception
 from nova_torrent_images.image import ImageInfo
-from nova_torrent_images.swarm.engine import SwarmEngine, TorrentWatch
+from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
 
 LOG = logging.getLogger(__name__)
 
@@ -200,10 +200,10 @@ class Transfer:
                     status.num_seeds,
                 )
 
-    def _on_alert(self, alert: object) -> None:
-        if isinstance(alert, lt.block_finished_alert):
+    def _on_alert(self, alert: AlertEvent) -> None:
+        if alert.kind is lt.block_finished_alert:
             self._count_block(alert)
-        elif isinstance(alert, lt.hash_failed_alert):
+        elif alert.is_a(lt.hash_failed_alert):
             self.stats.hash_failures += 1
             LOG.warning(
                 "Image %s: piece %d failed its hash check and is downloaded again "
@@ -211,18 +211,18 @@ class Transfer:
                 self.image.id,
                 alert.piece_index,
             )
-        elif isinstance(alert, lt.file_error_alert | lt.torrent_error_alert):
+        elif alert.is_a(lt.file_error_alert, lt.torrent_error_alert):
             raise exception.TorrentStorageError(
-                image_id=self.image.id, path=self.destination, reason=alert.message()
+                image_id=self.image.id, path=self.destination, reason=alert.message
             )
-        elif isinstance(alert, lt.peer_ban_alert | lt.peer_blocked_alert):
-            LOG.warning("Image %s: %s", self.image.id, alert.message())
-        elif isinstance(alert, lt.tracker_error_alert):
-            LOG.warning("Image %s: tracker: %s", self.image.id, alert.message())
+        elif alert.is_a(lt.peer_ban_alert, lt.peer_blocked_alert):
+            LOG.warning("Image %s: %s", self.image.id, alert.message)
+        elif alert.is_a(lt.tracker_error_alert):
+            LOG.warning("Image %s: tracker: %s", self.image.id, alert.message)
         else:
-            LOG.debug("Image %s: %s", self.image.id, alert.message())
+            LOG.debug("Image %s: %s", self.image.id, alert.message)
 
-    def _count_block(self, alert: lt.block_finished_alert) -> None:
+    def _count_block(self, alert: AlertEvent) -> None:
         if self._piece_size is None:
             info = self._watch.handle.torrent_file()
             self._piece_size = info.piece_size
