@@ -184,6 +184,73 @@ fetch_opts = [
     ),
 ]
 
+seeding_opts = [
+    cfg.IntOpt(
+        "seed_duration",
+        default=86400,
+        min=0,
+        help="Keep seeding a base copy for this many seconds after its last use (a boot "
+        "or clone). 0 means this host never seeds: it only downloads.",
+    ),
+    cfg.IntOpt(
+        "max_seeds",
+        default=20,
+        min=0,
+        help="Most images this host seeds at once; beyond it the least recently used "
+        "base copy stops seeding (it stays on disk for clones).",
+    ),
+    cfg.IntOpt(
+        "base_copy_max_age",
+        default=0,
+        min=0,
+        help="Delete base copies unused for this many seconds; 0 keeps them until space "
+        "runs short.",
+    ),
+    cfg.IntOpt(
+        "store_quota",
+        default=0,
+        min=0,
+        help="Most MiB the base copies of this library may take in the store; least "
+        "recently used unused base copies are evicted beyond it. 0 means no quota.",
+    ),
+    cfg.IntOpt(
+        "store_free_space_floor",
+        default=0,
+        min=0,
+        help="Evict least recently used unused base copies when the store's free space "
+        "would drop below this many MiB. 0 disables the floor.",
+    ),
+    cfg.IntOpt(
+        "max_concurrent_downloads",
+        default=2,
+        min=1,
+        help="Most image downloads a host runs at once; further requests wait in arrival "
+        "order and say so in the log.",
+    ),
+    cfg.IntOpt(
+        "prune_interval",
+        default=600,
+        min=0,
+        help="Seconds between runs of the expiry and eviction policy in a long-running "
+        "process (0: only around downloads and on 'nova-torrent-images prune').",
+    ),
+    cfg.StrOpt(
+        "store",
+        choices=[
+            ("filesystem", "Base copies are files in image_cache_dir (libvirt hosts)."),
+            ("xenapi", "Base copies are VDI snapshots in an SR (XenServer hosts)."),
+        ],
+        help="The store the command line tools operate on. Unset: commands that need a "
+        "store fail with a clear message.",
+    ),
+    cfg.StrOpt(
+        "image_cache_dir",
+        default="$state_dir/images",
+        help="Directory of the filesystem store (base copies and their sidecar files). "
+        "Put it on the filesystem of Nova's image cache so links and reflinks work.",
+    ),
+]
+
 xenapi_opts = [
     cfg.StrOpt(
         "xenapi_sr_uuid",
@@ -194,6 +261,18 @@ xenapi_opts = [
         "xenapi_compute_vm_uuid",
         help="uuid of the VM running nova-compute, which downloads are attached to. "
         "Default: read from /sys/hypervisor/uuid inside that VM.",
+    ),
+    cfg.URIOpt(
+        "xenapi_connection_url",
+        schemes=["http", "https"],
+        help="XAPI URL for the command line tools (inside nova-compute the driver's own "
+        "session is used).",
+    ),
+    cfg.StrOpt(
+        "xenapi_connection_username", default="root", help="XAPI user for the command line tools."
+    ),
+    cfg.StrOpt(
+        "xenapi_connection_password", secret=True, help="XAPI password for the command line tools."
     ),
     cfg.StrOpt(
         "xenapi_device_dir",
@@ -224,7 +303,7 @@ glance_opts = [
     ),
 ]
 
-ALL_OPTS = policy_opts + swarm_opts + fetch_opts + xenapi_opts + glance_opts
+ALL_OPTS = policy_opts + swarm_opts + fetch_opts + seeding_opts + xenapi_opts + glance_opts
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

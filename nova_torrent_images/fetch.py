@@ -38,6 +38,7 @@ class FetchResult:
     bytes_from_glance: int = 0
     fallback_reason: str | None = None
     swarm: SwarmStats | None = None
+    resume_data: bytes | None = None  # libtorrent resume data, when the swarm delivered it
 
 
 def fetch(
@@ -135,7 +136,8 @@ def fetch_by_torrent(
     start = time.monotonic()
     try:
         engine = engine or get_engine(conf)
-        stats = Transfer(engine, image, destination, conf, progress).run()
+        transfer = Transfer(engine, image, destination, conf, progress)
+        stats = transfer.run()
         if conf.torrent_images.verify_image_hash:
             verify.verify_file(image, destination, exact_size=not preallocated)
     except exception.TorrentImagesError as exc:
@@ -170,6 +172,7 @@ def fetch_by_torrent(
         bytes_from_peers=stats.bytes_from_peers,
         bytes_from_origin=stats.bytes_from_origin,
         swarm=stats,
+        resume_data=transfer.resume_data,
     )
 
 

@@ -19,20 +19,19 @@ Handlers are loaded by name through stevedore (:func:`load_handler`), from the
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from oslo_concurrency import lockutils
 from oslo_config import cfg
 from oslo_log import log as logging
 from stevedore import driver
 
 from nova_torrent_images import conf as nti_conf
-from nova_torrent_images import exception, policy
-from nova_torrent_images.fetch import fetch_by_torrent, fetch_from_glance
+from nova_torrent_images import exception
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.image import ImageInfo
-from nova_torrent_images.stores.base import BaseCopy, BaseCopyStore, CommitInfo
+from nova_torrent_images.local import LocalImages
+from nova_torrent_images.stores.base import BaseCopyStore
 from nova_torrent_images.stores.xenapi import XenAPIStore
 from nova_torrent_images.swarm.engine import SwarmEngine
 
@@ -58,6 +57,8 @@ def _instance_label(instance: Any) -> str:
 class GlanceImageHandler:
     """Plain handler: verified Glance HTTP stream into a VDI, kept as a base copy."""
 
+    use_torrent = False
+
     def __init__(
         self,
         conf: cfg.ConfigOpts | None = None,
@@ -75,7 +76,19 @@ class GlanceImageHandler:
             lambda session: XenAPIStore.from_conf(session, self.conf)
         )
         self.engine = engine
-        self._lock_path = os.path.join(self.conf.torrent_images.state_dir, "locks")
+        self._locals: dict[str, LocalImages] = {}
+        self._locals_lock = threading.Lock()
+
+    def local_images(self, session: Any) -> LocalImages:
+        """The base copies of the store behind ``session``, recovered on first use."""
+        store = self._store_factory(session)
+        with self._locals_lock:
+            local = self._locals.get(store.name)
+            if local is None:
+                local = LocalImages(self.conf, store, engine=self.engine, seeding=self.use_torrent)
+                local.start()
+                self._locals[store.name] = local
+        return local
 
     # -- the handler contract ----------------------------------------------------------
     def download_image(
@@ -83,22 +96,16 @@ class GlanceImageHandler:
     ) -> dict[str, dict[str, str]]:
         glance = self._glance_factory(context)
         image = glance.image_info(image_id)
-        store = self._store_factory(session)
-        # One download per image and host: concurrent boots of the same image wait here
-        # and then clone the base copy the first one made.
-        with lockutils.lock(f"nti-image-{image_id}", external=True, lock_path=self._lock_path):
-            base = self._usable_base(store, image)
-            if base is None:
-                base = self._download(store, image, glance)
-            else:
-                LOG.info(
-                    "Image %s: base copy %s found in %s; cloning, nothing downloaded",
-                    image_id,
-                    base.ref,
-                    store.name,
-                )
-        root = store.clone(base, label=f"{_instance_label(instance)} root")
-        LOG.info("Image %s: root disk VDI %s for %s", image_id, root, _instance_label(instance))
+        local = self.local_images(session)
+        base, downloaded = local.ensure_base(image, glance, use_torrent=self.use_torrent)
+        root = local.store.clone(base, label=f"{_instance_label(instance)} root")
+        LOG.info(
+            "Image %s: root disk VDI %s for %s (%s)",
+            image_id,
+            root,
+            _instance_label(instance),
+            "downloaded" if downloaded else "cache hit",
+        )
         return {"root": {"uuid": root}}
 
     def upload_image(
@@ -121,80 +128,19 @@ class GlanceImageHandler:
             _instance_label(instance),
         )
 
-    # -- steps -------------------------------------------------------------------------
-    def _usable_base(self, store: BaseCopyStore, image: ImageInfo) -> BaseCopy | None:
-        base = store.lookup(image.id)
-        if base is None:
-            return None
-        if (base.hash_algo, base.hash_value, base.size) != (
-            image.hash_algo,
-            image.hash_value,
-            image.size,
-        ):
-            LOG.warning(
-                "Image %s: base copy %s does not match Glance's record (hash or "
-                "size changed); it is not used",
-                image.id,
-                base.ref,
-            )
-            if not base.in_use:
-                store.destroy(base)
-            return None
-        return base
-
-    def _download(self, store: BaseCopyStore, image: ImageInfo, glance: GlanceClient) -> BaseCopy:
-        return self._download_from_glance(store, image, glance)
-
-    def _download_from_glance(
-        self, store: BaseCopyStore, image: ImageInfo, glance: GlanceClient
-    ) -> BaseCopy:
-        if store.disk_formats is not None and image.disk_format not in store.disk_formats:
-            raise exception.StoreError(
-                reason=f"image {image.id} is {image.disk_format}; {store.name} takes only "
-                f"{', '.join(store.disk_formats)} images written as they are"
-            )
-        image.require_verifiable()
-        slot = store.begin_download(image.id, image.size)
-        try:
-            fetch_from_glance(image, slot.path, conf=self.conf, glance=glance, preallocated=True)
-            return store.commit(slot, CommitInfo(image))
-        except BaseException:
-            store.abort(slot)
-            raise
+    def shutdown(self) -> None:
+        """Stop seeding (detaching read-only views) before the process exits."""
+        with self._locals_lock:
+            for local in self._locals.values():
+                if local.seeds is not None:
+                    local.seeds.shutdown()
+            self._locals.clear()
 
 
 class TorrentImageHandler(GlanceImageHandler):
-    """Swarm first for raw torrentable images, straight into the VDI; else plain."""
+    """Swarm first for raw torrentable images, straight into the VDI; then seeds them."""
 
-    def _download(self, store: BaseCopyStore, image: ImageInfo, glance: GlanceClient) -> BaseCopy:
-        decision = policy.decide(image, self.conf, disk_formats=store.disk_formats)
-        if image.torrent_error is not None:
-            LOG.warning("%s; the image is fetched from Glance", image.torrent_error)
-        if not decision:
-            LOG.info("Image %s: plain Glance download: %s", image.id, decision.reason)
-            return self._download_from_glance(store, image, glance)
-        slot = store.begin_download(image.id, image.size)
-        try:
-            fetch_by_torrent(
-                image, slot.path, conf=self.conf, engine=self.engine, preallocated=True
-            )
-            return store.commit(slot, CommitInfo(image))
-        except exception.TorrentFetchError as exc:
-            store.abort(slot)
-            if not self.conf.torrent_images.fallback_to_glance:
-                raise exception.FetchFailed(
-                    image_id=image.id, reason=f"{exc}; [torrent_images] fallback_to_glance is off"
-                ) from exc
-            LOG.warning(
-                "Image %s: swarm download failed, download VDI destroyed; falling "
-                "back to the plain Glance handler: %s",
-                image.id,
-                exc,
-            )
-        except BaseException:
-            store.abort(slot)
-            raise
-        return self._download_from_glance(store, image, glance)
+    use_torrent = True
 
 
 class _Limited:

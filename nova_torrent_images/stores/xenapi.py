@@ -120,9 +120,10 @@ class XenAPIStore(BaseCopyStore):
 
     def _to_base(self, ref: str, rec: dict[str, Any], vdis: dict[str, dict[str, Any]]) -> BaseCopy:
         tags = rec["other_config"]
+        # In use: a clone still exists, or something other than our own seed attached it.
         in_use = any(
             v["other_config"].get(TAG + "base") == rec["uuid"] for v in vdis.values()
-        ) or any(self.call("VBD.get_currently_attached", vbd) for vbd in rec["VBDs"])
+        ) or any(self._attached_by_others(vbd) for vbd in rec["VBDs"])
         return BaseCopy(
             image_id=tags[TAG + "image_id"],
             size=int(tags[TAG + "size"]),
@@ -136,6 +137,15 @@ class XenAPIStore(BaseCopyStore):
             ref=rec["uuid"],
             in_use=in_use,
         )
+
+    def _attached_by_others(self, vbd_ref: str) -> bool:
+        try:
+            vbd = self.call("VBD.get_record", vbd_ref)
+        except XenAPI.Failure as exc:
+            if failure_code(exc) == "HANDLE_INVALID":  # detached meanwhile
+                return False
+            raise
+        return bool(vbd["currently_attached"]) and vbd["other_config"].get(TAG + "role") != "seed"
 
     def list(self) -> list[BaseCopy]:
         vdis = self._our_vdis()
@@ -280,14 +290,14 @@ class XenAPIStore(BaseCopyStore):
     # -- base copies -------------------------------------------------------------------
     @contextlib.contextmanager
     def seed_path(self, base: BaseCopy) -> Iterator[str]:
-        with self.attached(base.ref, "RO") as path:
+        with self.attached(base.ref, "RO", role="seed") as path:
             yield path
 
     @contextlib.contextmanager
-    def attached(self, vdi_uuid: str, mode: str = "RO") -> Iterator[str]:
+    def attached(self, vdi_uuid: str, mode: str = "RO", role: str = "attach") -> Iterator[str]:
         """Attach a VDI to the compute VM for the duration of the context."""
         vdi_ref = self.call("VDI.get_by_uuid", vdi_uuid)
-        vbd_ref, path = self._attach(vdi_ref, mode)
+        vbd_ref, path = self._attach(vdi_ref, mode, role)
         try:
             yield path
         finally:
@@ -345,7 +355,7 @@ class XenAPIStore(BaseCopyStore):
         return Capacity(total=total, free=free, ours=ours)
 
     # -- plumbing ----------------------------------------------------------------------
-    def _attach(self, vdi_ref: str, mode: str) -> tuple[str, str]:
+    def _attach(self, vdi_ref: str, mode: str, role: str = "attach") -> tuple[str, str]:
         vbd_ref = self.call(
             "VBD.create",
             {
@@ -356,7 +366,7 @@ class XenAPIStore(BaseCopyStore):
                 "mode": mode,
                 "type": "Disk",
                 "empty": False,
-                "other_config": {TAG + "role": "attach"},
+                "other_config": {TAG + "role": role},
                 "qos_algorithm_type": "",
                 "qos_algorithm_params": {},
             },

@@ -115,6 +115,7 @@ class AlertEvent:
     piece_index: int = -1
     block_index: int = -1
     endpoint: tuple[str, int] | None = None
+    resume_data: bytes | None = None  # save_resume_data_alert: bencoded resume data
 
     def is_a(self, *kinds: type) -> bool:
         return issubclass(self.kind, kinds)
@@ -126,6 +127,17 @@ def snapshot_alert(alert: object) -> AlertEvent:
         # The hot path (one per 16 KiB): skip formatting a message nobody reads.
         return AlertEvent(
             kind, "", alert.handle, alert.piece_index, alert.block_index, tuple(alert.endpoint)
+        )
+    if kind is lt.save_resume_data_alert:
+        # Resume data holds the info dict and merkle trees: a base copy can be seeded
+        # later, and after a restart, without asking the swarm for metadata or rehashing.
+        # (write_torrent_file_buf refuses hybrid torrents whose piece layers it did not
+        # keep, so the resume format is the reliable one.)
+        return AlertEvent(
+            kind,
+            alert.message(),
+            alert.handle,
+            resume_data=bytes(lt.write_resume_data_buf(alert.params)),
         )
     endpoint = getattr(alert, "endpoint", None)
     return AlertEvent(
@@ -309,7 +321,10 @@ class SwarmEngine:
                 LOG.exception("Popping libtorrent alerts failed")
                 alerts = []
             for alert in alerts:
-                self._dispatch(alert)
+                try:
+                    self._dispatch(alert)
+                except Exception:  # noqa: BLE001  the pump must outlive any one alert
+                    LOG.exception("Handling libtorrent alert %s failed", type(alert).__name__)
             time.sleep(PUMP_INTERVAL)
 
     def _dispatch(self, alert: object) -> None:

@@ -84,6 +84,7 @@ class Transfer:
         self._origin_hosts = {host for host, _ in _resolve_peers(self.magnet.peers)}
         self._watch: TorrentWatch | None = None
         self._piece_size = None
+        self.resume_data: bytes | None = None
 
     # -- setup -------------------------------------------------------------------------
     def _params(self) -> lt.add_torrent_params:
@@ -138,6 +139,7 @@ class Transfer:
         try:
             self._download(start)
             self._flush()
+            self.resume_data = self._save_resume_data()
         finally:
             self.stats.seconds = time.monotonic() - start
             self.engine.remove_torrent(self._watch)
@@ -252,3 +254,16 @@ class Transfer:
                 path=self.destination,
                 reason=f"the disk cache was not flushed within {FLUSH_TIMEOUT:.0f}s",
             )
+
+    def _save_resume_data(self) -> bytes | None:
+        self._watch.handle.save_resume_data(lt.save_resume_flags_t.save_info_dict)
+        saved = self._watch.wait_for(lt.save_resume_data_alert, FLUSH_TIMEOUT, self._on_alert)
+        if saved is None:
+            # Only seeding needs it; the download itself is complete and verified.
+            LOG.warning(
+                "Image %s: libtorrent did not return the torrent metadata; this "
+                "host will not seed the image",
+                self.image.id,
+            )
+            return None
+        return saved.resume_data

@@ -61,6 +61,7 @@ class SimulatedHost:
         *,
         trackers: list[str] | None = None,
         lying: bool = False,
+        extra_flags: int = 0,
     ) -> TorrentWatch:
         """Seed ``data_path`` without a full check first (like a verified base copy).
 
@@ -82,7 +83,7 @@ class SimulatedHost:
             params.have_pieces = [True] * params.ti.num_pieces()
         else:
             flags |= lt.torrent_flags.seed_mode
-        params.flags = flags
+        params.flags = flags | extra_flags
         watch = self.engine.add_torrent(params, label=f"seed on {self.name}")
         self.seeds.append(watch)
         return watch

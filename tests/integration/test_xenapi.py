@@ -55,6 +55,9 @@ class CountingStore(XenAPIStore):
         return slot
 
 
+_HANDLERS: list = []
+
+
 @pytest.fixture
 def xenserver(tmp_path):
     with FakeXenAPI.create(tmp_path / "xapi", sr_size=4 * GiB, sr_name="Local storage") as fake:
@@ -64,6 +67,8 @@ def xenserver(tmp_path):
         try:
             yield fake, recording
         finally:
+            while _HANDLERS:  # stop seeding: detaches the read-only views of base copies
+                _HANDLERS.pop().shutdown()
             session.xenapi.session.logout()
             report = fake.leaks()
             assert not report.sessions and not report.vbds, str(report)
@@ -79,12 +84,14 @@ def make_handler(cls, compute, glance, fake, tmp_path, **conf):
             session, compute_vm_uuid=fake.compute_vm_uuid, device_dir=str(fake.dev_dir())
         )
 
-    return cls(
+    handler = cls(
         compute.conf,
         glance_factory=lambda context: glance,
         store_factory=store_factory,
         engine=compute.engine,
     )
+    _HANDLERS.append(handler)
+    return handler
 
 
 def vdi_sha512(fake, vdi_uuid: str, size: int) -> str:
@@ -264,6 +271,7 @@ def test_download_goes_through_a_real_block_device(
             s, compute_vm_uuid=fake.compute_vm_uuid, device_dir=str(fake.dev_dir())
         ),
     )
+    _HANDLERS.append(handler)
     compute.conf.set_override("state_dir", str(tmp_path / "state"), group="torrent_images")
     root = handler.download_image(None, session, {"name": "vm"}, image.id)["root"]["uuid"]
 
