@@ -97,7 +97,10 @@ class SeedStatus:
 class SeedManager:
     """The seeds of one store in one process's libtorrent session."""
 
-    def __init__(self, conf: cfg.ConfigOpts, store: BaseCopyStore, engine: SwarmEngine) -> None:
+    def __init__(
+        self, conf: cfg.ConfigOpts, store: BaseCopyStore, engine: SwarmEngine | None
+    ) -> None:
+        """``engine`` may be None for a process that only applies policy (the CLI)."""
         self.conf = conf
         self.opts = conf.torrent_images
         self.store = store
@@ -118,7 +121,7 @@ class SeedManager:
     def start(self, base: BaseCopy, now: float | None = None) -> bool:
         """Seed ``base`` unless policy says no; True when it is seeded afterwards."""
         now = time.time() if now is None else now
-        if self.opts.seed_duration == 0 or self.opts.max_seeds == 0:
+        if self.opts.seed_duration == 0 or self.opts.max_seeds == 0 or self.engine is None:
             return False
         if now - base.last_used > self.opts.seed_duration:
             return False

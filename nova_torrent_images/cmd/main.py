@@ -25,12 +25,16 @@ def load_conf(config_files: list[str]) -> cfg.ConfigOpts:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    conf = load_conf(args.config_file)
+    if args.output is None:
+        from nova_torrent_images.cmd import local
+
+        return local.cmd_prefetch(args, conf)
     from tqdm import tqdm
 
     from nova_torrent_images.fetch import fetch
     from nova_torrent_images.glance import GlanceClient
 
-    conf = load_conf(args.config_file)
     glance = GlanceClient.from_conf(conf)
     image = glance.image_info(args.image_id)
     with tqdm(
@@ -50,6 +54,15 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         f"{result.bytes_from_glance >> 20} MiB from Glance, verified -> {args.output}"
     )
     return 0
+
+
+def _local_verb(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from nova_torrent_images.cmd import local
+
+        return getattr(local, name)(args, load_conf(args.config_file))
+
+    return run
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -75,13 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "fetch",
-        help="fetch an image (by torrent when policy allows) into a "
-        "new file, verified against Glance",
+        help="prefetch an image into the local store (or, with --output, into a new file), "
+        "by torrent when policy allows, verified against Glance",
     )
     p.add_argument("image_id")
-    p.add_argument("--output", "-o", required=True, help="file to create")
+    p.add_argument("--output", "-o", help="write the image to this new file instead")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser(
+        "status",
+        help="base copies of the local store: size, seeding, bytes up and down, peers, last use",
+    )
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=_local_verb("cmd_status"))
+
+    p = sub.add_parser("evict", help="stop seeding and delete the base copy of an image")
+    p.add_argument("image_id")
+    p.set_defaults(func=_local_verb("cmd_evict"))
+
+    p = sub.add_parser("prune", help="apply expiry, maximum age, quota and free-space floor now")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be done")
+    p.set_defaults(func=_local_verb("cmd_prune"))
 
     p = sub.add_parser(
         "demo", help="run a local swarm of simulated compute hosts (no outside services)"

@@ -344,7 +344,16 @@ class XenAPIStore(BaseCopyStore):
                 raise
 
     def destroy(self, base: BaseCopy) -> None:
-        self._destroy_vdi(self.call("VDI.get_by_uuid", base.ref))
+        try:
+            self._destroy_vdi(self.call("VDI.get_by_uuid", base.ref))
+        except XenAPI.Failure as exc:
+            if failure_code(exc) == "VDI_IN_USE":
+                raise exception.StoreError(
+                    reason=f"the base copy of image {base.image_id} (VDI {base.ref}) is "
+                    "attached, most likely seeded by nova-compute; it is removed when "
+                    "that process stops seeding it (next prune, or stop the seed first)"
+                ) from exc
+            raise
         LOG.info("Image %s: base copy VDI %s destroyed", base.image_id, base.ref)
 
     def capacity(self) -> Capacity:
