@@ -29,6 +29,7 @@ from stevedore import driver
 
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images import exception
+from nova_torrent_images.fetch import ProgressCallback
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.local import LocalImages
 from nova_torrent_images.stores.base import BaseCopyStore
@@ -66,8 +67,10 @@ class GlanceImageHandler:
         glance_factory: GlanceFactory | None = None,
         store_factory: StoreFactory | None = None,
         engine: SwarmEngine | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
         self.conf = conf if conf is not None else cfg.CONF
+        self.progress = progress  # for CLIs and demos; Nova passes none
         nti_conf.register_opts(self.conf)
         self._glance_factory = glance_factory or (
             lambda context: GlanceClient.for_context(context, self.conf)
@@ -97,7 +100,9 @@ class GlanceImageHandler:
         glance = self._glance_factory(context)
         image = glance.image_info(image_id)
         local = self.local_images(session)
-        base, downloaded = local.ensure_base(image, glance, use_torrent=self.use_torrent)
+        base, downloaded = local.ensure_base(
+            image, glance, use_torrent=self.use_torrent, progress=self.progress
+        )
         root = local.store.clone(base, label=f"{_instance_label(instance)} root")
         LOG.info(
             "Image %s: root disk VDI %s for %s (%s)",

@@ -16,7 +16,12 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_torrent_images import exception, policy
-from nova_torrent_images.fetch import ProgressCallback, fetch_by_torrent, fetch_from_glance
+from nova_torrent_images.fetch import (
+    FetchResult,
+    ProgressCallback,
+    fetch_by_torrent,
+    fetch_from_glance,
+)
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.image import ImageInfo
 from nova_torrent_images.seeding import DownloadQueue, SeedManager
@@ -44,6 +49,8 @@ class LocalImages:
         self.engine = engine
         self.queue = queue or DownloadQueue(self.opts.max_concurrent_downloads)
         self._lock_path = os.path.join(self.opts.state_dir, "locks")
+        # The most recent download of each image by this object (for reports and demos).
+        self.fetches: dict[str, FetchResult] = {}
         self.seeds: SeedManager | None = None
         if seeding and self.opts.seed_duration > 0:
             self.seeds = SeedManager(conf, store, self._engine())
@@ -147,6 +154,7 @@ class LocalImages:
                 preallocated=preallocated,
             )
             base = self.store.commit(slot, CommitInfo(image))
+            self.fetches[image.id] = result
         except exception.TorrentFetchError as exc:
             self.store.abort(slot)
             if not self.opts.fallback_to_glance:
@@ -176,7 +184,7 @@ class LocalImages:
             )
         slot = self.store.begin_download(image.id, image.size)
         try:
-            fetch_from_glance(
+            self.fetches[image.id] = fetch_from_glance(
                 image,
                 slot.path,
                 conf=self.conf,

@@ -41,11 +41,15 @@ class XapiCaller:
 
     def __init__(self, session: Any) -> None:
         self.session = session
+        # XenAPI.Session answers every attribute with an XML-RPC dispatcher, so asking it
+        # for "call_xenapi" would look like Nova's session; check its type first.
+        self._nova_style = not isinstance(session, XenAPI.Session) and hasattr(
+            session, "call_xenapi"
+        )
 
     def __call__(self, method: str, *args: Any) -> Any:
-        call_xenapi = getattr(self.session, "call_xenapi", None)
-        if call_xenapi is not None:
-            return call_xenapi(method, *args)
+        if self._nova_style:
+            return self.session.call_xenapi(method, *args)
         target = self.session.xenapi
         for part in method.split("."):
             target = getattr(target, part)

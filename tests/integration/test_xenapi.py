@@ -331,3 +331,16 @@ def test_handlers_load_by_name(hosts, tmp_path):
     assert type(load_handler(conf=compute.conf)) is GlanceImageHandler
     with pytest.raises(exception.ConfigError, match="image_handler"):
         load_handler("bittorrent", compute.conf)
+
+
+def test_store_takes_a_plain_xenapi_session(tmp_path):
+    with FakeXenAPI.create(tmp_path / "xapi", sr_size=GiB, use_loop_devices=False) as fake:
+        session = fake.session()  # a real XenAPI.Session, not Nova's call_xenapi wrapper
+        try:
+            store = XenAPIStore(
+                session, compute_vm_uuid=fake.compute_vm_uuid, device_dir=str(fake.dev_dir())
+            )
+            assert store.capacity().total == GiB and store.list() == []
+        finally:
+            session.xenapi.session.logout()
+        fake.check_leaks()

@@ -1,0 +1,127 @@
+"""One simulated compute host of the demo, in its own process.
+
+It runs the real XenAPI image handler against its own fake XAPI (SR in files, no root
+needed) and talks to the orchestrator in JSON lines: events on stdout, commands on stdin
+(``boot N`` boots instance N, ``stop`` ends the host). It keeps seeding between boots, so
+other hosts can fetch from it, until told to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import threading
+import time
+
+from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.handler import TorrentImageHandler
+from nova_torrent_images.stores.xenapi import XenAPIStore
+from nova_torrent_images.swarm.engine import SwarmEngine
+from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB
+from nova_torrent_images.testing.swarm import make_conf
+
+_out_lock = threading.Lock()
+
+
+def emit(event: str, **fields: object) -> None:
+    with _out_lock:
+        sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+        sys.stdout.flush()
+
+
+def _vdi_sha512(fake: FakeXenAPI, vdi_uuid: str, size: int) -> str:
+    ref = next(r for r in fake.all_refs("VDI") if fake.get_record("VDI", r)["uuid"] == vdi_uuid)
+    hasher = hashlib.sha512()
+    with open(fake.vdi_path(ref), "rb") as f:
+        left = size
+        while left:
+            chunk = f.read(min(left, 4 << 20))
+            hasher.update(chunk)
+            left -= len(chunk)
+    return hasher.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--glance", required=True, help="Glance endpoint (noauth)")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--sr-size", type=int, default=8 * GiB)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        filename=f"{args.workdir}/{args.name}.log",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+    conf = make_conf(state_dir=f"{args.workdir}/state", progress_interval=5)
+    engine = SwarmEngine(conf, listen_interfaces=[f"{args.address}:0"]).start()
+    glance = GlanceClient.for_endpoint(args.glance, conf)
+    progress_state = {"boot": 0}
+
+    def progress(done: int, total: int, rate: int, peers: int) -> None:
+        emit("progress", boot=progress_state["boot"], done=done, total=total, peers=peers)
+
+    with FakeXenAPI.create(
+        f"{args.workdir}/xapi", sr_size=args.sr_size, use_loop_devices=False
+    ) as fake:
+        session = fake.session()
+        handler = TorrentImageHandler(
+            conf,
+            glance_factory=lambda context: glance,
+            store_factory=lambda s: XenAPIStore(
+                s, compute_vm_uuid=fake.compute_vm_uuid, device_dir=str(fake.dev_dir())
+            ),
+            engine=engine,
+            progress=progress,
+        )
+        emit("ready", address=args.address, port=engine.listen_port)
+        try:
+            for line in sys.stdin:
+                command = line.split()
+                if not command or command[0] == "stop":
+                    break
+                if command[0] == "boot":
+                    boot_number, image_id = int(command[1]), command[2]
+                    progress_state["boot"] = boot_number
+                    _boot(handler, session, fake, glance, args.name, boot_number, image_id)
+        finally:
+            handler.shutdown()
+            session.xenapi.session.logout()
+            engine.shutdown()
+    return 0
+
+
+def _boot(handler, session, fake, glance, name, number, image_id) -> None:
+    started = time.monotonic()
+    try:
+        root = handler.download_image(None, session, {"name": f"{name}-vm-{number}"}, image_id)[
+            "root"
+        ]["uuid"]
+    except Exception as exc:  # noqa: BLE001  reported to the orchestrator, and logged
+        logging.getLogger(__name__).exception("boot %d failed", number)
+        emit("boot", boot=number, error=str(exc))
+        return
+    seconds = time.monotonic() - started
+    image = glance.image_info(image_id)
+    local = handler.local_images(session)
+    fetched = local.fetches.pop(image_id, None)
+    emit(
+        "boot",
+        boot=number,
+        seconds=seconds,
+        source=fetched.source if fetched else "clone",
+        from_peers=fetched.bytes_from_peers if fetched else 0,
+        from_origin=fetched.bytes_from_origin if fetched else 0,
+        from_glance=fetched.bytes_from_glance if fetched else 0,
+        verified=_vdi_sha512(fake, root, image.size) == image.hash_value,
+        root=root,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The demo's main process: origin, publishing, hosts, progress bars and the table.
+
+It starts a real glance-api on 127.0.0.1, publishes a generated raw image as a torrent
+served by an origin seeder with a capped uplink, then starts N compute host processes
+(each its own 127.0.0.x, libtorrent session and fake XenServer SR) and boots an instance on
+each at once, then a second instance (a copy-on-write clone of the local base copy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from nova_torrent_images import exception
+from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.swarm.torrent import make_torrent
+from nova_torrent_images.testing.swarm import SimulatedHost, next_loopback_address
+
+MiB = 1024 * 1024
+ORIGIN_UPLOAD_KIB = 32 * 1024  # 32 MiB/s: the origin uplink a fleet saturates
+BOOT_TIMEOUT = 600
+
+
+@dataclass
+class HostProcess:
+    name: str
+    address: str
+    process: subprocess.Popen
+    events: queue.Queue = field(default_factory=queue.Queue)
+    boots: dict[int, dict] = field(default_factory=dict)
+
+    def send(self, line: str) -> None:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def read_events(self) -> None:
+        for line in self.process.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                self.events.put({"event": "noise", "line": line})
+        self.events.put({"event": "exit"})
+
+    def wait_for(self, kind: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if event["event"] == kind:
+                return event
+            if event["event"] == "exit":
+                raise exception.TorrentImagesError(f"demo host {self.name} exited; see its log")
+        raise exception.TorrentImagesError(f"demo host {self.name}: no {kind} in {timeout}s")
+
+
+def _write_image(path: str, size: int) -> None:
+    with open(path, "wb") as f:  # random data: nothing compresses or dedupes on the way
+        left = size
+        while left:
+            n = min(left, 8 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def run(hosts: int = 4, size_mib: int = 64, workdir: str | None = None) -> int:
+    try:
+        from nova_torrent_images.testing.glance_server import GlanceServer
+    except ImportError as exc:
+        raise exception.TorrentImagesError(
+            f"the demo needs glance-api (pip install 'nova-torrent-images[glance]'): {exc}"
+        ) from exc
+    if hosts < 1 or size_mib < 1:
+        raise exception.TorrentImagesError("--hosts and --size must be at least 1")
+    own_dir = workdir is None
+    root = workdir or tempfile.mkdtemp(prefix="nti-demo-")
+    os.makedirs(root, exist_ok=True)
+    logging.getLogger("nova_torrent_images").setLevel(logging.WARNING)
+    size = size_mib * MiB
+    started: list = []
+    try:
+        print(f"Demo in {root}: {hosts} compute hosts, one {size_mib} MiB raw image")
+        image_path = os.path.join(root, "image.raw")
+        _write_image(image_path, size)
+        with GlanceServer(workdir=os.path.join(root, "glance")) as server:
+            print(f"glance-api running at {server.url}")
+            record = server.create_image(image_path, name="demo-image")
+            glance = GlanceClient.for_endpoint(server.url)
+            origin = SimulatedHost("origin", upload_rate_limit=ORIGIN_UPLOAD_KIB)
+            started.append(origin)
+            torrent = make_torrent(image_path, name=record["id"])
+            origin.seed(torrent.data, image_path)
+            magnet = torrent.magnet(peers=[origin.endpoint])
+            glance.set_properties(record["id"], is_torrentable="true", torrent_magnet=magnet)
+            print(
+                f"published image {record['id']}: {torrent.num_pieces} pieces, origin "
+                f"seeder at {origin.address} capped at {ORIGIN_UPLOAD_KIB // 1024} MiB/s"
+            )
+
+            procs = [_spawn(f"compute-{i + 1}", server.url, root) for i in range(hosts)]
+            started.extend(procs)
+            for p in procs:
+                p.wait_for("ready", 60)
+            print(f"{hosts} compute hosts up on {procs[0].address}..{procs[-1].address}\n")
+            print("boot 1 (image not on any host yet):")
+            _boot_all(procs, 1, record["id"], size)
+            print("boot 2 (base copy present: clone):")
+            _boot_all(procs, 2, record["id"], size)
+            origin_upload = origin.uploaded_bytes()
+        ok = _print_table(procs, size, origin_upload)
+        return 0 if ok else 1
+    finally:
+        for item in started:
+            if isinstance(item, HostProcess):
+                _stop(item)
+            else:
+                item.stop()
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"host logs are in {root}")
+
+
+def _spawn(name: str, glance_url: str, root: str) -> HostProcess:
+    address = next_loopback_address()
+    workdir = os.path.join(root, name)
+    os.makedirs(workdir, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nova_torrent_images.demo.compute_host",
+            "--name",
+            name,
+            "--address",
+            address,
+            "--glance",
+            glance_url,
+            "--workdir",
+            workdir,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    host = HostProcess(name, address, process)
+    threading.Thread(target=host.read_events, daemon=True).start()
+    return host
+
+
+def _stop(host: HostProcess) -> None:
+    try:
+        host.send("stop")
+        host.process.wait(timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        host.process.kill()
+        host.process.wait()
+
+
+def _boot_all(procs: list[HostProcess], number: int, image_id: str, size: int) -> None:
+    bars = {
+        p.name: tqdm(
+            total=size, unit="B", unit_scale=True, desc=f"  {p.name}", leave=True, position=i
+        )
+        for i, p in enumerate(procs)
+    }
+    for p in procs:
+        p.send(f"boot {number} {image_id}")
+    pending = {p.name: p for p in procs}
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while pending and time.monotonic() < deadline:
+        for name, p in list(pending.items()):
+            while True:
+                try:
+                    event = p.events.get_nowait()
+                except queue.Empty:
+                    break
+                bar = bars[name]
+                if event["event"] == "progress":
+                    bar.update(event["done"] - bar.n)
+                    bar.set_postfix(peers=event["peers"], refresh=False)
+                elif event["event"] == "boot":
+                    bar.update(size - bar.n)
+                    bar.set_postfix_str(event.get("source", "failed"))
+                    p.boots[number] = event
+                    del pending[name]
+                    break
+                elif event["event"] == "exit":
+                    p.boots[number] = {"error": "host process exited"}
+                    del pending[name]
+                    break
+        time.sleep(0.1)
+    for name in pending:
+        procs_by_name = {p.name: p for p in procs}
+        procs_by_name[name].boots[number] = {"error": f"no answer in {BOOT_TIMEOUT}s"}
+    for bar in bars.values():
+        bar.close()
+    print()
+
+
+def _print_table(procs: list[HostProcess], size: int, origin_upload: int) -> bool:
+    header = (
+        f"{'host':<11} {'address':<11} {'boot 1 via':<10} {'seconds':>7} {'peers MiB':>9} "
+        f"{'origin MiB':>10} {'Glance MiB':>10} {'boot 2':>9}  verified"
+    )
+    print(header)
+    print("-" * len(header))
+    ok = True
+    glance_bytes = 0
+    for p in procs:
+        first, second = p.boots.get(1, {}), p.boots.get(2, {})
+        if "error" in first or "error" in second:
+            ok = False
+            print(
+                f"{p.name:<11} {p.address:<11} FAILED: {first.get('error') or second.get('error')}"
+            )
+            continue
+        verified = first["verified"] and second["verified"]
+        ok &= verified
+        glance_bytes += first["from_glance"]
+        print(
+            f"{p.name:<11} {p.address:<11} {first['source']:<10} {first['seconds']:>7.1f} "
+            f"{first['from_peers'] / MiB:>9.1f} {first['from_origin'] / MiB:>10.1f} "
+            f"{first['from_glance'] / MiB:>10.1f} {second['seconds'] * 1000:>7.0f}ms  "
+            f"{'yes' if verified else 'NO'}"
+        )
+    egress = origin_upload + glance_bytes
+    fleet = size * len(procs)
+    print(
+        f"\norigin egress: {egress / MiB:.1f} MiB (seeder {origin_upload / MiB:.1f} + Glance "
+        f"HTTP {glance_bytes / MiB:.1f}) = {egress / size:.2f}x the image; a plain HTTP "
+        f"fleet sends {fleet / MiB:.0f} MiB ({len(procs)}.00x)"
+    )
+    return ok
