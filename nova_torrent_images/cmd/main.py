@@ -68,7 +68,9 @@ def _local_verb(name: str):
 def cmd_demo(args: argparse.Namespace) -> int:
     from nova_torrent_images.cmd import demo
 
-    return demo.run(hosts=args.hosts, size_mib=args.size, workdir=args.workdir)
+    return demo.run(
+        hosts=args.hosts, size_mib=args.size, workdir=args.workdir, origin_kind=args.origin
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", type=int, default=4, help="simulated compute hosts (default 4)")
     p.add_argument("--size", type=int, default=64, help="image size in MiB (default 64)")
     p.add_argument("--workdir", help="keep the demo's files here instead of a temp dir")
+    p.add_argument(
+        "--origin",
+        choices=["auto", "glance", "embedded"],
+        default="auto",
+        help="image origin: glance-api when installed (auto), or the embedded "
+        "Glance-like HTTP origin",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -75,13 +75,27 @@ def _write_image(path: str, size: int) -> None:
             left -= n
 
 
-def run(hosts: int = 4, size_mib: int = 64, workdir: str | None = None) -> int:
-    try:
-        from nova_torrent_images.testing.glance_server import GlanceServer
-    except ImportError as exc:
-        raise exception.TorrentImagesError(
-            f"the demo needs glance-api (pip install 'nova-torrent-images[glance]'): {exc}"
-        ) from exc
+def _origin(kind: str, root: str):
+    """glance-api when installed (or asked for), else the embedded Glance-like origin."""
+    if kind in ("auto", "glance"):
+        try:
+            from nova_torrent_images.testing.glance_server import GlanceServer
+        except ImportError as exc:
+            if kind == "glance":
+                raise exception.TorrentImagesError(
+                    f"--origin glance needs glance-api (pip install "
+                    f"'nova-torrent-images[glance]'): {exc}"
+                ) from exc
+        else:
+            return "glance-api", GlanceServer(workdir=os.path.join(root, "glance"))
+    from nova_torrent_images.testing.http_origin import HTTPOrigin
+
+    return "embedded HTTP origin", HTTPOrigin(os.path.join(root, "origin"))
+
+
+def run(
+    hosts: int = 4, size_mib: int = 64, workdir: str | None = None, origin_kind: str = "auto"
+) -> int:
     if hosts < 1 or size_mib < 1:
         raise exception.TorrentImagesError("--hosts and --size must be at least 1")
     own_dir = workdir is None
@@ -94,8 +108,9 @@ def run(hosts: int = 4, size_mib: int = 64, workdir: str | None = None) -> int:
         print(f"Demo in {root}: {hosts} compute hosts, one {size_mib} MiB raw image")
         image_path = os.path.join(root, "image.raw")
         _write_image(image_path, size)
-        with GlanceServer(workdir=os.path.join(root, "glance")) as server:
-            print(f"glance-api running at {server.url}")
+        origin_name, origin_server = _origin(origin_kind, root)
+        with origin_server as server:
+            print(f"{origin_name} running at {server.url}")
             record = server.create_image(image_path, name="demo-image")
             glance = GlanceClient.for_endpoint(server.url)
             origin = SimulatedHost("origin", upload_rate_limit=ORIGIN_UPLOAD_KIB)
