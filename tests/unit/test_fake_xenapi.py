@@ -572,3 +572,18 @@ def test_leak_report(fake):
     assert fake.leaks().sessions == (leaked_session.handle,)
     leaked_session.xenapi.session.logout()
     fake.check_leaks()
+
+
+def test_clones_are_copy_on_write_and_outlive_their_parent(fake, xapi):
+    base = create_vdi(xapi, fake.sr_ref, 4 * 1024 * 1024, name="base")
+    payload = os.urandom(4 * 1024 * 1024)
+    fake.vdi_path(base).write_bytes(payload)
+    clones = [xapi.VDI.clone(base, {}) for _ in range(3)]
+    # Nothing copied yet: a clone is O(1), like a VHD child.
+    assert all(not fake._files[c].exists() for c in clones)
+    assert fake.vdi_path(clones[0]).read_bytes() == payload  # reading materializes it
+    xapi.VDI.destroy(base)
+    for clone in clones:
+        assert fake.vdi_path(clone).read_bytes() == payload
+    for clone in clones:
+        xapi.VDI.destroy(clone)

@@ -117,6 +117,10 @@ class FakeXenAPI:
         self._lock = threading.RLock()
         self._db: dict[str, dict[str, dict[str, Any]]] = {cls: {} for cls in DEFAULTS}
         self._files: dict[str, Path] = {}
+        # Copy on write, like VHD chains: a snapshot or clone names its source here and
+        # gets its own bytes only when something reads, attaches or destroys along the
+        # chain. VDI.clone is then O(1), as on a real SR.
+        self._pending_copy: dict[str, str] = {}
         self._handlers: dict[tuple[str, str], Callable[..., Any]] = {
             ("session", "logout"): self._session_logout,
             ("session", "local_logout"): self._session_logout,
@@ -247,6 +251,7 @@ class FakeXenAPI:
         """The sparse file holding a VDI's contents."""
         with self._lock:
             self._get("VDI", vdi_ref)
+            self._materialize(vdi_ref)
             return self._files[vdi_ref]
 
     def device_path(self, vbd_ref: str) -> str:
@@ -629,9 +634,6 @@ class FakeXenAPI:
         if source is None:
             with open(path, "xb") as f:
                 f.truncate(size)
-        else:
-            self._devices.flush(self._files[source])
-            copy_sparse(self._files[source], path)
         ref = self._new(
             "VDI",
             uuid=vdi_uuid,
@@ -642,8 +644,25 @@ class FakeXenAPI:
             **fields,
         )
         self._files[ref] = path
+        if source is not None:
+            self._materialize(source)
+            if self._is_attached(self._db["VDI"][source], "RW"):
+                # A source written right now: copy at once, as a snapshot would freeze it.
+                self._devices.flush(self._files[source])
+                copy_sparse(self._files[source], path)
+            else:
+                self._pending_copy[ref] = source
         self._refresh_sr(sr_ref)
         return ref
+
+    def _materialize(self, vdi_ref: str) -> None:
+        """Give a copy-on-write VDI its own file, copied from its source."""
+        source = self._pending_copy.pop(vdi_ref, None)
+        if source is None:
+            return
+        self._materialize(source)
+        self._devices.flush(self._files[source])
+        copy_sparse(self._files[source], self._files[vdi_ref])
 
     def _vdi_create(self, session: str, record: Any) -> str:
         fields = self._from_record(
@@ -661,6 +680,10 @@ class FakeXenAPI:
             raise failure("VDI_IN_USE", vdi_ref, "destroy")
         for vbd_ref in list(vdi["VBDs"]):  # XAPI destroys the (unplugged) VBDs too
             self._delete("VBD", vbd_ref)
+        for child, source in list(self._pending_copy.items()):
+            if source == vdi_ref:  # children keep their bytes when the parent goes
+                self._materialize(child)
+        self._pending_copy.pop(vdi_ref, None)
         self._files.pop(vdi_ref).unlink(missing_ok=True)
         self._delete("VDI", vdi_ref)
         self._refresh_sr(vdi["SR"])
@@ -715,6 +738,7 @@ class FakeXenAPI:
                 "SR_BACKEND_FAILURE_79", "", "VDI Invalid size [opterr=shrinking not allowed]", ""
             )
         self._reserve(vdi["SR"], new_size - vdi["virtual_size"])
+        self._materialize(vdi_ref)
         os.truncate(self._files[vdi_ref], new_size)
         vdi["virtual_size"] = vdi["physical_utilisation"] = new_size
         self._refresh_sr(vdi["SR"])
@@ -723,8 +747,10 @@ class FakeXenAPI:
         """Forget VDIs whose file was deleted behind XAPI's back; recount the space."""
         sr = self._get("SR", sr_ref)
         for vdi_ref in list(sr["VDIs"]):
-            if not self._files[vdi_ref].exists() and not self._is_attached(
-                self._db["VDI"][vdi_ref]
+            if (
+                vdi_ref not in self._pending_copy
+                and not self._files[vdi_ref].exists()
+                and not self._is_attached(self._db["VDI"][vdi_ref])
             ):
                 for vbd_ref in list(self._db["VDI"][vdi_ref]["VBDs"]):
                     self._delete("VBD", vbd_ref)
@@ -797,6 +823,7 @@ class FakeXenAPI:
             device = device_name(int(vbd["userdevice"]))
             link = self._dev_root / vm["uuid"] / device
             try:
+                self._materialize(vdi_ref)
                 self._devices.attach(vbd_ref, self._files[vdi_ref], link, vbd["mode"] == "RO")
             except subprocess.CalledProcessError as exc:
                 raise failure("INTERNAL_ERROR", f"losetup: {exc.stderr.strip()}") from None
