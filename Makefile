@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration system-packages clean
+.PHONY: bench demo test lint unit integration docs system-packages clean
 
 $(STAMP): setup.cfg requirements.txt test-requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,15 @@ unit: $(STAMP)
 integration: $(STAMP) system-packages
 	$(BIN)/pytest -q tests/integration
 
-test: $(STAMP) system-packages lint
+docs: $(STAMP)
+	$(BIN)/pip install --quiet -r doc/requirements.txt
+	$(BIN)/sphinx-build -W --keep-going -b html doc/source doc/build/html
+
+test: $(STAMP) system-packages lint docs
 	$(BIN)/pytest -q -ra tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+bench: $(STAMP) system-packages
+	$(BIN)/python bench/run_all.py

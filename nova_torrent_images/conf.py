@@ -10,6 +10,8 @@ from __future__ import annotations
 from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
 
+from nova_torrent_images.origin.options import ORIGIN_OPTS
+
 GROUP = "torrent_images"
 GLANCE_GROUP = "torrent_images_glance"
 
@@ -285,10 +287,11 @@ glance_opts = [
     cfg.URIOpt(
         "glance_endpoint",
         schemes=["http", "https"],
-        help="Glance API endpoint used by the command line tools and the origin seeder. "
-        "When unset, the endpoint is taken from the Keystone catalog through the "
-        "[torrent_images_glance] auth settings. Inside nova-compute, Nova's own Glance "
-        "client is used instead.",
+        help="Glance API endpoint this library talks to (the XenAPI image handlers, the "
+        "command line tools, the origin seeder). Inside nova-compute the request's token is "
+        "used against it; when unset, the endpoint comes from the Keystone catalog through "
+        "the [torrent_images_glance] credentials. The libvirt integration uses Nova's own "
+        "Glance client instead.",
     ),
     cfg.BoolOpt(
         "glance_noauth",
@@ -303,7 +306,9 @@ glance_opts = [
     ),
 ]
 
-ALL_OPTS = policy_opts + swarm_opts + fetch_opts + seeding_opts + xenapi_opts + glance_opts
+ALL_OPTS = (
+    policy_opts + swarm_opts + fetch_opts + seeding_opts + xenapi_opts + glance_opts + ORIGIN_OPTS
+)
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
@@ -318,3 +323,33 @@ def list_opts() -> list[tuple[str | cfg.OptGroup, list[cfg.Opt]]]:
     """Options for ``oslo-config-generator --namespace nova_torrent_images``."""
     ks_opts = ks_loading.get_session_conf_options() + ks_loading.get_auth_common_conf_options()
     return [(_group(), ALL_OPTS), (GLANCE_GROUP, ks_opts)]
+
+
+def check(conf: cfg.ConfigOpts) -> None:
+    """Fail at start-up, with the option's name, on values oslo.config cannot check.
+
+    Otherwise a typo (say a bad CIDR) would only surface at the first download, and every
+    download would quietly fall back to Glance.
+    """
+    import ipaddress
+    import urllib.parse
+
+    from nova_torrent_images import exception
+
+    opts = conf.torrent_images
+    for cidr in opts.allowed_peer_cidrs:
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError as exc:
+            raise exception.ConfigError(option="allowed_peer_cidrs", reason=str(exc)) from exc
+    for entry in opts.listen_interfaces:
+        host, sep, port = entry.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise exception.ConfigError(
+                option="listen_interfaces", reason=f"{entry!r} is not host:port"
+            )
+    for url in opts.trackers:
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https", "udp"):
+            raise exception.ConfigError(
+                option="trackers", reason=f"{url!r} is not an http, https or udp URL"
+            )

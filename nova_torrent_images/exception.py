@@ -112,3 +112,29 @@ class FetchFailed(TorrentImagesError):
     """Neither the swarm nor the Glance fallback produced a verified image."""
 
     msg_fmt = "Image %(image_id)s could not be fetched: %(reason)s"
+
+
+class NotPublishable(TorrentImagesError):
+    """The image cannot be published as a torrent; nothing was changed."""
+
+    msg_fmt = "Image %(image_id)s cannot be published: %(reason)s"
+
+
+class PublishError(TorrentImagesError):
+    msg_fmt = "Image %(image_id)s: publishing failed: %(reason)s"
+
+
+class MagnetTooLong(PublishError):
+    msg_fmt = (
+        "Image %(image_id)s: the magnet is %(length)s characters even with one tracker and "
+        "one peer hint, more than the %(limit)s Glance allows in a property; use shorter "
+        "[torrent_images] origin_trackers / origin_advertise_addresses"
+    )
+
+
+class RegistryError(TorrentImagesError):
+    msg_fmt = "Origin registry %(path)s ([torrent_images] origin_state_dir): %(reason)s"
+
+
+class TrackerError(TorrentImagesError):
+    msg_fmt = "Tracker whitelist %(path)s ([torrent_images] %(option)s): %(reason)s"

@@ -57,8 +57,9 @@ def fetch(
     ``destination`` is a path that does not exist yet (it is created), or, with
     ``preallocated``, a file or device the caller owns (a store slot) that is written in
     place and never removed here. Raises
-    :class:`~nova_torrent_images.exception.FetchFailed` when neither the swarm nor Glance
-    delivered a verified image.
+    :class:`~nova_torrent_images.exception.FetchFailed` when the swarm failed and there is
+    no fallback (turned off, or no Glance client); errors of the Glance download itself
+    come as they are (:class:`IntegrityError`, :class:`GlanceError`, :class:`ImageNotFound`).
     """
     destination = _check_destination(image, destination, preallocated)
     opts = conf.torrent_images

@@ -13,6 +13,7 @@ from typing import Any
 
 from glanceclient import exc as glance_exc
 from glanceclient.v2 import client as glance_v2
+from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -62,8 +63,18 @@ class GlanceClient:
                     option="glance_endpoint", reason="glance_noauth needs an endpoint"
                 )
             return cls.for_endpoint(opts.glance_endpoint, conf, timeout=opts.glance_timeout)
-        auth = ks_loading.load_auth_from_conf_options(conf, nti_conf.GLANCE_GROUP)
-        session = ks_loading.load_session_from_conf_options(conf, nti_conf.GLANCE_GROUP, auth=auth)
+        try:
+            auth = ks_loading.load_auth_from_conf_options(conf, nti_conf.GLANCE_GROUP)
+            session = ks_loading.load_session_from_conf_options(
+                conf, nti_conf.GLANCE_GROUP, auth=auth
+            )
+        except ks_exc.ClientException as exc:
+            raise exception.ConfigError(
+                option="glance_endpoint",
+                reason=f"not set, and no usable Keystone credentials in "
+                f"[{nti_conf.GLANCE_GROUP}] ({exc}); set glance_endpoint (with glance_noauth "
+                "for a Glance without Keystone) or the auth_type and credentials",
+            ) from exc
         kwargs: dict[str, Any] = {"session": session}
         if opts.glance_endpoint:
             kwargs["endpoint"] = opts.glance_endpoint
@@ -93,7 +104,7 @@ class GlanceClient:
             return dict(self.client.images.get(image_id))
         except glance_exc.HTTPNotFound:
             raise exception.ImageNotFound(image_id=image_id) from None
-        except (glance_exc.BaseException, OSError) as exc:
+        except (glance_exc.BaseException, ks_exc.ClientException, OSError) as exc:
             raise exception.GlanceError(image_id=image_id, reason=str(exc)) from exc
 
     def image_info(self, image_id: str) -> ImageInfo:
@@ -110,13 +121,13 @@ class GlanceClient:
             self.client.images.update(image_id, **properties)
         except glance_exc.HTTPNotFound:
             raise exception.ImageNotFound(image_id=image_id) from None
-        except glance_exc.BaseException as exc:
+        except (glance_exc.BaseException, ks_exc.ClientException) as exc:
             raise exception.GlanceError(image_id=image_id, reason=str(exc)) from exc
 
     def remove_properties(self, image_id: str, names: Iterable[str]) -> None:
         try:
             self.client.images.update(image_id, remove_props=list(names))
-        except glance_exc.BaseException as exc:
+        except (glance_exc.BaseException, ks_exc.ClientException) as exc:
             raise exception.GlanceError(image_id=image_id, reason=str(exc)) from exc
 
     # -- data --------------------------------------------------------------------------
@@ -126,7 +137,7 @@ class GlanceClient:
             self.client.images.upload(image_id, data, image_size=size)
         except glance_exc.HTTPNotFound:
             raise exception.ImageNotFound(image_id=image_id) from None
-        except (glance_exc.BaseException, OSError) as exc:
+        except (glance_exc.BaseException, ks_exc.ClientException, OSError) as exc:
             raise exception.GlanceError(image_id=image_id, reason=str(exc)) from exc
 
     def iter_data(self, image_id: str) -> Iterable[bytes]:
@@ -134,7 +145,7 @@ class GlanceClient:
             body = self.client.images.data(image_id, do_checksum=False)
         except glance_exc.HTTPNotFound:
             raise exception.ImageNotFound(image_id=image_id) from None
-        except (glance_exc.BaseException, OSError) as exc:
+        except (glance_exc.BaseException, ks_exc.ClientException, OSError) as exc:
             raise exception.GlanceError(image_id=image_id, reason=str(exc)) from exc
         if body is None:
             raise exception.GlanceError(image_id=image_id, reason="the image has no data")

@@ -72,6 +72,7 @@ class GlanceImageHandler:
         self.conf = conf if conf is not None else cfg.CONF
         self.progress = progress  # for CLIs and demos; Nova passes none
         nti_conf.register_opts(self.conf)
+        nti_conf.check(self.conf)
         self._glance_factory = glance_factory or (
             lambda context: GlanceClient.for_context(context, self.conf)
         )

@@ -72,12 +72,17 @@ class LocalImages:
     def ensure_base(
         self,
         image: ImageInfo,
-        glance: GlanceClient,
+        glance: GlanceClient | None,
         *,
         use_torrent: bool = True,
         progress: ProgressCallback | None = None,
     ) -> tuple[BaseCopy, bool]:
-        """The verified base copy of ``image``; True when this call downloaded it."""
+        """The verified base copy of ``image``; True when this call downloaded it.
+
+        ``glance=None`` means the caller is the fallback (Nova's own download in the
+        libvirt integration): a swarm failure raises ``TorrentFetchError`` (the slot
+        destroyed first) and an image policy keeps off the swarm raises ``NotTorrentable``.
+        """
         # One download per image and host: concurrent requests wait here, then find the
         # base copy the first one made.
         with lockutils.lock(f"nti-image-{image.id}", external=True, lock_path=self._lock_path):
@@ -123,7 +128,7 @@ class LocalImages:
     def _download(
         self,
         image: ImageInfo,
-        glance: GlanceClient,
+        glance: GlanceClient | None,
         use_torrent: bool,
         progress: ProgressCallback | None,
     ) -> BaseCopy:
@@ -132,15 +137,20 @@ class LocalImages:
         if image.torrent_error is not None:
             LOG.warning("%s; the image is fetched from Glance", image.torrent_error)
         if use_torrent and decision:
-            base = self._download_by_torrent(image, progress)
+            base = self._download_by_torrent(image, progress, glance_fallback=glance is not None)
             if base is not None:
                 return base
+        elif glance is None:
+            raise exception.NotTorrentable(
+                image_id=image.id,
+                reason=decision.reason if use_torrent else "the caller asked for no torrent",
+            )
         elif use_torrent:
             LOG.info("Image %s: plain Glance download: %s", image.id, decision.reason)
         return self._download_from_glance(image, glance)
 
     def _download_by_torrent(
-        self, image: ImageInfo, progress: ProgressCallback | None
+        self, image: ImageInfo, progress: ProgressCallback | None, glance_fallback: bool = True
     ) -> BaseCopy | None:
         slot = self.store.begin_download(image.id, image.size)
         preallocated = os.path.exists(slot.path)
@@ -161,6 +171,8 @@ class LocalImages:
                 raise exception.FetchFailed(
                     image_id=image.id, reason=f"{exc}; [torrent_images] fallback_to_glance is off"
                 ) from exc
+            if not glance_fallback:
+                raise  # the caller falls back itself
             LOG.warning(
                 "Image %s: swarm download failed, its download slot destroyed; "
                 "falling back to a verified Glance download: %s",

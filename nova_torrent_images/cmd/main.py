@@ -10,6 +10,7 @@ from oslo_config import cfg
 
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images import exception
+from nova_torrent_images.cmd import origin
 
 LOG = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Glance-like HTTP origin",
     )
     p.set_defaults(func=cmd_demo)
+
+    origin.add_subcommands(sub)  # publish, unpublish, published, seed (Glance nodes)
     return parser
 
 

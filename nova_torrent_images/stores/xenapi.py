@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +60,20 @@ class XapiCaller:
 def failure_code(exc: BaseException) -> str:
     details = getattr(exc, "details", None) or [""]
     return str(details[0])
+
+
+def _owner_is_gone(owner: str | None) -> bool:
+    """True when ``host:pid`` names a process of this host that no longer runs."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host's (shared SR) or unknown: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def this_vm_uuid() -> str:
@@ -166,19 +181,25 @@ class XenAPIStore(BaseCopyStore):
         return None
 
     def remove_stale_slots(self) -> int:
-        """Destroy download VDIs a crashed process left behind (never base copies)."""
+        """Destroy download VDIs that crashed processes of this host left behind.
+
+        A slot belongs to a process (``nti_owner`` = host name and pid); one whose process
+        is gone is detached and destroyed. Base copies are never touched.
+        """
         removed = 0
         for ref, rec in self._our_vdis().items():
-            if rec["other_config"].get(TAG + "role") != "slot":
+            tags = rec["other_config"]
+            if tags.get(TAG + "role") != "slot" or not _owner_is_gone(tags.get(TAG + "owner")):
                 continue
-            if any(self.call("VBD.get_currently_attached", v) for v in rec["VBDs"]):
-                continue  # a download of another live process
             LOG.warning(
-                "Removing stale download VDI %s of image %s in %s",
+                "Removing stale download VDI %s of image %s (left by %s) in %s",
                 rec["uuid"],
-                rec["other_config"].get(TAG + "image_id"),
+                tags.get(TAG + "image_id"),
+                tags.get(TAG + "owner"),
                 self.name,
             )
+            for vbd in rec["VBDs"]:
+                self._detach(vbd)
             self._destroy_vdi(ref)
             removed += 1
         return removed
@@ -198,7 +219,13 @@ class XenAPIStore(BaseCopyStore):
             "type": "user",
             "sharable": False,
             "read_only": False,
-            "other_config": {TAG + "role": "slot", TAG + "image_id": image_id},
+            # The owner lets a restarted process tell its own crashed downloads from
+            # live downloads of other processes on this host.
+            "other_config": {
+                TAG + "role": "slot",
+                TAG + "image_id": image_id,
+                TAG + "owner": f"{socket.gethostname()}:{os.getpid()}",
+            },
             "xenstore_data": {},
             "sm_config": {},
             "tags": [],

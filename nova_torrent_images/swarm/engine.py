@@ -26,7 +26,9 @@ from nova_torrent_images import exception
 LOG = logging.getLogger(__name__)
 
 KiB = 1024
-PUMP_INTERVAL = 0.05
+# Short sleeps between pops: every handoff (metadata, flush, resume data, removal) waits
+# for the pump, so its latency adds up per download; an idle pop costs microseconds.
+PUMP_INTERVAL = 0.01
 ALERT_MASK = (
     lt.alert_category.error
     | lt.alert_category.status
@@ -34,6 +36,7 @@ ALERT_MASK = (
     | lt.alert_category.tracker
     | lt.alert_category.ip_block
     | lt.alert_category.performance_warning
+    | lt.alert_category.peer  # peer_ban_alert: which peer sent bad data
     # One alert per 16 KiB block, with the peer that sent it: the only exact account of
     # where bytes came from (peer_info counters vanish when seeds disconnect at the end).
     | lt.alert_category.block_progress
@@ -86,6 +89,14 @@ def build_settings(opts: cfg.ConfigOpts.GroupAttr) -> dict:
         "min_announce_interval": opts.min_announce_interval,
         "stop_tracker_timeout": 1,  # shutdown must not wait on a dead tracker
         "allow_multiple_connections_per_ip": False,
+        # Keep "redundant" connections. A download joins in upload mode until its metadata
+        # is checked, so for its first second a host is upload-only; by default libtorrent
+        # then drops its connections to seeds and to other hosts in the same state, and
+        # waits min_reconnect_time (60 s) before dialing them again (a super-seeding origin
+        # then needs another 10 s to offer a piece). Measured with six hosts fetching
+        # 128 MiB at once: 17-72 s with the default, a steady 15 s without. Sockets stay
+        # bounded by connections_limit.
+        "close_redundant_connections": False,
         "user_agent": "nova-torrent-images/libtorrent-" + lt.__version__,
         "peer_fingerprint": "-NT0001-",
         # Hosts announce often so that a new peer is found within seconds.
@@ -329,6 +340,8 @@ class SwarmEngine:
 
     def _dispatch(self, alert: object) -> None:
         # Runs before the next pop_alerts(), while ``alert`` is still valid.
+        if type(alert) in _NOISE:
+            return
         handle = getattr(alert, "handle", None)
         if handle is not None:
             with self._lock:
@@ -346,9 +359,23 @@ class SwarmEngine:
             LOG.debug("libtorrent: %s", alert.message())
         elif category & lt.alert_category.error:
             LOG.warning("libtorrent: %s", alert.message())
-        else:
+        elif LOG.isEnabledFor(logging.DEBUG):  # message() formats a string: skip if unused
             LOG.debug("libtorrent: %s", alert.message())
 
+
+# Alerts of the block_progress and peer categories nobody reads, one per 16 KiB block or
+# per connection: dropped before any Python work is spent on them.
+_NOISE = frozenset(
+    {
+        lt.block_downloading_alert,
+        lt.block_uploaded_alert,
+        lt.block_timeout_alert,
+        lt.unwanted_block_alert,
+        lt.peer_connect_alert,
+        lt.peer_disconnected_alert,
+        lt.incoming_connection_alert,
+    }
+)
 
 _ENGINE: SwarmEngine | None = None
 _ENGINE_LOCK = threading.Lock()

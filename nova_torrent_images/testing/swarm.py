@@ -62,6 +62,8 @@ class SimulatedHost:
         trackers: list[str] | None = None,
         lying: bool = False,
         extra_flags: int = 0,
+        super_seed: bool = False,
+        seed_mode: bool = True,
     ) -> TorrentWatch:
         """Seed ``data_path`` without a full check first (like a verified base copy).
 
@@ -79,10 +81,17 @@ class SimulatedHost:
         # Never paused or auto-managed: a queue could otherwise park the seed.
         flags = lt.torrent_flags.default_flags & ~lt.torrent_flags.auto_managed
         flags &= ~lt.torrent_flags.paused
-        if lying:
+        if lying or not seed_mode:
+            # Claimed through resume data: served without hashing (a verified copy, or a
+            # liar). seed_mode instead hashes each piece on its first request.
             params.have_pieces = [True] * params.ti.num_pieces()
+            flags |= lt.torrent_flags.no_verify_files
         else:
             flags |= lt.torrent_flags.seed_mode
+        if super_seed:
+            # Initial seeding: hand each peer pieces nobody else has yet, so an origin
+            # sends about one copy and the peers trade the rest.
+            flags |= lt.torrent_flags.super_seeding
         params.flags = flags | extra_flags
         watch = self.engine.add_torrent(params, label=f"seed on {self.name}")
         self.seeds.append(watch)

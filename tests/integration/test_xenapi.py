@@ -344,3 +344,37 @@ def test_store_takes_a_plain_xenapi_session(tmp_path):
         finally:
             session.xenapi.session.logout()
         fake.check_leaks()
+
+
+def test_restart_removes_downloads_of_dead_processes(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    with FakeXenAPI.create(tmp_path / "xapi", sr_size=GiB, use_loop_devices=False) as fake:
+        session = fake.session()
+        try:
+            store = XenAPIStore(
+                session, compute_vm_uuid=fake.compute_vm_uuid, device_dir=str(fake.dev_dir())
+            )
+            crashed = store.begin_download("img-crashed", 8 * 1024 * 1024)  # still plugged
+            live = store.begin_download("img-live", 8 * 1024 * 1024)
+            ref = crashed.handle["vdi"]
+            session.xenapi.VDI.remove_from_other_config(ref, TAG + "owner")
+            session.xenapi.VDI.add_to_other_config(
+                ref, TAG + "owner", f"{socket.gethostname()}:{dead}"
+            )
+            assert store.remove_stale_slots() == 1
+            assert [r["other_config"][TAG + "image_id"] for r in our_vdis(fake, "slot")] == [
+                "img-live"
+            ]
+            store.abort(live)
+        finally:
+            session.xenapi.session.logout()
+        fake.check_leaks()

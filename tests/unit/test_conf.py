@@ -57,3 +57,19 @@ def test_overrides_do_not_leak_between_configopts():
     first.set_override("fallback_to_glance", False, group="torrent_images")
     assert first.torrent_images.fallback_to_glance is False
     assert second.torrent_images.fallback_to_glance is True
+
+
+def test_check_names_the_bad_option():
+    import pytest
+
+    from nova_torrent_images import exception
+    from nova_torrent_images.testing.swarm import make_conf
+
+    nti_conf.check(make_conf())
+    for option, value in [
+        ("allowed_peer_cidrs", ["10.0.0.0/33"]),
+        ("listen_interfaces", ["6881"]),
+        ("trackers", ["ftp://tracker/announce"]),
+    ]:
+        with pytest.raises(exception.ConfigError, match=option):
+            nti_conf.check(make_conf(**{option: value}))

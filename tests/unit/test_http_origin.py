@@ -45,8 +45,9 @@ def test_glanceclient_upload_and_range(origin):
     glance.client.images.upload(image["id"], io.BytesIO(payload), image_size=len(payload))
     record = glance.get_image(image["id"])
     assert record["status"] == "active" and record["size"] == len(payload)
-    r = requests.get(f"{origin.url}/v2/images/{image['id']}/file",
-                     headers={"Range": "bytes=10-19"}, timeout=10)
+    r = requests.get(
+        f"{origin.url}/v2/images/{image['id']}/file", headers={"Range": "bytes=10-19"}, timeout=10
+    )
     assert r.status_code == 206 and r.content == payload[10:20]
 
 

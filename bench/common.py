@@ -1,0 +1,113 @@
+"""Shared pieces of the benchmarks: machine description, images, throttled HTTP clients.
+
+Every benchmark measures torrent delivery and plain HTTP delivery in the same run on the
+same machine and reports ratios, because absolute numbers on a small, noisy 2-core machine
+mean little.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import libtorrent as lt
+
+MiB = 1024 * 1024
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB memory, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}, libtorrent "
+        f"{lt.__version__}; measured {datetime.datetime.now():%Y-%m-%d %H:%M}"
+    )
+
+
+def write_image(path: str, size: int) -> str:
+    """Random bytes (nothing compresses on the way); returns the sha512."""
+    hasher = hashlib.sha512()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 8 * MiB))
+            f.write(chunk)
+            hasher.update(chunk)
+            left -= len(chunk)
+    return hasher.hexdigest()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+class TokenBucket:
+    """A download cap for one simulated host's HTTP client."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + n / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+def http_download(glance, image, dest: str, cap: int = 0) -> float:
+    """Plain verified HTTP download with an optional client-side cap; returns seconds."""
+    bucket = TokenBucket(cap)
+    hasher = image.new_hasher()
+    started = time.monotonic()
+    with open(dest, "wb") as out:
+        for chunk in glance.iter_data(image.id):
+            bucket.take(len(chunk))
+            out.write(chunk)
+            hasher.update(chunk)
+    if hasher.hexdigest() != image.hash_value:
+        raise RuntimeError(f"HTTP download of {image.id} is corrupt")
+    return time.monotonic() - started
+
+
+def opentracker_available() -> bool:
+    return (
+        subprocess.run(
+            ["sh", "-c", "command -v opentracker"], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+
+
+def run_python(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], **kwargs)

@@ -1,0 +1,174 @@
+"""Options of the origin side (Glance API nodes), group ``[torrent_images]``.
+
+They are kept apart from the compute-side options in :mod:`nova_torrent_images.conf` so the
+two sides can be read on their own, and are registered together with them through
+``conf.ALL_OPTS`` (one group, one ``list_opts`` for the sample file).
+"""
+
+from __future__ import annotations
+
+from oslo_config import cfg
+
+publish_opts = [
+    cfg.StrOpt(
+        "origin_state_dir",
+        default="/var/lib/nova-torrent-images/origin",
+        help="Registry of published images on a Glance node: one directory per image id "
+        "holding the .torrent, a JSON sidecar (info-hashes, size, Glance hash) and, unless "
+        "origin_data_dir is set, the image data the origin seeder serves. Written by "
+        "'nova-torrent-images publish', read by 'nova-torrent-images seed'; both must use "
+        "the same directory.",
+    ),
+    cfg.StrOpt(
+        "origin_data_dir",
+        help="Directory for the image data of published images (one file per image id), "
+        "when it should live on another filesystem than origin_state_dir. Unset: the data "
+        "is kept in each image's registry directory.",
+    ),
+    cfg.ListOpt(
+        "origin_trackers",
+        default=[],
+        help="Tracker announce URLs written into the magnets of published images (tr=) "
+        "and announced to by the origin seeder, e.g. http://tracker.example:6969/announce. "
+        "Empty: hosts find each other through the origin seeder hints (x.pe) and peer "
+        "exchange alone.",
+    ),
+    cfg.ListOpt(
+        "origin_advertise_addresses",
+        default=[],
+        help="host:port of the origin seeders written into magnets as peer hints (x.pe), "
+        "the address compute hosts connect to first. List every Glance node that runs "
+        "'nova-torrent-images seed', with the same value on all of them, so every node "
+        "publishes the same magnet. Empty: the seeder's listen_interfaces address, when "
+        "it is one specific address.",
+    ),
+]
+
+seeder_opts = [
+    cfg.IntOpt(
+        "origin_upload_rate_limit",
+        default=65536,
+        min=0,
+        help="Upload limit of the origin seeder in KiB/s over all images; 0 means "
+        "unlimited. A capped origin makes compute hosts take most pieces from each other: "
+        "the origin then sends little more than one copy of an image however many hosts "
+        "fetch it. The default is 64 MiB/s (about 540 Mbit/s).",
+    ),
+    cfg.BoolOpt(
+        "origin_super_seeding",
+        default=True,
+        help="Initial seeding (libtorrent super-seeding): the origin seeder offers each "
+        "peer pieces nobody has yet, so each piece leaves the origin about once. Costs "
+        "about ten seconds at the start of a swarm (libtorrent 2.x reveals the first "
+        "piece to a new connection only on its 10-second timer); turn it off to trade "
+        "origin egress for that start-up time.",
+    ),
+    cfg.BoolOpt(
+        "origin_web_seed",
+        default=False,
+        help="Let the origin seeder, and only it, use Glance's /v2/images/<id>/file URL "
+        "as a web seed when the data of a published image is missing from its registry "
+        "(lost disk, new node sharing the registry). Compute hosts never get this URL. "
+        "Needs glance_endpoint, and a Glance that serves image data without a token "
+        "(noauth, or an internal endpoint that trusts the network): a web seed cannot "
+        "send a Keystone token.",
+    ),
+    cfg.IntOpt(
+        "origin_check_interval",
+        default=300,
+        min=0,
+        help="Seconds between the origin seeder's checks of every published image against "
+        "Glance: images deleted, deactivated or replaced (other size or hash) in Glance, "
+        "or whose magnet no longer names the published torrent, are unpublished and no "
+        "longer seeded. 0 disables the check.",
+    ),
+    cfg.IntOpt(
+        "origin_stats_interval",
+        default=60,
+        min=0,
+        help="Seconds between the origin seeder's statistics log lines (images seeded, "
+        "peers, upload rate and totals). 0 disables them.",
+    ),
+]
+
+tracker_opts = [
+    cfg.StrOpt(
+        "tracker_whitelist_path",
+        help="opentracker whitelist file (one 40-hex info-hash per line) that publish and "
+        "unpublish rewrite with the info-hashes of every published image, e.g. "
+        "/etc/opentracker/whitelist.txt on Debian. The file belongs to nova-torrent-images: "
+        "entries written by hand are replaced. Unset: no whitelist is written.",
+    ),
+    cfg.StrOpt(
+        "tracker_pidfile",
+        help="Pid file of the opentracker process that reads tracker_whitelist_path; "
+        "after a change it is sent SIGHUP to reload the whitelist. opentracker writes no "
+        "pid file itself: have its service manager write one. Unset: no reload is "
+        "signalled (opentracker reads the file again only on restart).",
+    ),
+]
+
+promotion_opts = [
+    cfg.BoolOpt(
+        "promotion_enabled",
+        default=False,
+        help="Publish popular images automatically: an image requested "
+        "promotion_threshold times within promotion_window minutes is published and "
+        "marked is_torrentable=true.",
+    ),
+    cfg.StrOpt(
+        "promotion_source",
+        default="notifications",
+        choices=[
+            (
+                "notifications",
+                "Count Glance's image.send notifications (one per image download from "
+                "Glance), consumed by the origin seeder from the message bus.",
+            ),
+            (
+                "handler",
+                "Count the calls the image handler makes to "
+                "nova_torrent_images.origin.promotion.record_request() in the process "
+                "that makes them; that process must reach origin_state_dir and may update "
+                "Glance images (single-node and edge deployments).",
+            ),
+        ],
+        help="Where the request count of promotion comes from. Only one source counts, so "
+        "no request is counted twice.",
+    ),
+    cfg.IntOpt(
+        "promotion_threshold",
+        default=10,
+        min=1,
+        help="Requests within promotion_window minutes that make an image popular.",
+    ),
+    cfg.IntOpt(
+        "promotion_window",
+        default=10,
+        min=1,
+        help="Length in minutes of the sliding window in which requests are counted.",
+    ),
+    cfg.ListOpt(
+        "promotion_notification_topics",
+        default=["notifications"],
+        help="oslo.messaging topics Glance sends its notifications to (Glance's "
+        "[oslo_messaging_notifications] topics).",
+    ),
+    cfg.StrOpt(
+        "promotion_notification_exchange",
+        default="glance",
+        help="oslo.messaging exchange of Glance's notifications (Glance's control_exchange, "
+        "'glance' unless changed there).",
+    ),
+    cfg.StrOpt(
+        "promotion_notification_pool",
+        help="Listener pool (queue) of the origin seeder's notification listener. A pool "
+        "of its own means other consumers of Glance notifications (Ceilometer, ...) still "
+        "receive every message. Default: nova-torrent-images-<host name>, so each origin "
+        "node counts every download and publishes (and seeds) a popular image itself; the "
+        "nodes publish the same magnet when they share origin_trackers and "
+        "origin_advertise_addresses.",
+    ),
+]
+
+ORIGIN_OPTS = publish_opts + seeder_opts + tracker_opts + promotion_opts

@@ -1,0 +1,385 @@
+"""Popularity promotion: publish an image automatically once it is requested often.
+
+An image requested ``promotion_threshold`` times (default 10) within ``promotion_window``
+minutes (default 10) is published (:meth:`Publisher.publish`: torrent, registry, whitelist,
+``torrent_magnet`` and ``is_torrentable=true``). Off by default (``promotion_enabled``).
+
+Where the count comes from (``promotion_source``, one source only, so nothing is counted
+twice):
+
+``notifications`` (default, the one to use with more than one node)
+    Glance emits an ``image.send`` notification for every image download it serves
+    (priority INFO when the whole image was sent). The origin seeder listens for them on
+    the message bus (:class:`ImageSendEndpoint`, started by ``nova-torrent-images seed``)
+    and counts them where publishing happens. Every plain-HTTP download by any compute
+    host is seen, which is exactly the load promotion is meant to take off Glance.
+    Configuration, in glance-api.conf::
+
+        [oslo_messaging_notifications]
+        driver = messagingv2
+        transport_url = rabbit://...
+        # and image.send must not be in [DEFAULT] disabled_notifications
+
+    and in the seeder's nova-torrent-images.conf::
+
+        [DEFAULT]
+        transport_url = rabbit://...          # the same bus
+        [torrent_images]
+        promotion_enabled = true
+        promotion_source = notifications
+        # promotion_notification_topics = notifications, promotion_notification_exchange =
+        # glance and promotion_notification_pool = nova-torrent-images-<host> by default
+
+``handler``
+    The image handler calls :func:`record_request` for each image it is asked for; the
+    count lives in ``origin_state_dir`` of that process and the publish runs there (in a
+    background thread, never delaying the boot). That process therefore needs the
+    origin's registry and Glance credentials that may update image properties: it fits
+    all-in-one and edge sites where nova-compute and the origin seeder share a host. On
+    other hosts leave the source at ``notifications``; the hook is then a no-op.
+
+The counter (:class:`RequestCounter`) is a small JSON file of request times per image in
+``<origin_state_dir>/promotion/requests.json``, guarded by an oslo.concurrency file lock,
+so the notification listener's threads, several processes and restarts all share one
+sliding window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from oslo_concurrency import lockutils
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_torrent_images import exception
+from nova_torrent_images.origin.publish import (
+    Publisher,
+    PublishResult,
+    Registry,
+    validate_image_id,
+)
+
+LOG = logging.getLogger(__name__)
+
+MAX_TIMES_PER_IMAGE = 10000  # bounds the file whatever the threshold
+Clock = Callable[[], float]
+
+
+class RequestCounter:
+    """Request times per image inside a sliding window, shared through a locked file."""
+
+    def __init__(self, state_dir: str, window_seconds: float, *, clock: Clock = time.time):
+        self.directory = os.path.join(os.path.abspath(state_dir), "promotion")
+        self.path = os.path.join(self.directory, "requests.json")
+        self.lock_dir = os.path.join(os.path.abspath(state_dir), "locks")
+        self.window = float(window_seconds)
+        self.clock = clock
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, list[float]]]:
+        os.makedirs(self.directory, exist_ok=True)
+        os.makedirs(self.lock_dir, exist_ok=True)
+        with lockutils.lock("nti-promotion", external=True, lock_path=self.lock_dir):
+            data = self._load()
+            before = json.dumps(data, sort_keys=True)
+            yield data
+            cutoff = self.clock() - self.window
+            for image_id in list(data):
+                data[image_id] = [t for t in data[image_id] if t > cutoff][-MAX_TIMES_PER_IMAGE:]
+                if not data[image_id]:
+                    del data[image_id]
+            if json.dumps(data, sort_keys=True) != before:
+                self._save(data)
+
+    def _load(self) -> dict[str, list[float]]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            LOG.warning("Promotion counter %s is unreadable (%s); starting afresh", self.path, exc)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {
+            str(k): [float(t) for t in v if isinstance(t, int | float)]
+            for k, v in data.items()
+            if isinstance(v, list)
+        }
+
+    def _save(self, data: dict[str, list[float]]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".requests-", dir=self.directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def record(self, image_id: str, threshold: int | None = None) -> tuple[int, bool]:
+        """Count one request now; return (requests in the window, threshold reached).
+
+        Reaching ``threshold`` clears the image's count in the same locked step, so two
+        processes never both act on the same crossing.
+        """
+        now = self.clock()
+        with self._locked() as data:
+            times = [t for t in data.get(image_id, []) if t > now - self.window]
+            times.append(now)
+            count = len(times)
+            crossed = threshold is not None and count >= threshold
+            if crossed:
+                data.pop(image_id, None)
+            else:
+                data[image_id] = times
+        return count, crossed
+
+    def count(self, image_id: str) -> int:
+        now = self.clock()
+        with self._locked() as data:
+            return len([t for t in data.get(image_id, []) if t > now - self.window])
+
+    def reset(self, image_id: str) -> None:
+        with self._locked() as data:
+            data.pop(image_id, None)
+
+
+@dataclass
+class Promotion:
+    """What one counted request led to."""
+
+    image_id: str
+    count: int
+    promoted: bool = False  # the threshold was reached and publishing started or ran
+    result: PublishResult | None = None
+    error: str | None = None
+
+
+class Promoter:
+    """Counts requests and publishes an image when it becomes popular."""
+
+    def __init__(
+        self,
+        conf: cfg.ConfigOpts,
+        publisher: Publisher | None = None,
+        *,
+        publisher_factory: Callable[[], Publisher] | None = None,
+        counter: RequestCounter | None = None,
+        clock: Clock = time.time,
+        background: bool = False,
+    ) -> None:
+        """``publisher``, or ``publisher_factory`` to build one on the first promotion
+        (a process that only counts never needs Glance credentials)."""
+        if publisher is None and publisher_factory is None:
+            raise ValueError("a publisher or a publisher_factory is needed")
+        self.opts = conf.torrent_images
+        self._publisher = publisher
+        self._publisher_factory = publisher_factory
+        self.registry = (
+            publisher.registry
+            if publisher is not None
+            else Registry(self.opts.origin_state_dir, self.opts.origin_data_dir)
+        )
+        self.counter = counter or RequestCounter(
+            self.opts.origin_state_dir, self.opts.promotion_window * 60, clock=clock
+        )
+        self.background = background
+        self._lock = threading.Lock()
+        self._publishing: set[str] = set()
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:
+            self._publisher = self._publisher_factory()
+        return self._publisher
+
+    def record_request(self, image_id: str) -> Promotion:
+        """Count one request of ``image_id``; publish it when it reached the threshold.
+
+        Never raises: a failed count or publish is logged and must not disturb the boot
+        or the notification listener that reported the request.
+        """
+        try:
+            validate_image_id(image_id)
+            if self.registry.get(image_id) is not None:
+                return Promotion(image_id, 0)  # published already: nothing to count
+            threshold = self.opts.promotion_threshold
+            count, crossed = self.counter.record(image_id, threshold)
+        except exception.NotPublishable as exc:
+            LOG.warning("Request not counted for promotion: %s", exc)
+            return Promotion(image_id, 0, error=str(exc))
+        except Exception as exc:  # noqa: BLE001  see the docstring
+            LOG.exception("Counting a request of image %s for promotion failed", image_id)
+            return Promotion(image_id, 0, error=str(exc))
+        if not crossed:
+            LOG.debug(
+                "Image %s: %d of %d requests within %d minutes",
+                image_id,
+                count,
+                threshold,
+                self.opts.promotion_window,
+            )
+            return Promotion(image_id, count)
+        LOG.info(
+            "Image %s was requested %d times within %d minutes "
+            "([torrent_images] promotion_threshold, promotion_window): publishing it",
+            image_id,
+            count,
+            self.opts.promotion_window,
+        )
+        if self.background:
+            with self._lock:
+                if image_id in self._publishing:
+                    return Promotion(image_id, count, promoted=True)
+                self._publishing.add(image_id)
+            threading.Thread(
+                target=self._publish,
+                args=(image_id, count),
+                name=f"promote-{image_id}",
+                daemon=True,
+            ).start()
+            return Promotion(image_id, count, promoted=True)
+        return self._publish(image_id, count)
+
+    def _publish(self, image_id: str, count: int) -> Promotion:
+        try:
+            result = self.publisher.publish(image_id)
+            return Promotion(image_id, count, promoted=True, result=result)
+        except exception.TorrentImagesError as exc:
+            LOG.warning("Image %s is popular but could not be published: %s", image_id, exc)
+            return Promotion(image_id, count, promoted=True, error=str(exc))
+        except Exception as exc:  # noqa: BLE001  see record_request
+            LOG.exception("Image %s is popular but publishing it failed unexpectedly", image_id)
+            return Promotion(image_id, count, promoted=True, error=str(exc))
+        finally:
+            with self._lock:
+                self._publishing.discard(image_id)
+
+
+class ImageSendEndpoint:
+    """oslo.messaging notification endpoint: counts Glance's ``image.send`` events.
+
+    Glance sends ``image.send`` at INFO priority when a download completed (and at ERROR
+    when it was cut short, which is not counted). The payload looks like
+    ``{"bytes_sent": 134217728, "image_id": "...", "owner_id": "...",
+    "receiver_tenant_id": "...", "receiver_user_id": "..."}``.
+    """
+
+    def __init__(self, promoter: Promoter) -> None:
+        import oslo_messaging
+
+        self.promoter = promoter
+        self.filter_rule = oslo_messaging.NotificationFilter(event_type=r"^image\.send$")
+        self._handled = oslo_messaging.NotificationResult.HANDLED
+
+    def info(
+        self,
+        ctxt: dict[str, Any],
+        publisher_id: str,
+        event_type: str,
+        payload: dict[str, Any],
+        metadata: dict[str, Any],
+    ) -> str | None:
+        if event_type != "image.send":
+            return None
+        image_id = payload.get("image_id") if isinstance(payload, dict) else None
+        if not image_id:
+            LOG.warning("image.send notification from %s without an image_id", publisher_id)
+            return self._handled
+        self.promoter.record_request(str(image_id))
+        return self._handled
+
+
+def default_pool_name() -> str:
+    return f"nova-torrent-images-{socket.gethostname()}"
+
+
+def start_notification_listener(conf: cfg.ConfigOpts, publisher: Publisher | None) -> Any:
+    """Start counting Glance ``image.send`` notifications; return the running listener."""
+    if publisher is None:
+        raise exception.ConfigError(
+            option="promotion_source",
+            reason="counting notifications needs a Glance client to publish with",
+        )
+    try:
+        import oslo_messaging
+    except ImportError as exc:
+        raise exception.ConfigError(
+            option="promotion_source",
+            reason=f"'notifications' needs oslo.messaging installed ({exc})",
+        ) from exc
+    opts = conf.torrent_images
+    try:
+        transport = oslo_messaging.get_notification_transport(conf)
+    except oslo_messaging.MessagingException as exc:
+        raise exception.ConfigError(
+            option="promotion_source",
+            reason=f"no usable message bus for notifications ([DEFAULT] transport_url): {exc}",
+        ) from exc
+    targets = [
+        oslo_messaging.Target(topic=topic, exchange=opts.promotion_notification_exchange)
+        for topic in opts.promotion_notification_topics
+    ]
+    pool = opts.promotion_notification_pool or default_pool_name()
+    listener = oslo_messaging.get_notification_listener(
+        transport,
+        targets,
+        [ImageSendEndpoint(Promoter(conf, publisher))],
+        executor="threading",
+        pool=pool,
+    )
+    listener.start()
+    LOG.info(
+        "Counting image.send notifications on %s (exchange %s, pool %s) for promotion: "
+        "%d requests within %d minutes publish an image",
+        ", ".join(opts.promotion_notification_topics),
+        opts.promotion_notification_exchange,
+        pool,
+        opts.promotion_threshold,
+        opts.promotion_window,
+    )
+    return listener
+
+
+_PROMOTERS: dict[int, tuple[cfg.ConfigOpts, Promoter]] = {}
+_PROMOTERS_LOCK = threading.Lock()
+
+
+def record_request(image_id: str, conf: cfg.ConfigOpts | None = None) -> bool:
+    """The image handler's hook: one request of ``image_id`` (``promotion_source = handler``).
+
+    Returns whether this request made the image popular (publishing then runs in the
+    background). A no-op returning False when promotion is off or counts notifications.
+    Never raises: counting must not fail a boot.
+    """
+    conf = conf if conf is not None else cfg.CONF
+    try:
+        opts = conf.torrent_images
+        if not opts.promotion_enabled or opts.promotion_source != "handler":
+            return False
+        with _PROMOTERS_LOCK:
+            known = _PROMOTERS.get(id(conf))
+            if known is None or known[0] is not conf:
+                promoter = Promoter(
+                    conf, publisher_factory=lambda: Publisher.from_conf(conf), background=True
+                )
+                _PROMOTERS[id(conf)] = (conf, promoter)
+            else:
+                promoter = known[1]
+        return promoter.record_request(image_id).promoted
+    except Exception:  # noqa: BLE001  see the docstring
+        LOG.exception("Counting a request of image %s for promotion failed", image_id)
+        return False

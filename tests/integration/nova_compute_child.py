@@ -1,0 +1,110 @@
+"""Child process of test_nova_libvirt: ``nova-torrent-compute`` up to ``service.serve``.
+
+Run as ``python nova_compute_child.py --config-file nova.conf`` (nova-compute's own
+arguments). It runs the launcher's real ``main()`` -- Nova's concurrency choice at import,
+Nova's config parsing with our options in it, logging, privsep, os-vif -- with only
+``Service.create``, ``serve`` and ``wait`` replaced: instead of serving RPC, "serve" downloads
+one image through Nova's ``GlanceImageServiceV2.download`` and writes a JSON report to
+``$NTI_CHILD_REPORT``. Never import this module in the pytest process: Nova's native
+threading mode refuses to start once eventlet was imported there.
+"""
+
+# The launcher first, as in the console script: Nova patches (or poisons) eventlet here.
+from nova_torrent_images.cmd import compute as launcher
+
+# isort: split
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from unittest import mock
+
+import nova.conf
+from nova import context as nova_context
+from nova import monkey_patch
+from nova import service as nova_service
+from nova.image import glance as nova_glance
+
+from nova_torrent_images.nova_hooks import glance_download
+
+
+class HubTicker:
+    """Longest gap between ticks of a 20 ms ticker while the download runs.
+
+    Under eventlet the ticker is a green thread: a gap far above 20 ms means something
+    blocked the hub (and with it every other green thread of nova-compute).
+    """
+
+    def __init__(self) -> None:
+        self.max_gap = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.is_set():
+            time.sleep(0.02)
+            now = time.monotonic()
+            self.max_gap = max(self.max_gap, now - last)
+            last = now
+
+    def __enter__(self) -> "HubTicker":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def fake_serve(server: object, workers: int | None = None, no_fork: bool = False) -> None:
+    conf = nova.conf.CONF
+    hook = glance_download.installed()
+    report: dict[str, object] = {
+        "patched": monkey_patch.is_patched(),
+        "eventlet_imported": "eventlet" in sys.modules,
+        "green_threads": "eventlet" in sys.modules
+        and __import__("eventlet").patcher.is_monkey_patched("thread"),
+        "hook_installed": hook is not None
+        and hasattr(nova_glance.GlanceImageServiceV2.download, "_nova_torrent_images_original"),
+        "started_before_serving": hook is not None and hook._local is not None,
+        "conf_state_dir": conf.torrent_images.state_dir,
+        "workers": workers,
+        "no_fork": no_fork,
+    }
+    image_id, dst = os.environ["NTI_CHILD_IMAGE_ID"], os.environ["NTI_CHILD_DST"]
+    context = nova_context.RequestContext(
+        user_id="nti-child", project_id="nti-child", auth_token="noauth", is_admin=True
+    )
+    with HubTicker() as ticker:
+        started = time.monotonic()
+        nova_glance.GlanceImageServiceV2().download(context, image_id, dst_path=dst)
+        report["seconds"] = time.monotonic() - started
+    report["max_hub_gap"] = ticker.max_gap
+    with open(dst, "rb") as f:
+        report["sha512"] = hashlib.file_digest(f, "sha512").hexdigest()
+    local = hook.local_images()
+    base = local.store.lookup(image_id)
+    report["base_ref"] = base.ref if base else None
+    report["same_inode"] = bool(base) and os.stat(base.ref).st_ino == os.stat(dst).st_ino
+    report["seeding"] = local.seeds.seeding() if local.seeds else []
+    hook.shutdown()
+    with open(os.environ["NTI_CHILD_REPORT"], "w") as f:
+        json.dump(report, f)
+
+
+def main() -> int:
+    with (
+        mock.patch.object(nova_service.Service, "create", return_value=object()),
+        mock.patch.object(nova_service, "serve", fake_serve),
+        mock.patch.object(nova_service, "wait"),
+    ):
+        launcher.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Publisher and registry against an in-memory Glance: idempotency, errors, rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from nova_torrent_images import exception
+from nova_torrent_images.origin.publish import Publisher, Registry, validate_image_id
+from nova_torrent_images.origin.tracker import read_whitelist
+from nova_torrent_images.swarm.torrent import load_torrent, parse_magnet
+from nova_torrent_images.testing.swarm import make_conf
+
+IMAGE_ID = "7b4c2b36-5e0f-4d61-9d4f-0e6f3f6a2c11"
+
+
+class FakeGlance:
+    """The few GlanceClient calls the publisher makes, with call counts."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict] = {}
+        self.data: dict[str, bytes] = {}
+        self.updates: list[tuple[str, dict]] = []
+        self.removals: list[tuple[str, list]] = []
+        self.downloads = 0
+        self.fail_updates = False
+        self.fail_gets = False
+
+    def add(self, image_id: str = IMAGE_ID, size: int = 600_000, **fields) -> dict:
+        data = os.urandom(size or 0)
+        record = {
+            "id": image_id,
+            "name": "cirros",
+            "status": "active",
+            "size": size,
+            "disk_format": "raw",
+            "container_format": "bare",
+            "os_hash_algo": "sha512",
+            "os_hash_value": hashlib.sha512(data).hexdigest(),
+            "checksum": hashlib.md5(data).hexdigest(),  # noqa: S324  Glance's legacy checksum
+            "updated_at": "2026-01-01T00:00:00Z",
+        }
+        record.update(fields)
+        self.records[image_id], self.data[image_id] = record, data
+        return record
+
+    def get_image(self, image_id: str) -> dict:
+        if self.fail_gets:
+            raise exception.GlanceError(image_id=image_id, reason="503 Service Unavailable")
+        if image_id not in self.records:
+            raise exception.ImageNotFound(image_id=image_id)
+        return dict(self.records[image_id])
+
+    def set_properties(self, image_id: str, **props: str) -> None:
+        if self.fail_updates:
+            raise exception.GlanceError(image_id=image_id, reason="409 Conflict")
+        self.updates.append((image_id, props))
+        self.records[image_id].update(props)
+        self.records[image_id]["updated_at"] = f"2026-01-01T00:00:{len(self.updates):02d}Z"
+
+    def remove_properties(self, image_id: str, names) -> None:
+        self.removals.append((image_id, list(names)))
+        for name in names:
+            self.records[image_id].pop(name, None)
+
+    def download(self, image, destination, *, verify_hash=True, preallocated=False) -> int:
+        self.downloads += 1
+        with open(destination, "wb") as f:
+            f.write(self.data[image.id])
+        return image.size
+
+
+@pytest.fixture
+def glance():
+    return FakeGlance()
+
+
+@pytest.fixture
+def conf(tmp_path):
+    return make_conf(
+        origin_state_dir=str(tmp_path / "origin"),
+        origin_trackers=["http://10.0.0.1:6969/announce"],
+        origin_advertise_addresses=["10.0.0.2:6881"],
+        tracker_whitelist_path=str(tmp_path / "whitelist.txt"),
+    )
+
+
+@pytest.fixture
+def publisher(conf, glance):
+    return Publisher(conf, glance)
+
+
+def snapshot(root) -> dict[str, int]:
+    """mtime of every file under ``root``: 'nothing was written' made checkable."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            out[path] = os.stat(path).st_mtime_ns
+    return out
+
+
+def test_publish_writes_registry_whitelist_and_glance(publisher, glance, tmp_path):
+    record = glance.add()
+    result = publisher.publish(IMAGE_ID)
+
+    assert result.status == "published" and result.bytes_from_glance == record["size"]
+    entry = publisher.registry.get(IMAGE_ID)
+    assert entry.size == record["size"] and entry.hash_value == record["os_hash_value"]
+    assert entry.checksum == record["checksum"]
+    assert entry.glance_updated_at == "2026-01-01T00:00:00Z"
+    with open(entry.data_path, "rb") as f:
+        assert f.read() == glance.data[IMAGE_ID]
+    info = load_torrent(open(entry.torrent_path, "rb").read())
+    assert info.name() == IMAGE_ID and info.total_size() == record["size"]
+    assert info.info_hashes().has_v1() and info.info_hashes().has_v2()  # hybrid
+    assert str(info.info_hashes().v2) == entry.info_hash_v2 == result.info_hash_v2
+    assert read_whitelist(str(tmp_path / "whitelist.txt")) == set(entry.tracker_hashes)
+    assert glance.updates == [
+        (IMAGE_ID, {"torrent_magnet": result.magnet, "is_torrentable": "true"})
+    ]
+    magnet = parse_magnet(result.magnet)
+    assert magnet.trackers == ("http://10.0.0.1:6969/announce",)
+    assert magnet.peers == (("10.0.0.2", 6881),)
+    assert entry.set_torrentable is True
+
+
+def test_publishing_an_unchanged_image_changes_nothing(publisher, glance, tmp_path):
+    glance.add()
+    first = publisher.publish(IMAGE_ID)
+    before = snapshot(tmp_path)
+
+    second = publisher.publish(IMAGE_ID)
+
+    assert second.status == "unchanged" and second.magnet == first.magnet
+    assert glance.downloads == 1 and len(glance.updates) == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_lost_glance_properties_are_set_again_without_reading_the_image(publisher, glance):
+    glance.add()
+    publisher.publish(IMAGE_ID)
+    glance.remove_properties(IMAGE_ID, ["torrent_magnet"])
+
+    result = publisher.publish(IMAGE_ID)
+
+    assert result.status == "updated" and glance.downloads == 1
+    assert glance.updates[-1] == (IMAGE_ID, {"torrent_magnet": result.magnet})
+
+
+def test_new_tracker_setting_changes_the_magnet(publisher, glance, conf):
+    glance.add()
+    first = publisher.publish(IMAGE_ID)
+    conf.set_override("origin_trackers", ["udp://10.0.0.9:6969"], "torrent_images")
+
+    result = publisher.publish(IMAGE_ID)
+
+    assert result.status == "updated" and result.magnet != first.magnet
+    assert parse_magnet(result.magnet).trackers == ("udp://10.0.0.9:6969",)
+    assert publisher.registry.get(IMAGE_ID).magnet == result.magnet
+
+
+def test_replaced_image_data_is_published_again(publisher, glance):
+    glance.add()
+    first = publisher.publish(IMAGE_ID)
+    glance.add(size=700_000)  # same id, other bytes (a location replaced by an admin)
+
+    result = publisher.publish(IMAGE_ID)
+
+    assert result.status == "published" and glance.downloads == 2
+    assert result.info_hash_v2 != first.info_hash_v2
+    assert publisher.registry.get(IMAGE_ID).size == 700_000
+
+
+def test_missing_data_is_read_again(publisher, glance):
+    glance.add()
+    publisher.publish(IMAGE_ID)
+    os.unlink(publisher.registry.get(IMAGE_ID).data_path)
+
+    assert publisher.publish(IMAGE_ID).status == "published"
+    assert glance.downloads == 2 and publisher.registry.get(IMAGE_ID).has_data()
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"status": "queued", "size": None, "os_hash_value": None, "os_hash_algo": None},
+         exception.NotPublishable, "it is queued, not active"),
+        ({"status": "deactivated"}, exception.NotPublishable, "it is deactivated, not active"),
+        ({"disk_format": "qcow2"}, exception.NotPublishable, "disk format is qcow2; only raw"),
+        ({"os_hash_algo": None, "os_hash_value": None, "checksum": None},
+         exception.NotPublishable, "cannot be verified"),
+    ],
+)  # fmt: skip
+def test_unpublishable_images_change_nothing(publisher, glance, tmp_path, fields, error, message):
+    glance.add(**fields)
+    with pytest.raises(error, match=message) as err:
+        publisher.publish(IMAGE_ID)
+    assert IMAGE_ID in str(err.value)
+    assert publisher.registry.list() == [] and glance.updates == [] and glance.downloads == 0
+    assert not os.path.exists(tmp_path / "whitelist.txt")
+    assert os.listdir(publisher.registry.images_dir) == []
+
+
+def test_missing_image(publisher, glance, tmp_path):
+    with pytest.raises(exception.ImageNotFound, match=f"Image {IMAGE_ID} was not found"):
+        publisher.publish(IMAGE_ID)
+    assert publisher.registry.list() == [] and not os.path.exists(tmp_path / "whitelist.txt")
+
+
+def test_failed_glance_update_undoes_the_publish(publisher, glance, tmp_path):
+    glance.add()
+    glance.fail_updates = True
+    with pytest.raises(exception.GlanceError, match="409"):
+        publisher.publish(IMAGE_ID)
+    assert publisher.registry.list() == []
+    assert os.listdir(publisher.registry.images_dir) == []
+    assert read_whitelist(str(tmp_path / "whitelist.txt")) == set()
+
+
+def test_no_tracker_and_no_hint_is_a_config_error(conf, glance):
+    conf.set_override("origin_trackers", [], "torrent_images")
+    conf.set_override("origin_advertise_addresses", [], "torrent_images")
+    conf.set_override("listen_interfaces", ["0.0.0.0:6881"], "torrent_images")
+    glance.add()
+    publisher = Publisher(conf, glance)
+    with pytest.raises(exception.ConfigError, match="origin_advertise_addresses"):
+        publisher.publish(IMAGE_ID)
+    assert publisher.registry.list() == [] and glance.updates == []
+    assert glance.downloads == 0  # found out before reading the image
+
+
+def test_magnet_that_cannot_fit_fails_before_reading(conf, glance):
+    conf.set_override("origin_trackers", ["http://" + "t" * 200 + ":6969/a"], "torrent_images")
+    glance.add()
+    publisher = Publisher(conf, glance)
+    with pytest.raises(exception.MagnetTooLong, match=IMAGE_ID):
+        publisher.publish(IMAGE_ID)
+    assert glance.downloads == 0 and publisher.registry.list() == []
+
+
+def test_hint_defaults_to_a_specific_listen_address(conf, glance):
+    conf.set_override("origin_advertise_addresses", [], "torrent_images")
+    conf.set_override("listen_interfaces", ["10.0.0.7:6890"], "torrent_images")
+    glance.add()
+    result = Publisher(conf, glance).publish(IMAGE_ID)
+    assert parse_magnet(result.magnet).peers == (("10.0.0.7", 6890),)
+
+
+def test_unpublish_removes_what_publish_set(publisher, glance, tmp_path):
+    glance.add()
+    publisher.publish(IMAGE_ID)
+    entry = publisher.registry.get(IMAGE_ID)
+
+    result = publisher.unpublish(IMAGE_ID)
+
+    assert result.was_published and result.glance_updated
+    assert glance.removals == [(IMAGE_ID, ["torrent_magnet", "is_torrentable"])]
+    assert publisher.registry.list() == [] and not os.path.exists(entry.directory)
+    assert read_whitelist(str(tmp_path / "whitelist.txt")) == set()
+    again = publisher.unpublish(IMAGE_ID)
+    assert not again.was_published and not again.glance_updated
+
+
+def test_unpublish_keeps_a_torrentable_flag_the_operator_set(publisher, glance):
+    glance.add(is_torrentable="true")
+    publisher.publish(IMAGE_ID)
+    publisher.unpublish(IMAGE_ID)
+    assert glance.removals == [(IMAGE_ID, ["torrent_magnet"])]
+    assert glance.records[IMAGE_ID]["is_torrentable"] == "true"
+
+
+def test_check_unpublishes_what_glance_no_longer_backs(publisher, glance):
+    ids = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(5)]
+    for image_id in ids:
+        glance.add(image_id)
+        publisher.publish(image_id)
+    deleted, replaced, deactivated, other_magnet, fine = ids
+    del glance.records[deleted]
+    glance.records[replaced]["os_hash_value"] = "0" * 128
+    glance.records[deactivated]["status"] = "deactivated"
+    glance.records[other_magnet]["torrent_magnet"] = "magnet:?xt=urn:btih:" + "1" * 40
+    glance.removals.clear()
+
+    results = {r.image_id: r for r in publisher.check()}
+
+    assert set(results) == {deleted, replaced, deactivated, other_magnet}
+    assert "deleted" in results[deleted].reason
+    assert "replaced" in results[replaced].reason
+    assert "deactivated" in results[deactivated].reason
+    assert "no longer names" in results[other_magnet].reason
+    assert [e.image_id for e in publisher.registry.list()] == [fine]
+    # Only stale magnets of images that still exist are removed from Glance.
+    assert sorted(i for i, _ in glance.removals) == sorted([replaced, deactivated])
+
+
+def test_check_keeps_everything_when_glance_is_down(publisher, glance):
+    glance.add()
+    publisher.publish(IMAGE_ID)
+    glance.fail_gets = True
+    assert publisher.check() == []
+    assert publisher.registry.get(IMAGE_ID) is not None
+
+
+def test_registry_ignores_and_cleans_unfinished_entries(tmp_path):
+    registry = Registry(str(tmp_path)).ensure()
+    staging = registry.stage(IMAGE_ID)
+    open(staging.data_path, "wb").close()
+    assert registry.list() == [] and registry.get(IMAGE_ID) is None
+    os.utime(staging.directory, (0, 0))
+    registry.cleanup_staging(older_than=60)
+    assert os.listdir(registry.images_dir) == []
+
+
+def test_separate_data_dir(conf, glance, tmp_path):
+    conf.set_override("origin_data_dir", str(tmp_path / "data"), "torrent_images")
+    glance.add()
+    publisher = Publisher(conf, glance)
+    publisher.publish(IMAGE_ID)
+    entry = publisher.registry.get(IMAGE_ID)
+    assert entry.data_path == str(tmp_path / "data" / IMAGE_ID) and entry.has_data()
+    assert set(os.listdir(entry.directory)) == {"image.torrent", "meta.json"}
+    publisher.unpublish(IMAGE_ID)
+    assert os.listdir(tmp_path / "data") == []
+
+
+@pytest.mark.parametrize("bad", ["../etc", ".hidden", "a/b", "", "x" * 300])
+def test_image_ids_are_safe_file_names(bad):
+    with pytest.raises(exception.NotPublishable, match="not a valid image id"):
+        validate_image_id(bad)
