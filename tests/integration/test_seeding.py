@@ -172,3 +172,45 @@ def test_cli_verbs_against_a_real_store(make_image, cli_config, tmp_path):
     assert unconfigured.returncode != 0
     assert unconfigured.stderr.strip().count("\n") == 0
     assert "[torrent_images] store" in unconfigured.stderr
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    from nova_torrent_images.testing.opentracker import Opentracker, find_binary
+
+    if find_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("opentracker is not installed; CI must run the tracker tests")
+        pytest.skip("opentracker (Debian package) is not installed")
+    with Opentracker(workdir=tmp_path / "tracker") as ot:
+        yield ot
+
+
+def test_host_keeps_serving_after_the_origin_stops(make_image, hosts, glance, tmp_path, tracker):
+    from nova_torrent_images.origin.tracker import tracker_hashes, write_whitelist
+
+    image = make_image(32 * MiB)
+    write_whitelist(
+        tracker.whitelist_path,
+        tracker_hashes(image.torrent.info_hash_v1, image.torrent.info_hash_v2),
+    )
+    os.kill(tracker.pid, 1)  # SIGHUP: opentracker rereads its whitelist
+    tracker.wait_allowed(image.torrent.info_hash_v1)
+    origin = hosts("origin")
+    origin.seed(image.torrent.data, image.path, trackers=[tracker.announce_url])
+    image.set_magnet(peers=[origin.endpoint], trackers=[tracker.announce_url])
+    host_a, local_a = local_host(hosts, tmp_path, "host-a")
+    base, downloaded = local_a.ensure_base(glance.image_info(image.id), glance)
+    assert downloaded and local_a.seeds.seeding() == [image.id]
+
+    origin.stop()  # the origin is gone; only the tracker and host A remain
+    host_b = hosts("host-b", stall_timeout=30, metadata_timeout=30)
+    dest = str(tmp_path / "b.raw")
+    result = fetch(
+        glance.image_info(image.id), dest, conf=host_b.conf, glance=None, engine=host_b.engine
+    )
+
+    assert result.source == "torrent"
+    assert sha512_of(dest) == image.record["os_hash_value"]
+    assert set(result.swarm.per_peer) == {f"{host_a.address}:{host_a.engine.listen_port}"}
+    local_a.seeds.shutdown()
