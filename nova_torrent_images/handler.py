@@ -32,6 +32,7 @@ from nova_torrent_images import exception
 from nova_torrent_images.fetch import ProgressCallback
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.local import LocalImages
+from nova_torrent_images.origin import promotion
 from nova_torrent_images.stores.base import BaseCopyStore
 from nova_torrent_images.stores.xenapi import XenAPIStore
 from nova_torrent_images.swarm.engine import SwarmEngine
@@ -100,6 +101,9 @@ class GlanceImageHandler:
     ) -> dict[str, dict[str, str]]:
         glance = self._glance_factory(context)
         image = glance.image_info(image_id)
+        if self.use_torrent:
+            # Popularity promotion counts boots here when configured so (never raises).
+            promotion.record_request(image_id, self.conf)
         local = self.local_images(session)
         base, downloaded = local.ensure_base(
             image, glance, use_torrent=self.use_torrent, progress=self.progress

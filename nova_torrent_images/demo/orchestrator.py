@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from nova_torrent_images import exception
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.swarm.torrent import make_torrent
-from nova_torrent_images.testing.swarm import SimulatedHost, next_loopback_address
+from nova_torrent_images.testing.swarm import make_conf, next_loopback_address
 
 MiB = 1024 * 1024
 ORIGIN_UPLOAD_KIB = 32 * 1024  # 32 MiB/s: the origin uplink a fleet saturates
@@ -112,17 +111,23 @@ def run(
         with origin_server as server:
             print(f"{origin_name} running at {server.url}")
             record = server.create_image(image_path, name="demo-image")
-            glance = GlanceClient.for_endpoint(server.url)
-            origin = SimulatedHost("origin", upload_rate_limit=ORIGIN_UPLOAD_KIB)
-            started.append(origin)
-            torrent = make_torrent(image_path, name=record["id"])
-            origin.seed(torrent.data, image_path)
-            magnet = torrent.magnet(peers=[origin.endpoint])
-            glance.set_properties(record["id"], is_torrentable="true", torrent_magnet=magnet)
+            image_id = record["id"]
+            tracker = _start_tracker(root)
+            if tracker is not None:
+                started.append(tracker)
+            seeder, magnet = _publish(server.url, root, image_id, tracker)
+            started.append(seeder)
             print(
-                f"published image {record['id']}: {torrent.num_pieces} pieces, origin "
-                f"seeder at {origin.address} capped at {ORIGIN_UPLOAD_KIB // 1024} MiB/s"
+                f"published image {image_id} with `publish`; the origin seeder on "
+                f"{seeder.endpoint[0]} (uplink capped at {ORIGIN_UPLOAD_KIB // 1024} MiB/s, "
+                f"initial seeding) serves it"
+                + (
+                    f", opentracker at {tracker.announce_url}"
+                    if tracker
+                    else ", peers found through the magnet's hint and peer exchange"
+                )
             )
+            print(f"torrent_magnet = {magnet}\n")
 
             procs = [_spawn(f"compute-{i + 1}", server.url, root) for i in range(hosts)]
             started.extend(procs)
@@ -130,14 +135,14 @@ def run(
                 p.wait_for("ready", 60)
             print(f"{hosts} compute hosts up on {procs[0].address}..{procs[-1].address}\n")
             print("boot 1 (image not on any host yet):")
-            _boot_all(procs, 1, record["id"], size)
+            _boot_all(procs, 1, image_id, size)
             print("boot 2 (base copy present: clone):")
-            _boot_all(procs, 2, record["id"], size)
-            origin_upload = origin.uploaded_bytes()
+            _boot_all(procs, 2, image_id, size)
+            origin_upload = seeder.uploaded_bytes()
         ok = _print_table(procs, size, origin_upload)
         return 0 if ok else 1
     finally:
-        for item in started:
+        for item in reversed(started):
             if isinstance(item, HostProcess):
                 _stop(item)
             else:
@@ -146,6 +151,51 @@ def run(
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"host logs are in {root}")
+
+
+def _start_tracker(root: str):
+    """Debian's opentracker on 127.0.0.1 when installed (optional: hints work without)."""
+    from nova_torrent_images.testing.opentracker import Opentracker, find_binary
+
+    if find_binary() is None:
+        return None
+    return Opentracker(workdir=os.path.join(root, "tracker")).start()
+
+
+def _publish(glance_url: str, root: str, image_id: str, tracker):
+    """The origin side as an operator runs it: the seeder first, then ``publish``."""
+    from nova_torrent_images.origin.publish import Publisher
+    from nova_torrent_images.origin.seeder import OriginSeeder
+
+    settings = {
+        "glance_endpoint": glance_url,
+        "glance_noauth": True,
+        "origin_state_dir": os.path.join(root, "origin-state"),
+        "origin_upload_rate_limit": ORIGIN_UPLOAD_KIB,
+        "origin_check_interval": 0,
+        "listen_interfaces": [f"{next_loopback_address()}:0"],
+    }
+    if tracker is not None:
+        settings.update(
+            origin_trackers=[tracker.announce_url],
+            tracker_whitelist_path=tracker.whitelist_path,
+            tracker_pidfile=tracker.pidfile_path,
+        )
+    conf = make_conf(**settings)
+    glance = GlanceClient.for_endpoint(glance_url, conf)
+    publisher = Publisher(conf, glance)
+    seeder = OriginSeeder(conf, publisher=publisher).start_in_thread()
+    host, port = seeder.endpoint
+    conf.set_override("origin_advertise_addresses", [f"{host}:{port}"], group="torrent_images")
+    publisher.publish(image_id)
+    deadline = time.monotonic() + 30
+    while image_id not in seeder.seeded():
+        if time.monotonic() > deadline:
+            raise exception.TorrentImagesError(f"the origin seeder did not pick up {image_id}")
+        time.sleep(0.1)
+    if tracker is not None:
+        tracker.wait_allowed(publisher.published()[0].info_hash_v1 or "", timeout=5)
+    return seeder, glance.get_image(image_id)["torrent_magnet"]
 
 
 def _spawn(name: str, glance_url: str, root: str) -> HostProcess:

@@ -21,6 +21,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def tracker(tmp_path):
+    """Debian's opentracker in whitelist mode on 127.0.0.1 (CI installs it)."""
+    from nova_torrent_images.testing.opentracker import Opentracker, find_binary
+
+    if find_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("opentracker is not installed; CI must run the tracker tests")
+        pytest.skip("opentracker (Debian package) is not installed")
+    with Opentracker(workdir=tmp_path / "tracker") as ot:
+        yield ot
+
+
+@pytest.fixture
 def hosts():
     """Factory of simulated hosts, each on its own 127.0.0.x; all stopped afterwards."""
     made: list[SimulatedHost] = []

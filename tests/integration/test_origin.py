@@ -25,7 +25,7 @@ from nova_torrent_images.origin.publish import Publisher
 from nova_torrent_images.origin.seeder import OriginSeeder
 from nova_torrent_images.origin.tracker import tracker_hashes
 from nova_torrent_images.swarm.torrent import parse_magnet
-from nova_torrent_images.testing.opentracker import Opentracker, find_binary
+from nova_torrent_images.testing.opentracker import Opentracker
 from nova_torrent_images.testing.swarm import make_conf, next_loopback_address
 
 LOG = logging.getLogger(__name__)
@@ -47,16 +47,6 @@ def write_random(path: str, size: int) -> None:
             n = min(left, 8 * MiB)
             f.write(os.urandom(n))
             left -= n
-
-
-@pytest.fixture
-def tracker(tmp_path):
-    if find_binary() is None:
-        if os.environ.get("CI"):
-            pytest.fail("opentracker is not installed; CI must run the tracker tests")
-        pytest.skip("opentracker (Debian package) is not installed")
-    with Opentracker(workdir=tmp_path / "tracker") as ot:
-        yield ot
 
 
 @pytest.fixture

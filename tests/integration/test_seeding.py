@@ -174,18 +174,6 @@ def test_cli_verbs_against_a_real_store(make_image, cli_config, tmp_path):
     assert "[torrent_images] store" in unconfigured.stderr
 
 
-@pytest.fixture
-def tracker(tmp_path):
-    from nova_torrent_images.testing.opentracker import Opentracker, find_binary
-
-    if find_binary() is None:
-        if os.environ.get("CI"):
-            pytest.fail("opentracker is not installed; CI must run the tracker tests")
-        pytest.skip("opentracker (Debian package) is not installed")
-    with Opentracker(workdir=tmp_path / "tracker") as ot:
-        yield ot
-
-
 def test_host_keeps_serving_after_the_origin_stops(make_image, hosts, glance, tmp_path, tracker):
     from nova_torrent_images.origin.tracker import tracker_hashes, write_whitelist
 
