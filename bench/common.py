@@ -14,10 +14,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import libtorrent as lt
+
+from nova_torrent_images.testing.http_origin import RateLimiter
 
 MiB = 1024 * 1024
 
@@ -66,28 +67,9 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-class TokenBucket:
-    """A download cap for one simulated host's HTTP client."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self._next = time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> None:
-        if self.rate <= 0:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + n / self.rate
-        if start > now:
-            time.sleep(start - now)
-
-
 def http_download(glance, image, dest: str, cap: int = 0) -> float:
     """Plain verified HTTP download with an optional client-side cap; returns seconds."""
-    bucket = TokenBucket(cap)
+    bucket = RateLimiter(cap)  # the host's downlink, like the origin's uplink
     hasher = image.new_hasher()
     started = time.monotonic()
     with open(dest, "wb") as out:

@@ -22,8 +22,8 @@ from common import MiB, http_download, median, percentile, write_image  # noqa: 
 
 from nova_torrent_images.fetch import fetch  # noqa: E402
 from nova_torrent_images.glance import GlanceClient  # noqa: E402
-from nova_torrent_images.swarm.torrent import make_torrent  # noqa: E402
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
+from nova_torrent_images.testing.origin_node import start_origin_node  # noqa: E402
 from nova_torrent_images.testing.swarm import SimulatedHost  # noqa: E402
 
 
@@ -60,7 +60,6 @@ def run(
     image_path = os.path.join(root, "image.raw")
     write_image(image_path, size)
     results: dict = {"hosts": hosts, "size_mib": size_mib, "cap_mib": cap_mib}
-    started_hosts: list[SimulatedHost] = []
     try:
         with HTTPOrigin(os.path.join(root, "origin"), upload_rate=cap) as origin:
             record = origin.create_image(image_path, name="bench")
@@ -82,78 +81,91 @@ def run(
             for i in range(hosts):
                 os.unlink(os.path.join(root, f"http-{i}"))
 
-            # -- torrent fleet ---------------------------------------------------------
-            seeder = SimulatedHost("origin-seeder", upload_rate_limit=cap_mib * 1024)
-            started_hosts.append(seeder)
-            if os.environ.get("NTI_ORIGIN_SETTINGS"):
-                seeder.engine.session.apply_settings(json.loads(os.environ["NTI_ORIGIN_SETTINGS"]))
-            torrent = make_torrent(image_path, name=record["id"])
-            trackers = []
-            tracker_proc = None
-            if tracker:
-                tracker_proc, url = _start_tracker(root, torrent)
-                trackers = [url] if url else []
-            seeder.seed(torrent.data, image_path, trackers=trackers or None, super_seed=super_seed)
-            magnet = torrent.magnet(peers=[seeder.endpoint], trackers=trackers, max_length=None)
-            glance.set_properties(record["id"], is_torrentable="true", torrent_magnet=magnet)
-            image = glance.image_info(record["id"])
-            computes = [
-                SimulatedHost(f"compute-{i}", download_rate_limit=cap_mib * 1024, stall_timeout=120)
-                for i in range(hosts)
-            ]
-            started_hosts.extend(computes)
-            if os.environ.get("NTI_PEER_SETTINGS"):
-                for c in computes:
-                    c.engine.session.apply_settings(json.loads(os.environ["NTI_PEER_SETTINGS"]))
-            served_before = origin.bytes_served
-            t0 = time.monotonic()
-
-            def torrent_one(i: int):
-                r = fetch(
-                    image,
-                    os.path.join(root, f"bt-{i}"),
-                    conf=computes[i].conf,
-                    glance=glance,
-                    engine=computes[i].engine,
-                )
-                return r, time.monotonic() - t0
-
-            outcomes = _in_threads(torrent_one, hosts)
-            results["torrent_seconds"] = time.monotonic() - t0
-            bt_times = [t for _, t in outcomes]
-            results["torrent_p50"], results["torrent_p99"] = (
-                median(bt_times),
-                percentile(bt_times, 99),
-            )
-            glance_bytes = origin.bytes_served - served_before
-            results["torrent_origin_ratio"] = (seeder.uploaded_bytes() + glance_bytes) / size
-            results["torrent_sources"] = sorted({r.source for r, _ in outcomes})
-            results["tracker"] = bool(trackers)
-            if tracker_proc is not None:
-                tracker_proc.stop()
+            # -- torrent fleet: publish, then the origin seeder serves the swarm --------
+            tracker_node = _start_tracker(root) if tracker else None
+            try:
+                for super_seed in (True, False):
+                    key = "torrent" if super_seed else "torrent_no_super_seeding"
+                    results[key] = _torrent_fleet(
+                        origin, record["id"], root, hosts, cap_mib, super_seed, tracker_node
+                    )
+            finally:
+                if tracker_node is not None:
+                    tracker_node.stop()
+            results["tracker"] = tracker_node is not None
+            for name in ("seconds", "p50", "p99", "origin_ratio", "sources"):
+                results[f"torrent_{name}"] = results["torrent"][name]
         results["speedup"] = results["http_seconds"] / results["torrent_seconds"]
+        results["speedup_no_super_seeding"] = (
+            results["http_seconds"] / results["torrent_no_super_seeding"]["seconds"]
+        )
         return results
     finally:
-        for host in started_hosts:
-            host.stop()
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _start_tracker(root: str, torrent):
-    """Debian's opentracker on 127.0.0.1 with this torrent whitelisted, or (None, None)."""
-    from nova_torrent_images.origin.tracker import tracker_hashes, write_whitelist
+def _start_tracker(root: str):
+    """Debian's opentracker on 127.0.0.1, or None when it is not installed."""
     from nova_torrent_images.testing.opentracker import Opentracker, find_binary
 
     if find_binary() is None:
-        return None, None
-    tracker = Opentracker(workdir=os.path.join(root, "tracker"))
-    os.makedirs(tracker.workdir, exist_ok=True)
-    write_whitelist(
-        tracker.whitelist_path, tracker_hashes(torrent.info_hash_v1, torrent.info_hash_v2)
+        return None
+    return Opentracker(workdir=os.path.join(root, "tracker")).start()
+
+
+def _torrent_fleet(
+    origin, image_id: str, root: str, hosts: int, cap_mib: int, super_seed: bool, tracker
+) -> dict:
+    """Publish (once) and seed with the product's origin side, then fetch on every host."""
+    node = start_origin_node(
+        origin.url,
+        os.path.join(root, "origin-state"),
+        upload_kib=cap_mib * 1024,
+        tracker=tracker,
+        super_seeding=super_seed,
     )
-    tracker.start()
-    return tracker, tracker.announce_url
+    glance, publisher, seeder = node.glance, node.publisher, node.seeder
+    computes: list[SimulatedHost] = []
+    try:
+        node.publish(image_id)  # reads the image from the origin once (not timed)
+        image = glance.image_info(image_id)
+        computes = [
+            SimulatedHost(f"compute-{i}", download_rate_limit=cap_mib * 1024, stall_timeout=120)
+            for i in range(hosts)
+        ]
+        served_before, uploaded_before = origin.bytes_served, seeder.uploaded_bytes()
+        t0 = time.monotonic()
+
+        def one(i: int):
+            result = fetch(
+                image,
+                os.path.join(root, f"bt-{i}"),
+                conf=computes[i].conf,
+                glance=glance,
+                engine=computes[i].engine,
+            )
+            return result, time.monotonic() - t0
+
+        outcomes = _in_threads(one, hosts)
+        seconds = time.monotonic() - t0
+        egress = seeder.uploaded_bytes() - uploaded_before + origin.bytes_served - served_before
+        times = [t for _, t in outcomes]
+        for i in range(hosts):
+            os.unlink(os.path.join(root, f"bt-{i}"))
+        return {
+            "seconds": seconds,
+            "p50": median(times),
+            "p99": percentile(times, 99),
+            "origin_ratio": egress / (image.size),
+            "super_seeding": super_seed,
+            "sources": sorted({r.source for r, _ in outcomes}),
+        }
+    finally:
+        for c in computes:
+            c.stop()
+        seeder.stop()
+        publisher.unpublish(image_id)
 
 
 def main() -> int:

@@ -73,6 +73,12 @@ def main() -> int:
         f"{f['torrent_p99']:.1f} s, HTTP {f['http_p50']:.1f}/{f['http_p99']:.1f} s "
         f"| torrent <= 1/6 of HTTP | {verdict(speed_ok)} |"
     )
+    nss = f["torrent_no_super_seeding"]
+    lines.append(
+        f"| fleet, origin super-seeding off (``origin_super_seeding = false``) | torrent "
+        f"{nss['seconds']:.1f} s ({f['speedup_no_super_seeding']:.1f}x faster than HTTP), "
+        f"origin egress {nss['origin_ratio']:.2f}x | trade-off, see notes | - |"
+    )
     lines.append(
         f"| single host, no caps, {s['size_mib']} MiB | torrent {s['torrent_mib_s']:.0f} MiB/s, "
         f"HTTP {s['http_mib_s']:.0f} MiB/s: {s['ratio']:.2f} of HTTP | >= 0.8 | "

@@ -17,6 +17,7 @@ from typing import Any
 from oslo_config import cfg
 
 from nova_torrent_images import exception
+from nova_torrent_images.cmd.progress import download_bar
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.local import LocalImages
 from nova_torrent_images.seeding import SeedManager
@@ -144,24 +145,14 @@ def cmd_prune(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
 
 
 def cmd_prefetch(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
-    from tqdm import tqdm
-
     store = open_store(conf)
     glance = GlanceClient.from_conf(conf)
     image = glance.image_info(args.image_id)
     # This process ends after the download: nova-compute's process adopts the base copy
     # and seeds it (at its next maintenance run or restart).
     local = LocalImages(conf, store, seeding=False)
-    with tqdm(
-        total=image.size, unit="B", unit_scale=True, desc=image.id[:13], disable=args.quiet
-    ) as bar:
-
-        def progress(done: int, total: int, rate: int, peers: int) -> None:
-            bar.update(done - bar.n)
-            bar.set_postfix(peers=peers)
-
+    with download_bar(image, args.quiet) as progress:
         base, downloaded = local.ensure_base(image, glance, progress=progress)
-        bar.update(image.size - bar.n)
     print(
         f"{image.id}: {'downloaded' if downloaded else 'already present'}, verified, "
         f"base copy {base.ref} in {store.name}"

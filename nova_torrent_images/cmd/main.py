@@ -31,23 +31,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         from nova_torrent_images.cmd import local
 
         return local.cmd_prefetch(args, conf)
-    from tqdm import tqdm
-
+    from nova_torrent_images.cmd.progress import download_bar
     from nova_torrent_images.fetch import fetch
     from nova_torrent_images.glance import GlanceClient
 
     glance = GlanceClient.from_conf(conf)
     image = glance.image_info(args.image_id)
-    with tqdm(
-        total=image.size, unit="B", unit_scale=True, desc=image.id[:13], disable=args.quiet
-    ) as bar:
-
-        def progress(done: int, total: int, rate: int, peers: int) -> None:
-            bar.update(done - bar.n)
-            bar.set_postfix(peers=peers)
-
+    with download_bar(image, args.quiet) as progress:
         result = fetch(image, args.output, conf=conf, glance=glance, progress=progress)
-        bar.update(image.size - bar.n)
     print(
         f"{image.id}: {result.source}, {result.seconds:.1f}s, "
         f"{result.bytes_from_peers >> 20} MiB from peers, "

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from nova_torrent_images import exception
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.testing.swarm import make_conf, next_loopback_address
+from nova_torrent_images.testing.swarm import next_loopback_address
 
 MiB = 1024 * 1024
 ORIGIN_UPLOAD_KIB = 32 * 1024  # 32 MiB/s: the origin uplink a fleet saturates
@@ -164,38 +163,18 @@ def _start_tracker(root: str):
 
 def _publish(glance_url: str, root: str, image_id: str, tracker):
     """The origin side as an operator runs it: the seeder first, then ``publish``."""
-    from nova_torrent_images.origin.publish import Publisher
-    from nova_torrent_images.origin.seeder import OriginSeeder
+    from nova_torrent_images.testing.origin_node import start_origin_node
 
-    settings = {
-        "glance_endpoint": glance_url,
-        "glance_noauth": True,
-        "origin_state_dir": os.path.join(root, "origin-state"),
-        "origin_upload_rate_limit": ORIGIN_UPLOAD_KIB,
-        "origin_check_interval": 0,
-        "listen_interfaces": [f"{next_loopback_address()}:0"],
-    }
+    node = start_origin_node(
+        glance_url,
+        os.path.join(root, "origin-state"),
+        upload_kib=ORIGIN_UPLOAD_KIB,
+        tracker=tracker,
+    )
+    magnet = node.publish(image_id)
     if tracker is not None:
-        settings.update(
-            origin_trackers=[tracker.announce_url],
-            tracker_whitelist_path=tracker.whitelist_path,
-            tracker_pidfile=tracker.pidfile_path,
-        )
-    conf = make_conf(**settings)
-    glance = GlanceClient.for_endpoint(glance_url, conf)
-    publisher = Publisher(conf, glance)
-    seeder = OriginSeeder(conf, publisher=publisher).start_in_thread()
-    host, port = seeder.endpoint
-    conf.set_override("origin_advertise_addresses", [f"{host}:{port}"], group="torrent_images")
-    publisher.publish(image_id)
-    deadline = time.monotonic() + 30
-    while image_id not in seeder.seeded():
-        if time.monotonic() > deadline:
-            raise exception.TorrentImagesError(f"the origin seeder did not pick up {image_id}")
-        time.sleep(0.1)
-    if tracker is not None:
-        tracker.wait_allowed(publisher.published()[0].info_hash_v1 or "", timeout=5)
-    return seeder, glance.get_image(image_id)["torrent_magnet"]
+        tracker.wait_allowed(node.publisher.published()[0].info_hash_v1 or "", timeout=5)
+    return node.seeder, magnet
 
 
 def _spawn(name: str, glance_url: str, root: str) -> HostProcess:
