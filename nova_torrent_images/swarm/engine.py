@@ -29,6 +29,7 @@ KiB = 1024
 # Short sleeps between pops: every handoff (metadata, flush, resume data, removal) waits
 # for the pump, so its latency adds up per download; an idle pop costs microseconds.
 PUMP_INTERVAL = 0.01
+BLOCK_SIZE = 16 * 1024  # libtorrent's transfer unit
 ALERT_MASK = (
     lt.alert_category.error
     | lt.alert_category.status
@@ -134,11 +135,6 @@ class AlertEvent:
 
 def snapshot_alert(alert: object) -> AlertEvent:
     kind = type(alert)
-    if kind is lt.block_finished_alert:
-        # The hot path (one per 16 KiB): skip formatting a message nobody reads.
-        return AlertEvent(
-            kind, "", alert.handle, alert.piece_index, alert.block_index, tuple(alert.endpoint)
-        )
     if kind is lt.save_resume_data_alert:
         # Resume data holds the info dict and merkle trees: a base copy can be seeded
         # later, and after a restart, without asking the swarm for metadata or rehashing.
@@ -168,6 +164,16 @@ class TorrentWatch:
         self.handle = handle
         self.label = label
         self.alerts: queue.Queue = queue.Queue()
+        # Payload bytes per peer endpoint, counted by the pump from block_finished
+        # alerts (one per 16 KiB block: too many to queue one event each).
+        self.block_bytes: dict[tuple[str, int], int] = {}
+        self._piece_size = None
+
+    def count_block(self, piece: int, block: int, endpoint: tuple[str, int]) -> None:
+        if self._piece_size is None:  # blocks only flow once the metadata is there
+            self._piece_size = self.handle.torrent_file().piece_size
+        size = min(BLOCK_SIZE, self._piece_size(piece) - block * BLOCK_SIZE)
+        self.block_bytes[endpoint] = self.block_bytes.get(endpoint, 0) + size
 
     def drain(self, timeout: float = 0.0) -> list[AlertEvent]:
         """Alerts received so far, waiting up to ``timeout`` for the first one."""
@@ -340,9 +346,16 @@ class SwarmEngine:
 
     def _dispatch(self, alert: object) -> None:
         # Runs before the next pop_alerts(), while ``alert`` is still valid.
-        if type(alert) in _NOISE:
+        kind = type(alert)
+        if kind in _NOISE:
             return
         handle = getattr(alert, "handle", None)
+        if kind is lt.block_finished_alert:
+            with self._lock:
+                watch = self._watches.get(handle)
+            if watch is not None:
+                watch.count_block(alert.piece_index, alert.block_index, tuple(alert.endpoint))
+            return
         if handle is not None:
             with self._lock:
                 watch = self._watches.get(handle)

@@ -28,7 +28,6 @@ LOG = logging.getLogger(__name__)
 POLL_INTERVAL = 0.2
 FLUSH_TIMEOUT = 60.0
 MiB = 1024 * 1024
-BLOCK_SIZE = 16 * 1024  # libtorrent's transfer unit
 
 
 @dataclass
@@ -83,7 +82,6 @@ class Transfer:
         self.progress = progress
         self._origin_hosts = {host for host, _ in _resolve_peers(self.magnet.peers)}
         self._watch: TorrentWatch | None = None
-        self._piece_size = None
         self.resume_data: bytes | None = None
 
     # -- setup -------------------------------------------------------------------------
@@ -140,6 +138,7 @@ class Transfer:
             self._download(start)
             self._flush()
             self.resume_data = self._save_resume_data()
+            self._collect_block_stats()
         finally:
             self.stats.seconds = time.monotonic() - start
             self.engine.remove_torrent(self._watch)
@@ -203,9 +202,7 @@ class Transfer:
                 )
 
     def _on_alert(self, alert: AlertEvent) -> None:
-        if alert.kind is lt.block_finished_alert:
-            self._count_block(alert)
-        elif alert.is_a(lt.hash_failed_alert):
+        if alert.is_a(lt.hash_failed_alert):
             self.stats.hash_failures += 1
             LOG.warning(
                 "Image %s: piece %d failed its hash check and is downloaded again "
@@ -224,25 +221,22 @@ class Transfer:
         else:
             LOG.debug("Image %s: %s", self.image.id, alert.message)
 
-    def _count_block(self, alert: AlertEvent) -> None:
-        if self._piece_size is None:
-            info = self._watch.handle.torrent_file()
-            self._piece_size = info.piece_size
-        piece_bytes = self._piece_size(alert.piece_index)
-        size = min(BLOCK_SIZE, piece_bytes - alert.block_index * BLOCK_SIZE)
-        host, port = alert.endpoint
-        key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.stats.per_peer[key] = self.stats.per_peer.get(key, 0) + size
-        if host in self._origin_hosts:
-            self.stats.bytes_from_origin += size
-        else:
-            self.stats.bytes_from_peers += size
-        self.stats.peers_seen = len(self.stats.per_peer)
-
     def _finish_stats(self, status: lt.torrent_status) -> None:
         # Blocks of pieces that failed their hash check are counted too; total_payload
         # is what really crossed the wire, the split is as exact as the blocks are.
         self.stats.bytes_total = status.total_payload_download
+
+    def _collect_block_stats(self) -> None:
+        # After the flush and resume-data round trips through the pump, every block alert
+        # of the download has been counted (alerts arrive in order).
+        for (host, port), size in dict(self._watch.block_bytes).items():
+            key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self.stats.per_peer[key] = self.stats.per_peer.get(key, 0) + size
+            if host in self._origin_hosts:
+                self.stats.bytes_from_origin += size
+            else:
+                self.stats.bytes_from_peers += size
+        self.stats.peers_seen = len(self.stats.per_peer)
 
     def _flush(self) -> None:
         # libtorrent 2.1 may say "finished" before every block is written: flush first.

@@ -99,8 +99,16 @@ def test_corrupting_peer_never_yields_a_wrong_file(make_image, hosts, glance, tm
     )
 
     assert sha512_of(destination) == image.record["os_hash_value"]
-    assert result.source == "torrent"
-    assert bad.uploaded_bytes() > 0 and result.swarm.hash_failures > 0
+    assert bad.uploaded_bytes() > 0  # the lying peer really served pieces
+    if result.source == "torrent":
+        assert result.swarm.hash_failures > 0
+    else:
+        # When a failed piece mixes blocks of both seeders, libtorrent may ban the honest
+        # one too (about one run in ten here); the swarm then stalls and the fetch falls
+        # back to Glance. Correct bytes either way: that is the promise.
+        assert "stall" in result.fallback_reason or "banned" in result.fallback_reason, (
+            result.fallback_reason
+        )
 
 
 def test_only_a_corrupting_peer_falls_back_to_glance(make_image, hosts, glance, tmp_path):
