@@ -247,9 +247,8 @@ def _boot_all(procs: list[HostProcess], number: int, image_id: str, size: int) -
                     del pending[name]
                     break
         time.sleep(0.1)
-    for name in pending:
-        procs_by_name = {p.name: p for p in procs}
-        procs_by_name[name].boots[number] = {"error": f"no answer in {BOOT_TIMEOUT}s"}
+    for p in pending.values():
+        p.boots[number] = {"error": f"no answer in {BOOT_TIMEOUT}s"}
     for bar in bars.values():
         bar.close()
     print()

@@ -56,7 +56,6 @@ import contextlib
 import functools
 import os
 import stat
-import subprocess
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -71,7 +70,7 @@ from nova_torrent_images import exception, policy, verify
 from nova_torrent_images.image import ImageInfo, parse_image
 from nova_torrent_images.local import LocalImages
 from nova_torrent_images.stores.base import BaseCopy
-from nova_torrent_images.stores.filesystem import FilesystemStore
+from nova_torrent_images.stores.filesystem import FilesystemStore, reflink_copy
 from nova_torrent_images.swarm.engine import SwarmEngine, get_engine
 
 LOG = logging.getLogger(__name__)
@@ -267,17 +266,11 @@ class TorrentDownloads:
                 exc,
             )
         try:
-            result = subprocess.run(
-                ["cp", "--reflink=auto", "--", base.ref, dst_path],
-                capture_output=True,
-                text=True,
-                check=False,
+            reflink_copy(
+                base.ref,
+                dst_path,
+                f"copying base copy {base.ref} of image {image_id} to {dst_path}",
             )
-            if result.returncode != 0:
-                raise exception.StoreError(
-                    reason=f"copying base copy {base.ref} of image {image_id} to {dst_path} "
-                    f"failed: {result.stderr.strip()}"
-                )
             os.chmod(dst_path, 0o644)  # a file of Nova's, as Nova would have written it
             with open(dst_path, "rb") as f:
                 os.fsync(f.fileno())  # as Nova does: no corrupt backing file after a crash

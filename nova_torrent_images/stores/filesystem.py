@@ -40,6 +40,21 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def reflink_copy(src: str, dst: str, what: str, *, sparse: bool = False) -> None:
+    """Copy ``src`` to ``dst``: a reflink where the filesystem can (btrfs, XFS), else bytes.
+
+    ``what`` names the copy in the StoreError raised when ``cp`` fails.
+    """
+    result = subprocess.run(
+        ["cp", "--reflink=auto", *(["--sparse=always"] if sparse else []), "--", src, dst],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise exception.StoreError(reason=f"{what} failed: {result.stderr.strip()}")
+
+
 class FilesystemStore(BaseCopyStore):
     """Base copies in one directory."""
 
@@ -181,17 +196,7 @@ class FilesystemStore(BaseCopyStore):
         dest = os.path.join(clones_dir, label)
         if os.path.exists(dest):
             raise exception.StoreError(reason=f"instance disk {dest} already exists")
-        # A reflink where the filesystem can (btrfs, XFS); a plain copy elsewhere.
-        result = subprocess.run(
-            ["cp", "--reflink=auto", "--sparse=always", base.ref, dest],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise exception.StoreError(
-                reason=f"cloning {base.ref} to {dest} failed: {result.stderr.strip()}"
-            )
+        reflink_copy(base.ref, dest, f"cloning {base.ref} to {dest}", sparse=True)
         os.chmod(dest, 0o644)
         with open(self._path(base.image_id, ".json")) as f:
             clones = json.load(f).get("clones", [])

@@ -233,10 +233,7 @@ class XenAPIStore(BaseCopyStore):
         try:
             vdi_ref = self.call("VDI.create", record)
         except XenAPI.Failure as exc:
-            if failure_code(exc) == "SR_BACKEND_FAILURE_44":
-                raise exception.StoreFull(
-                    image_id=image_id, store=self.name, needed=size, available=self.capacity().free
-                ) from exc
+            self._raise_if_full(exc, image_id, size)
             raise exception.StoreError(
                 reason=f"VDI.create for image {image_id} in {self.name} failed: {exc.details}"
             ) from exc
@@ -263,13 +260,7 @@ class XenAPIStore(BaseCopyStore):
             base_ref = self.call("VDI.snapshot", slot.handle["vdi"], {})
         except XenAPI.Failure as exc:
             self.abort(slot)
-            if failure_code(exc) == "SR_BACKEND_FAILURE_44":
-                raise exception.StoreFull(
-                    image_id=image.id,
-                    store=self.name,
-                    needed=slot.size,
-                    available=self.capacity().free,
-                ) from exc
+            self._raise_if_full(exc, image.id, slot.size)
             raise exception.StoreError(
                 reason=f"VDI.snapshot for image {image.id} in {self.name} failed: {exc.details}"
             ) from exc
@@ -339,13 +330,7 @@ class XenAPIStore(BaseCopyStore):
         try:
             clone_ref = self.call("VDI.clone", base_ref, {})
         except XenAPI.Failure as exc:
-            if failure_code(exc) == "SR_BACKEND_FAILURE_44":
-                raise exception.StoreFull(
-                    image_id=base.image_id,
-                    store=self.name,
-                    needed=base.size,
-                    available=self.capacity().free,
-                ) from exc
+            self._raise_if_full(exc, base.image_id, base.size)
             raise
         # A clone inherits its base's tags: rewrite them, or it would pose as a base copy.
         self.call(
@@ -395,6 +380,16 @@ class XenAPIStore(BaseCopyStore):
         return Capacity(total=total, free=free, ours=ours)
 
     # -- plumbing ----------------------------------------------------------------------
+    def _raise_if_full(self, exc: XenAPI.Failure, image_id: str, needed: int) -> None:
+        """Turn the SR's out-of-space failure into StoreFull naming the SR and sizes."""
+        if failure_code(exc) == "SR_BACKEND_FAILURE_44":
+            raise exception.StoreFull(
+                image_id=image_id,
+                store=self.name,
+                needed=needed,
+                available=self.capacity().free,
+            ) from exc
+
     def _attach(self, vdi_ref: str, mode: str, role: str = "attach") -> tuple[str, str]:
         vbd_ref = self.call(
             "VBD.create",

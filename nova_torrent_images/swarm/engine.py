@@ -67,9 +67,12 @@ def build_ip_filter(cidrs: Iterable[str]) -> lt.ip_filter | None:
     return ipf
 
 
-def build_settings(opts: cfg.ConfigOpts.GroupAttr) -> dict:
-    """libtorrent settings for a datacenter: no discovery beyond trackers and hints."""
-    listen = [i.strip() for i in opts.listen_interfaces if i.strip()]
+def build_settings(opts: cfg.ConfigOpts.GroupAttr, listen: list[str] | None = None) -> dict:
+    """libtorrent settings for a datacenter: no discovery beyond trackers and hints.
+
+    ``listen`` replaces ``listen_interfaces`` (a simulated host's own 127.0.0.x).
+    """
+    listen = [i.strip() for i in (listen or opts.listen_interfaces) if i.strip()]
     settings = {
         "listen_interfaces": ",".join(listen),
         "max_retry_port_bind": opts.max_retry_port_bind,
@@ -219,12 +222,7 @@ class SwarmEngine:
         with self._lock:
             if self._session is not None:
                 return self
-            settings = build_settings(self.opts)
-            if self._listen_override:
-                settings["listen_interfaces"] = ",".join(self._listen_override)
-                host = self._listen_override[0].rpartition(":")[0]
-                if len(self._listen_override) == 1 and not _is_wildcard(host):
-                    settings["outgoing_interfaces"] = host.strip("[]")
+            settings = build_settings(self.opts, self._listen_override)
             params = lt.session_params()
             params.settings = settings
             disk_io = _DISK_IO[self.opts.disk_io]

@@ -48,6 +48,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+from nova_torrent_images.testing.processes import signal_group, stop_group
+
 if TYPE_CHECKING:
     from glanceclient.v2.client import Client as GlanceClientV2
 
@@ -280,17 +282,7 @@ class GlanceServer:
             self._finalizer.detach()
             self._finalizer = None
         if process is not None:
-            _signal_group(process, signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                LOG.warning(
-                    "glance-api (pid %s) ignored SIGTERM for %.0fs; killing", process.pid, timeout
-                )
-                _signal_group(process, signal.SIGKILL)
-                process.wait(timeout=timeout)
-            # The worker may outlive the master by a moment; make sure the group is gone.
-            _signal_group(process, signal.SIGKILL)
+            stop_group(process, timeout, "glance-api")
         self.port = None
         if self._owns_workdir and self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -552,20 +544,11 @@ class GlanceServer:
             time.sleep(0.1)
 
 
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    """Signal the process group a server (or glance-manage) was started as."""
-    try:
-        with contextlib.suppress(ProcessLookupError):  # already gone: nothing to signal
-            os.killpg(process.pid, sig)
-    except PermissionError:
-        LOG.exception("cannot signal process group %s", process.pid)
-
-
 def _kill_process_group(process: subprocess.Popen[bytes]) -> None:
     """Last resort (garbage collection, interpreter exit): SIGKILL the group and reap it."""
     if process.poll() is None:
         LOG.warning("killing process group %s that was never stopped", process.pid)
-    _signal_group(process, signal.SIGKILL)
+    signal_group(process, signal.SIGKILL)
     process.wait()
 
 

@@ -22,10 +22,8 @@ pid file (written here, as a service manager would), in its own process group.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -39,6 +37,7 @@ from types import TracebackType
 import libtorrent as lt
 
 from nova_torrent_images.origin.tracker import read_whitelist, write_whitelist
+from nova_torrent_images.testing.processes import stop_group
 
 WHITELIST = "whitelist.txt"
 REFUSED = b"not authorized"
@@ -192,14 +191,7 @@ class Opentracker:
     def stop(self, timeout: float = 5.0) -> None:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=timeout)
+            stop_group(process, timeout, "opentracker")
         self.port = None
         if self._owns_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,37 @@
+"""Stopping the real services the tests run (glance-api, opentracker) as process groups."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+
+from oslo_log import log as logging
+
+LOG = logging.getLogger(__name__)
+
+
+def signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    """Signal the process group a service was started as (``start_new_session``)."""
+    try:
+        with contextlib.suppress(ProcessLookupError):  # already gone: nothing to signal
+            os.killpg(process.pid, sig)
+    except PermissionError:
+        LOG.exception("cannot signal process group %s", process.pid)
+
+
+def stop_group(process: subprocess.Popen, timeout: float, name: str) -> None:
+    """SIGTERM the group, SIGKILL it after ``timeout`` seconds, and reap the leader.
+
+    Children (gunicorn's worker) may outlive the leader by a moment, so the group gets a
+    last SIGKILL either way.
+    """
+    signal_group(process, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        LOG.warning("%s (pid %s) ignored SIGTERM for %.0fs; killing", name, process.pid, timeout)
+        signal_group(process, signal.SIGKILL)
+        process.wait(timeout=timeout)
+    signal_group(process, signal.SIGKILL)
