@@ -21,7 +21,6 @@ from common import MiB, median, write_image  # noqa: E402
 
 from nova_torrent_images.glance import GlanceClient  # noqa: E402
 from nova_torrent_images.handler import TorrentImageHandler  # noqa: E402
-from nova_torrent_images.stores.xenapi import XenAPIStore  # noqa: E402
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB  # noqa: E402
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
 from nova_torrent_images.testing.swarm import SimulatedHost  # noqa: E402
@@ -44,13 +43,9 @@ def measure(size_mib: int, root: str, boots: int = 10) -> dict:
             os.unlink(image_path)
             glance = GlanceClient.for_endpoint(origin.url)
             session = fake.session()
+            fake.configure(host.conf)
             handler = TorrentImageHandler(
-                host.conf,
-                glance_factory=lambda c: glance,
-                engine=host.engine,
-                store_factory=lambda s: XenAPIStore(
-                    s, compute_vm_uuid=fake.compute_vm_uuid, device_dir=str(fake.dev_dir())
-                ),
+                host.conf, glance_factory=lambda c: glance, engine=host.engine
             )
             t0 = time.monotonic()
             handler.download_image(None, session, {"name": "vm-0"}, record["id"])

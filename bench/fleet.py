@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import MiB, http_download, median, percentile, write_image  # noqa: E402
 
-from nova_torrent_images.fetch import fetch  # noqa: E402
 from nova_torrent_images.glance import GlanceClient  # noqa: E402
+from nova_torrent_images.pipeline import fetch_to_file  # noqa: E402
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
 from nova_torrent_images.testing.origin_node import start_origin_node  # noqa: E402
 from nova_torrent_images.testing.swarm import SimulatedHost  # noqa: E402
@@ -138,7 +138,7 @@ def _torrent_fleet(
         t0 = time.monotonic()
 
         def one(i: int):
-            result = fetch(
+            result = fetch_to_file(
                 image,
                 os.path.join(root, f"bt-{i}"),
                 conf=computes[i].conf,

@@ -29,8 +29,8 @@ def _status_kib(field: str) -> int:
 
 
 def child(args: argparse.Namespace) -> int:
-    from nova_torrent_images.fetch import fetch, fetch_from_glance
     from nova_torrent_images.glance import GlanceClient
+    from nova_torrent_images.pipeline import fetch_to_file
     from nova_torrent_images.testing.swarm import SimulatedHost
 
     glance = GlanceClient.for_endpoint(args.glance)
@@ -38,10 +38,12 @@ def child(args: argparse.Namespace) -> int:
     host = SimulatedHost("measured")
     baseline = _status_kib("VmRSS")
     if args.mode == "torrent":
-        result = fetch(image, args.dest, conf=host.conf, glance=None, engine=host.engine)
+        result = fetch_to_file(image, args.dest, conf=host.conf, glance=None, engine=host.engine)
         assert result.source == "torrent"
     else:
-        fetch_from_glance(image, args.dest, conf=host.conf, glance=glance)
+        # The same pipeline with torrents off: its plain, verified Glance path.
+        host.conf.set_override("mode", "none", group="torrent_images")
+        fetch_to_file(image, args.dest, conf=host.conf, glance=glance)
     peak = _status_kib("VmHWM")
     host.stop()
     print(

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import MiB, http_download, write_image  # noqa: E402
 
-from nova_torrent_images.fetch import fetch  # noqa: E402
 from nova_torrent_images.glance import GlanceClient  # noqa: E402
+from nova_torrent_images.pipeline import fetch_to_file  # noqa: E402
 from nova_torrent_images.swarm.torrent import make_torrent  # noqa: E402
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
 from nova_torrent_images.testing.swarm import SimulatedHost  # noqa: E402
@@ -54,7 +54,7 @@ def run(size_mib: int = 512, repeat: int = 3, workdir: str | None = None) -> dic
                 hosts.append(host)
                 dest = os.path.join(root, f"bt-{i}")
                 t0 = time.monotonic()
-                result = fetch(image, dest, conf=host.conf, glance=None, engine=host.engine)
+                result = fetch_to_file(image, dest, conf=host.conf, glance=None, engine=host.engine)
                 bt_times.append(time.monotonic() - t0)
                 assert result.source == "torrent"
                 os.unlink(dest)

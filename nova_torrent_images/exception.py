@@ -47,6 +47,26 @@ class GlanceError(TorrentImagesError):
     msg_fmt = "Glance request for image %(image_id)s failed: %(reason)s"
 
 
+class GlanceForbidden(GlanceError):
+    """Glance refused the caller (HTTP 401 or 403); retrying would not help."""
+
+    msg_fmt = (
+        "Glance refused to %(operation)s image %(image_id)s: %(reason)s; "
+        "check the request's token or the [torrent_images_glance] credentials (or "
+        "[torrent_images] glance_noauth), and that the project may see the image"
+    )
+
+
+class GlanceUnavailable(GlanceError):
+    """Glance kept failing transiently (5xx, 408/429, connection errors, timeouts)."""
+
+    msg_fmt = (
+        "Glance could not %(operation)s image %(image_id)s after %(attempts)s attempt(s) "
+        "([torrent_images] glance_retries, glance_retry_delay): %(reason)s; "
+        "check [torrent_images] %(option)s"
+    )
+
+
 class IntegrityError(TorrentImagesError):
     """Bytes do not match what Glance says the image is. Never handed on."""
 

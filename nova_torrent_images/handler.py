@@ -1,3 +1,16 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+
 """Image handlers for the XenAPI virt driver: ``torrent`` and plain ``glance``.
 
 The contract is the one Nova's XenAPI driver used for its image handlers::
@@ -28,14 +41,11 @@ from oslo_log import log as logging
 from stevedore import driver
 
 from nova_torrent_images import conf as nti_conf
-from nova_torrent_images import exception
-from nova_torrent_images.fetch import ProgressCallback
+from nova_torrent_images import exception, popularity, stores
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.local import LocalImages
-from nova_torrent_images.origin import promotion
+from nova_torrent_images.pipeline import ImagePipeline
+from nova_torrent_images.sources import ProgressCallback
 from nova_torrent_images.stores.base import BaseCopyStore
-from nova_torrent_images.stores.xenapi import XenAPIStore
-from nova_torrent_images.swarm.engine import SwarmEngine
 
 LOG = logging.getLogger(__name__)
 
@@ -67,7 +77,7 @@ class GlanceImageHandler:
         *,
         glance_factory: GlanceFactory | None = None,
         store_factory: StoreFactory | None = None,
-        engine: SwarmEngine | None = None,
+        engine: Any = None,
         progress: ProgressCallback | None = None,
     ) -> None:
         self.conf = conf if conf is not None else cfg.CONF
@@ -78,22 +88,24 @@ class GlanceImageHandler:
             lambda context: GlanceClient.for_context(context, self.conf)
         )
         self._store_factory = store_factory or (
-            lambda session: XenAPIStore.from_conf(session, self.conf)
+            lambda session: stores.open_store(self.conf, "xenapi", session=session)
         )
-        self.engine = engine
-        self._locals: dict[str, LocalImages] = {}
-        self._locals_lock = threading.Lock()
+        self.engine = engine  # a started SwarmEngine; default: the process's own
+        self._pipelines: dict[str, ImagePipeline] = {}
+        self._pipelines_lock = threading.Lock()
 
-    def local_images(self, session: Any) -> LocalImages:
-        """The base copies of the store behind ``session``, recovered on first use."""
+    def pipeline(self, session: Any) -> ImagePipeline:
+        """The pipeline of the store behind ``session``, recovered on first use."""
         store = self._store_factory(session)
-        with self._locals_lock:
-            local = self._locals.get(store.name)
-            if local is None:
-                local = LocalImages(self.conf, store, engine=self.engine, seeding=self.use_torrent)
-                local.start()
-                self._locals[store.name] = local
-        return local
+        with self._pipelines_lock:
+            pipeline = self._pipelines.get(store.name)
+            if pipeline is None:
+                pipeline = ImagePipeline(
+                    self.conf, store, engine=self.engine, seeding=self.use_torrent
+                )
+                pipeline.start()
+                self._pipelines[store.name] = pipeline
+        return pipeline
 
     # -- the handler contract ----------------------------------------------------------
     def download_image(
@@ -103,20 +115,25 @@ class GlanceImageHandler:
         image = glance.image_info(image_id)
         if self.use_torrent:
             # Popularity promotion counts boots here when configured so (never raises).
-            promotion.record_request(image_id, self.conf)
-        local = self.local_images(session)
-        base, downloaded = local.ensure_base(
-            image, glance, use_torrent=self.use_torrent, progress=self.progress
+            popularity.record_request(image_id, self.conf)
+        pipeline = self.pipeline(session)
+        label = f"{_instance_label(instance)} root"
+        delivery = pipeline.ensure_base(
+            image,
+            glance,
+            use_torrent=self.use_torrent,
+            progress=self.progress,
+            # Cloned under the image's lock: eviction cannot take the base copy meanwhile.
+            use=lambda base: pipeline.store.clone(base, label=label),
         )
-        root = local.store.clone(base, label=f"{_instance_label(instance)} root")
         LOG.info(
             "Image %s: root disk VDI %s for %s (%s)",
             image_id,
-            root,
+            delivery.used,
             _instance_label(instance),
-            "downloaded" if downloaded else "cache hit",
+            "downloaded" if delivery.downloaded else "cache hit",
         )
-        return {"root": {"uuid": root}}
+        return {"root": {"uuid": delivery.used}}
 
     def upload_image(
         self, context: Any, session: Any, instance: Any, image_id: str, vdi_uuids: list[str]
@@ -126,6 +143,10 @@ class GlanceImageHandler:
             raise exception.StoreError(reason=f"no VDI given to upload as image {image_id}")
         glance = self._glance_factory(context)
         store = self._store_factory(session)
+        if not store.capabilities.attach_for_upload:
+            raise exception.StoreError(
+                reason=f"{store.name} cannot attach disks; image {image_id} cannot be uploaded"
+            )
         with store.attached(vdi_uuids[0], "RO") as path:
             size = _device_size(path)
             with open(path, "rb") as data:
@@ -140,11 +161,10 @@ class GlanceImageHandler:
 
     def shutdown(self) -> None:
         """Stop seeding (detaching read-only views) before the process exits."""
-        with self._locals_lock:
-            for local in self._locals.values():
-                if local.seeds is not None:
-                    local.seeds.shutdown()
-            self._locals.clear()
+        with self._pipelines_lock:
+            for pipeline in self._pipelines.values():
+                pipeline.shutdown()
+            self._pipelines.clear()
 
 
 class TorrentImageHandler(GlanceImageHandler):

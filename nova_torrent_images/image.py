@@ -9,6 +9,7 @@ the image down the plain Glance path, which needs none of those properties.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,10 @@ from typing import Any
 from oslo_utils import strutils
 
 from nova_torrent_images import exception
-from nova_torrent_images.swarm.torrent import Magnet, MagnetError, parse_magnet
+from nova_torrent_images.magnet import Magnet, MagnetError, parse_magnet
+
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
 
 DEFAULT_TORRENTABLE_PROPERTY = "is_torrentable"
 DEFAULT_MAGNET_PROPERTY = "torrent_magnet"
@@ -69,6 +73,7 @@ class ImageInfo:
     magnet: Magnet | None
     magnet_uri: str | None
     properties: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict, repr=False)  # as Glance sent it
     # The first problem found in the torrent properties, if any.
     torrent_error: exception.InvalidImageMetadata | None = None
 
@@ -125,7 +130,7 @@ def _parse_hash(image_id: str, record: Mapping[str, Any]) -> tuple[str | None, s
                 reason=f"{algo!r} is not a hash algorithm this host knows",
             )
         expected_len = hashlib.new(algo).digest_size * 2
-        if len(value) != expected_len or any(c not in "0123456789abcdef" for c in value.lower()):
+        if not isinstance(value, str) or not _HEX.fullmatch(value) or len(value) != expected_len:
             raise exception.InvalidImageMetadata(
                 image_id=image_id,
                 prop="os_hash_value",
@@ -135,7 +140,11 @@ def _parse_hash(image_id: str, record: Mapping[str, Any]) -> tuple[str | None, s
     checksum = record.get("checksum")
     if checksum:
         # Images uploaded before Glance had multihash carry only an MD5 checksum.
-        return "md5", str(checksum).lower()
+        if not isinstance(checksum, str) or not _MD5_HEX.fullmatch(checksum):
+            raise exception.InvalidImageMetadata(
+                image_id=image_id, prop="checksum", reason="it is not 32 hex digits of md5"
+            )
+        return "md5", checksum.lower()
     return None, None
 
 
@@ -192,5 +201,6 @@ def parse_image(
         magnet=magnet,
         magnet_uri=magnet_uri,
         properties=properties,
+        record=dict(record),
         torrent_error=torrent_error,
     )

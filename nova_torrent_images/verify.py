@@ -1,8 +1,14 @@
 """Destinations and verification: bytes are checked against Glance before anyone uses them.
 
-A destination is either a new regular file (the libvirt image cache, a prefetch) or an
-existing block device (an attached XenServer VDI). Only what this library created is
-removed on failure; a block device belongs to the store, which destroys its own slot.
+The module has two jobs:
+
+* Verification -- :func:`check_digest` is the one comparison of a length and a digest with
+  what the Glance record says (constant time); :func:`verify_file` hashes data already on
+  disk and the Glance HTTP download hashes while it streams, and both end in it.
+* Destinations -- :func:`is_block_device` and :func:`discard`. A destination is either a new
+  regular file (the libvirt image cache, a prefetch) or an existing block device (an
+  attached XenServer VDI). Only what this library created is removed on failure; a block
+  device belongs to the store, which destroys its own slot.
 """
 
 from __future__ import annotations
@@ -57,6 +63,31 @@ def _hash_prefix(path: str, hasher, size: int) -> int:
     return size - left
 
 
+def check_digest(image: ImageInfo, length: int, hexdigest: str | None) -> None:
+    """Raise :class:`IntegrityError` unless ``length`` and ``hexdigest`` are the image's.
+
+    ``hexdigest`` is of ``image.hash_algo``; the comparison is constant time. ``None``
+    checks the length alone, for a caller told not to verify the hash
+    (``[torrent_images] verify_image_hash = False``).
+    """
+    if length != image.size:
+        raise exception.IntegrityError(
+            image_id=image.id,
+            algo="length",
+            actual=f"{length} bytes",
+            expected=f"{image.size} bytes",
+        )
+    if hexdigest is None:
+        return
+    expected = image.hash_value or ""
+    # Bytes, not str: compare_digest refuses non-ASCII str, and a hand-made ImageInfo need
+    # not have gone through parse_image's hex check.
+    if not hmac.compare_digest(hexdigest.lower().encode(), expected.lower().encode()):
+        raise exception.IntegrityError(
+            image_id=image.id, algo=image.hash_algo, actual=hexdigest, expected=expected
+        )
+
+
 def verify_file(image: ImageInfo, path: str, *, exact_size: bool = True) -> None:
     """Raise :class:`IntegrityError` unless ``path`` holds exactly the Glance image.
 
@@ -67,15 +98,4 @@ def verify_file(image: ImageInfo, path: str, *, exact_size: bool = True) -> None
     length = _hash_prefix(path, hasher, image.size)
     if exact_size and not is_block_device(path):
         length = os.path.getsize(path)
-    if length != image.size:
-        raise exception.IntegrityError(
-            image_id=image.id,
-            algo="length",
-            actual=f"{length} bytes",
-            expected=f"{image.size} bytes",
-        )
-    actual = hasher.hexdigest()
-    if not hmac.compare_digest(actual, image.hash_value):
-        raise exception.IntegrityError(
-            image_id=image.id, algo=image.hash_algo, actual=actual, expected=image.hash_value
-        )
+    check_digest(image, length, hasher.hexdigest())

@@ -1,8 +1,22 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+
 """Operator verbs on a compute host: ``status``, ``evict``, ``prune``, ``fetch``.
 
-They work on the store named by ``[torrent_images] store`` from their own process. Seeding
-happens in nova-compute's process; it publishes its live numbers (bytes up and down, peers)
-in ``<state_dir>/status.json``, which ``status`` merges in when that process is alive.
+They work on the store named by ``[torrent_images] store`` from their own process (``fetch
+--output FILE`` on the output-file store). Seeding happens in nova-compute's process; it
+publishes its live numbers (bytes up and down, peers) in ``<state_dir>/status.json``, which
+``status`` merges in when that process is alive.
 """
 
 from __future__ import annotations
@@ -10,17 +24,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
-from typing import Any
 
 from oslo_config import cfg
 
-from nova_torrent_images import exception
+from nova_torrent_images import stores
 from nova_torrent_images.cmd.progress import download_bar
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.local import LocalImages
-from nova_torrent_images.seeding import SeedManager
+from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
+from nova_torrent_images.seeding import status as status_file
 from nova_torrent_images.stores.base import BaseCopyStore
 
 MiB = 1024 * 1024
@@ -28,42 +40,12 @@ MiB = 1024 * 1024
 
 def open_store(conf: cfg.ConfigOpts) -> BaseCopyStore:
     """The store ``[torrent_images] store`` names, or a ConfigError saying what to set."""
-    opts = conf.torrent_images
-    if opts.store == "filesystem":
-        from nova_torrent_images.stores.filesystem import FilesystemStore
-
-        return FilesystemStore.from_conf(conf)
-    if opts.store == "xenapi":
-        import XenAPI
-
-        from nova_torrent_images.stores.xenapi import XenAPIStore
-
-        if not opts.xenapi_connection_url:
-            raise exception.ConfigError(
-                option="xenapi_connection_url", reason="the xenapi store needs it"
-            )
-        session = XenAPI.Session(opts.xenapi_connection_url)
-        session.login_with_password(
-            opts.xenapi_connection_username,
-            opts.xenapi_connection_password or "",
-            "1.0",
-            "nova-torrent-images",
-        )
-        return XenAPIStore.from_conf(session, conf)
-    raise exception.ConfigError(
-        option="store", reason="not set; set it to filesystem or xenapi in the config file"
-    )
+    return stores.open_store(conf)
 
 
-def _live_status(conf: cfg.ConfigOpts) -> dict[str, dict[str, Any]]:
-    path = os.path.join(conf.torrent_images.state_dir, "status.json")
-    try:
-        with open(path) as f:
-            status = json.load(f)
-        os.kill(int(status["pid"]), 0)  # only a live process's numbers are current
-    except (OSError, ValueError, KeyError):
-        return {}
-    return {entry["image_id"]: entry for entry in status.get("images", [])}
+def _policy(conf: cfg.ConfigOpts, store: BaseCopyStore) -> ImagePipeline:
+    # A pipeline without seeds: this process applies policy, nova-compute's seeds.
+    return ImagePipeline(conf, store, seeding=False)
 
 
 def _when(ts: float) -> str:
@@ -72,7 +54,7 @@ def _when(ts: float) -> str:
 
 def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     store = open_store(conf)
-    live = _live_status(conf)
+    live = status_file.read_live(conf.torrent_images.state_dir)
     rows = []
     for base in sorted(store.list(), key=lambda b: b.last_used, reverse=True):
         entry = live.get(base.image_id, {})
@@ -128,14 +110,14 @@ def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
 
 def cmd_evict(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     store = open_store(conf)
-    SeedManager(conf, store, engine=None).evict(args.image_id)
+    _policy(conf, store).eviction.evict(args.image_id)
     print(f"evicted the base copy of image {args.image_id} from {store.name}")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     store = open_store(conf)
-    actions = SeedManager(conf, store, engine=None).prune(dry_run=args.dry_run)
+    actions = _policy(conf, store).eviction.prune(dry_run=args.dry_run)
     verb = "would" if args.dry_run else "did"
     for action in actions:
         print(f"{verb} {action.action} {action.image_id}: {action.reason}")
@@ -144,17 +126,29 @@ def cmd_prune(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     return 0
 
 
-def cmd_prefetch(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
-    store = open_store(conf)
+def cmd_fetch(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
+    """Prefetch into the local store, or with ``--output`` into a new file: one pipeline."""
     glance = GlanceClient.from_conf(conf)
     image = glance.image_info(args.image_id)
+    if args.output is not None:
+        with download_bar(image, args.quiet) as progress:
+            result = fetch_to_file(image, args.output, conf=conf, glance=glance, progress=progress)
+        print(
+            f"{image.id}: {result.source}, {result.seconds:.1f}s, "
+            f"{result.bytes_from_peers >> 20} MiB from peers, "
+            f"{result.bytes_from_origin >> 20} MiB from origin seeders, "
+            f"{result.bytes_from_glance >> 20} MiB from Glance, verified -> {args.output}"
+        )
+        return 0
     # This process ends after the download: nova-compute's process adopts the base copy
-    # and seeds it (at its next maintenance run or restart).
-    local = LocalImages(conf, store, seeding=False)
+    # (its resume data is saved here) and seeds it at its next maintenance run or restart.
+    store = open_store(conf)
+    pipeline = ImagePipeline(conf, store, seeding=False)
+    store.remove_stale_slots(try_lock=pipeline.locks.try_hold)
     with download_bar(image, args.quiet) as progress:
-        base, downloaded = local.ensure_base(image, glance, progress=progress)
+        delivery = pipeline.ensure_base(image, glance, progress=progress)
     print(
-        f"{image.id}: {'downloaded' if downloaded else 'already present'}, verified, "
-        f"base copy {base.ref} in {store.name}"
+        f"{image.id}: {'downloaded' if delivery.downloaded else 'already present'}, verified, "
+        f"base copy {delivery.base.ref} in {store.name}"
     )
     return 0

@@ -26,26 +26,9 @@ def load_conf(config_files: list[str]) -> cfg.ConfigOpts:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    conf = load_conf(args.config_file)
-    if args.output is None:
-        from nova_torrent_images.cmd import local
+    from nova_torrent_images.cmd import local
 
-        return local.cmd_prefetch(args, conf)
-    from nova_torrent_images.cmd.progress import download_bar
-    from nova_torrent_images.fetch import fetch
-    from nova_torrent_images.glance import GlanceClient
-
-    glance = GlanceClient.from_conf(conf)
-    image = glance.image_info(args.image_id)
-    with download_bar(image, args.quiet) as progress:
-        result = fetch(image, args.output, conf=conf, glance=glance, progress=progress)
-    print(
-        f"{image.id}: {result.source}, {result.seconds:.1f}s, "
-        f"{result.bytes_from_peers >> 20} MiB from peers, "
-        f"{result.bytes_from_origin >> 20} MiB from origin seeders, "
-        f"{result.bytes_from_glance >> 20} MiB from Glance, verified -> {args.output}"
-    )
-    return 0
+    return local.cmd_fetch(args, load_conf(args.config_file))
 
 
 def _local_verb(name: str):

@@ -12,9 +12,12 @@ import argparse
 import json
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oslo_config import cfg
+
+if TYPE_CHECKING:
+    from nova_torrent_images.origin.registry import PublishedImage
 
 MiB = 1024 * 1024
 
@@ -26,7 +29,7 @@ def _conf(args: argparse.Namespace) -> cfg.ConfigOpts:
 
 
 def _publisher(conf: cfg.ConfigOpts) -> Any:
-    from nova_torrent_images.origin.publish import Publisher
+    from nova_torrent_images.origin.publisher import Publisher
 
     return Publisher.from_conf(conf)
 
@@ -60,8 +63,24 @@ def cmd_unpublish(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe(entry: PublishedImage) -> dict[str, Any]:
+    """A JSON-friendly view of a registry entry for ``published --format json``."""
+    return {
+        "image_id": entry.image_id,
+        "name": entry.name,
+        "size": entry.size,
+        "info_hash_v1": entry.info_hash_v1,
+        "info_hash_v2": entry.info_hash_v2,
+        "pieces": entry.num_pieces,
+        "piece_length": entry.piece_length,
+        "published_at": entry.published_at,
+        "data": entry.data_path if entry.has_data() else None,
+        "magnet": entry.magnet,
+    }
+
+
 def cmd_published(args: argparse.Namespace) -> int:
-    from nova_torrent_images.origin.publish import Registry, describe
+    from nova_torrent_images.origin.registry import Registry
 
     opts = _conf(args).torrent_images
     entries = Registry(opts.origin_state_dir, opts.origin_data_dir).list()

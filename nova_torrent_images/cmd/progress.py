@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-from nova_torrent_images.fetch import ProgressCallback
 from nova_torrent_images.image import ImageInfo
+from nova_torrent_images.sources import ProgressCallback
 
 
 @contextlib.contextmanager

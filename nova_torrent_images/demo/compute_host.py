@@ -18,7 +18,6 @@ import time
 
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.handler import TorrentImageHandler
-from nova_torrent_images.stores.xenapi import XenAPIStore
 from nova_torrent_images.swarm.engine import SwarmEngine
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB
 from nova_torrent_images.testing.swarm import make_conf
@@ -70,12 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.workdir}/xapi", sr_size=args.sr_size, use_loop_devices=False
     ) as fake:
         session = fake.session()
+        fake.configure(conf)
         handler = TorrentImageHandler(
             conf,
             glance_factory=lambda context: glance,
-            store_factory=lambda s: XenAPIStore(
-                s, compute_vm_uuid=fake.compute_vm_uuid, device_dir=str(fake.dev_dir())
-            ),
             engine=engine,
             progress=progress,
         )
@@ -108,8 +105,7 @@ def _boot(handler, session, fake, glance, name, number, image_id) -> None:
         return
     seconds = time.monotonic() - started
     image = glance.image_info(image_id)
-    local = handler.local_images(session)
-    fetched = local.fetches.pop(image_id, None)
+    fetched = handler.pipeline(session).fetches.pop(image_id, None)
     emit(
         "boot",
         boot=number,

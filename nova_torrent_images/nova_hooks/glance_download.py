@@ -1,3 +1,16 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+
 """libvirt integration: torrentable images reach Nova's image cache through the swarm.
 
 Why a wrapper: Nova 34 has no plug-in point for image downloads. The only extension left in
@@ -14,16 +27,17 @@ Why a wrapper: Nova 34 has no plug-in point for image downloads. The only extens
 
 :func:`install` wraps that last method (the name of this module says what it wraps; the
 callers are libvirt's). For a torrentable image the wrapper makes sure this library's base
-copy exists (by swarm, verified, in :class:`~nova_torrent_images.stores.filesystem.
-FilesystemStore`), then makes ``dst_path`` a hard link of it, or a reflink/copy where
-linking is impossible (another filesystem, ``fs.protected_hardlinks``). Nova then inspects,
-converts (qcow2 to raw) or renames *its own name* for the bytes; the base copy keeps the
-exact downloaded bytes and is what this host seeds. Nova's converted file is never seeded.
+copy exists (through the one pipeline, :class:`~nova_torrent_images.pipeline.ImagePipeline`,
+by swarm and verified, in the ``filesystem`` store), then makes ``dst_path`` a hard link of
+it, or a reflink/copy where linking is impossible (another filesystem,
+``fs.protected_hardlinks``). Nova then inspects, converts (qcow2 to raw) or renames *its own
+name* for the bytes; the base copy keeps the exact downloaded bytes and is what this host
+seeds. Nova's converted file is never seeded.
 
 Nova's image cache, respected:
 
 * Locks: Nova holds its external lock on the cache file name around ``fetch_to_raw``; inside
-  it :meth:`LocalImages.ensure_base` takes this library's own per-image lock
+  it :meth:`ImagePipeline.ensure_base` takes this library's own per-image lock
   (``nti-image-<image_id>`` in ``<state_dir>/locks``), so one image is downloaded once per
   host even when the CLI prefetches it at the same time. The order is always Nova's lock,
   then ours; this library never takes Nova's lock, so the two cannot deadlock.
@@ -39,9 +53,9 @@ Everything else goes through Nova's original method, unchanged: images policy ke
 swarm, ``data`` or no ``dst_path`` (streaming callers), image signature verification
 (``trusted_certs``, ``[glance] verify_glance_signatures``, default trusted certificates:
 Nova's verifier needs the bytes to pass through it), destinations that are not regular
-files, and any failure of the swarm path (after it removed what it wrote). Only with
-``[torrent_images] fallback_to_glance = false`` does a swarm failure reach Nova, as
-``nova.exception.CouldNotFetchImage``.
+files, and any failure of the swarm path (after it removed what it wrote). Only when the
+pipeline says the fallback is off (``[torrent_images] fallback_to_glance = false``, raised
+as ``FetchFailed``) does a swarm failure reach Nova, as ``nova.exception.CouldNotFetchImage``.
 
 Concurrency: the same code runs under Nova's eventlet and native-threading modes; waits are
 short sleeps and queue polls, which eventlet's monkey patching turns into green waits, and
@@ -66,12 +80,11 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_torrent_images import conf as nti_conf
-from nova_torrent_images import exception, policy, verify
+from nova_torrent_images import exception, stores, verify
 from nova_torrent_images.image import ImageInfo, parse_image
-from nova_torrent_images.local import LocalImages
-from nova_torrent_images.stores.base import BaseCopy
-from nova_torrent_images.stores.filesystem import FilesystemStore, reflink_copy
-from nova_torrent_images.swarm.engine import SwarmEngine, get_engine
+from nova_torrent_images.pipeline import ImagePipeline
+from nova_torrent_images.stores.base import BaseCopy, BaseCopyStore
+from nova_torrent_images.stores.filesystem import reflink_copy
 
 LOG = logging.getLogger(__name__)
 
@@ -137,40 +150,39 @@ class TorrentDownloads:
         self,
         conf: cfg.ConfigOpts,
         *,
-        engine: SwarmEngine | None = None,
-        store: FilesystemStore | None = None,
+        engine: Any = None,
+        store: BaseCopyStore | None = None,
     ) -> None:
         """``engine``/``store`` default to the process's engine and ``image_cache_dir``."""
         nti_conf.register_opts(conf)
         self.conf = conf
         self._engine = engine
         self._store = store
-        self._local: LocalImages | None = None
-        self._local_lock = threading.Lock()
+        self._pipeline: ImagePipeline | None = None
+        self._pipeline_lock = threading.Lock()
         self._warned_copy = False
 
-    def local_images(self) -> LocalImages:
+    def pipeline(self) -> ImagePipeline:
         """The store, swarm engine and seeds of this process, recovered on first use."""
-        with self._local_lock:
-            if self._local is None:
-                store = self._store or FilesystemStore.from_conf(self.conf)
-                engine = self._engine or get_engine(self.conf)
-                local = LocalImages(self.conf, store, engine=engine)
+        with self._pipeline_lock:
+            if self._pipeline is None:
+                store = self._store or stores.open_store(self.conf, "filesystem")
+                pipeline = ImagePipeline(self.conf, store, engine=self._engine)
                 # Drop slots a crash left behind, seed base copies again, start the policy.
-                local.start()
-                self._local = local
-            return self._local
+                pipeline.start()
+                self._pipeline = pipeline
+            return self._pipeline
 
     def start(self) -> None:
         """Recover and resume seeding now rather than at the first download."""
-        self.local_images()
+        self.pipeline()
 
     def shutdown(self) -> None:
         """Stop seeding (the engine is left to its owner)."""
-        with self._local_lock:
-            local, self._local = self._local, None
-        if local is not None and local.seeds is not None:
-            local.seeds.shutdown()
+        with self._pipeline_lock:
+            pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            pipeline.shutdown()
 
     # -- the download ------------------------------------------------------------------
     def download(
@@ -184,8 +196,8 @@ class TorrentDownloads:
     ) -> bool:
         """True when ``dst_path`` now holds the verified image; False: use Nova's path.
 
-        Raises ``nova.exception.CouldNotFetchImage`` only when the swarm failed and
-        ``[torrent_images] fallback_to_glance`` is off.
+        Raises ``nova.exception.CouldNotFetchImage`` only when the swarm failed and the
+        pipeline allows no fallback.
         """
         refusal = _swarm_refusal(data, dst_path, trusted_certs)
         if refusal is not None:
@@ -201,19 +213,16 @@ class TorrentDownloads:
                 exc,
             )
             return False
-        decision = policy.decide(image, self.conf)
-        if not decision:
+        try:
+            how = self._place(image, dst_path)
+        except exception.NotTorrentable as exc:
             if image.torrent_error is not None:
                 LOG.warning("%s; Nova downloads the image from Glance", image.torrent_error)
             else:
-                LOG.info("Image %s: Nova's own Glance download: %s", image_id, decision.reason)
+                reason = exc.kwargs.get("reason", exc)
+                LOG.info("Image %s: Nova's own Glance download: %s", image_id, reason)
             return False
-        try:
-            how = self._place(image, dst_path)
         except exception.FetchFailed as exc:
-            if self.conf.torrent_images.fallback_to_glance:
-                LOG.warning("Image %s: %s; Nova's own download follows", image_id, exc)
-                return False
             LOG.error("Image %s: %s", image_id, exc)
             raise nova_exception.CouldNotFetchImage(message=str(exc), image_id=image_id) from exc
         except exception.TorrentImagesError as exc:
@@ -235,11 +244,13 @@ class TorrentDownloads:
         return True
 
     def _place(self, image: ImageInfo, dst_path: str) -> str:
-        local = self.local_images()
-        base, downloaded = local.ensure_base(image, None)
-        if not downloaded:
-            LOG.info("Image %s: base copy %s already on this host", image.id, base.ref)
-        return self._link_or_copy(image.id, base, dst_path)
+        # Linked under the image's lock: eviction cannot take the base copy meanwhile.
+        delivery = self.pipeline().ensure_base(
+            image, None, use=lambda base: self._link_or_copy(image.id, base, dst_path)
+        )
+        if not delivery.downloaded:
+            LOG.info("Image %s: base copy %s already on this host", image.id, delivery.base.ref)
+        return delivery.used
 
     def _link_or_copy(self, image_id: str, base: BaseCopy, dst_path: str) -> str:
         """Give Nova ``dst_path`` with the base copy's bytes; the base copy stays as it is.
@@ -306,8 +317,8 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
 def install(
     conf: cfg.ConfigOpts,
     *,
-    engine: SwarmEngine | None = None,
-    store: FilesystemStore | None = None,
+    engine: Any = None,
+    store: BaseCopyStore | None = None,
 ) -> TorrentDownloads:
     """Route Nova's Glance downloads of torrentable images through the swarm.
 

@@ -4,9 +4,9 @@
   on-disk ``Registry`` of published images;
 * :mod:`.seeder` -- ``OriginSeeder``, the long-running first seed of every published image;
 * :mod:`.tracker` -- opentracker whitelist writing and reload;
-* :mod:`.promotion` -- publish images that are requested often;
-* :mod:`.options` -- their ``[torrent_images]`` options.
+* :mod:`.promotion` -- publish images that are requested often.
 
-Nothing is imported here: compute hosts load ``options`` through ``conf`` without pulling
-in the origin's code.
+Their ``[torrent_images]`` options are in :mod:`nova_torrent_images.conf.origin`, outside
+this package, so registering the options loads no origin code. Nothing is imported here
+either: importing one of these modules loads only what that module needs.
 """

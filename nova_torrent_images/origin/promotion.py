@@ -31,130 +31,38 @@ twice):
         # glance and promotion_notification_pool = nova-torrent-images-<host> by default
 
 ``handler``
-    The image handler calls :func:`record_request` for each image it is asked for; the
-    count lives in ``origin_state_dir`` of that process and the publish runs there (in a
-    background thread, never delaying the boot). That process therefore needs the
+    The image handler calls :func:`nova_torrent_images.popularity.record_request` for each
+    image it is asked for (with any other source that module imports nothing of the
+    origin, so nova-compute does not load the publisher); the count lives in
+    ``origin_state_dir`` of that process and the publish runs there (in a background
+    thread, never delaying the boot). That process therefore needs the
     origin's registry and Glance credentials that may update image properties: it fits
     all-in-one and edge sites where nova-compute and the origin seeder share a host. On
     other hosts leave the source at ``notifications``; the hook is then a no-op.
 
-The counter (:class:`RequestCounter`) is a small JSON file of request times per image in
-``<origin_state_dir>/promotion/requests.json``, guarded by an oslo.concurrency file lock,
-so the notification listener's threads, several processes and restarts all share one
-sliding window.
+Both count with :class:`nova_torrent_images.popularity.RequestCounter`, one sliding window
+in ``<origin_state_dir>/promotion/requests.json`` shared by threads, processes and
+restarts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from oslo_concurrency import lockutils
 from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_torrent_images import exception
-from nova_torrent_images.origin.publish import (
-    Publisher,
-    PublishResult,
-    Registry,
-    validate_image_id,
-)
+from nova_torrent_images.origin.publisher import Publisher, PublishResult
+from nova_torrent_images.origin.registry import Registry, validate_image_id
+from nova_torrent_images.popularity import Clock, RequestCounter
 
 LOG = logging.getLogger(__name__)
-
-MAX_TIMES_PER_IMAGE = 10000  # bounds the file whatever the threshold
-Clock = Callable[[], float]
-
-
-class RequestCounter:
-    """Request times per image inside a sliding window, shared through a locked file."""
-
-    def __init__(self, state_dir: str, window_seconds: float, *, clock: Clock = time.time):
-        self.directory = os.path.join(os.path.abspath(state_dir), "promotion")
-        self.path = os.path.join(self.directory, "requests.json")
-        self.lock_dir = os.path.join(os.path.abspath(state_dir), "locks")
-        self.window = float(window_seconds)
-        self.clock = clock
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, list[float]]]:
-        os.makedirs(self.directory, exist_ok=True)
-        os.makedirs(self.lock_dir, exist_ok=True)
-        with lockutils.lock("nti-promotion", external=True, lock_path=self.lock_dir):
-            data = self._load()
-            before = json.dumps(data, sort_keys=True)
-            yield data
-            cutoff = self.clock() - self.window
-            for image_id in list(data):
-                data[image_id] = [t for t in data[image_id] if t > cutoff][-MAX_TIMES_PER_IMAGE:]
-                if not data[image_id]:
-                    del data[image_id]
-            if json.dumps(data, sort_keys=True) != before:
-                self._save(data)
-
-    def _load(self) -> dict[str, list[float]]:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            LOG.warning("Promotion counter %s is unreadable (%s); starting afresh", self.path, exc)
-            return {}
-        if not isinstance(data, dict):
-            return {}
-        return {
-            str(k): [float(t) for t in v if isinstance(t, int | float)]
-            for k, v in data.items()
-            if isinstance(v, list)
-        }
-
-    def _save(self, data: dict[str, list[float]]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".requests-", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-    def record(self, image_id: str, threshold: int | None = None) -> tuple[int, bool]:
-        """Count one request now; return (requests in the window, threshold reached).
-
-        Reaching ``threshold`` clears the image's count in the same locked step, so two
-        processes never both act on the same crossing.
-        """
-        now = self.clock()
-        with self._locked() as data:
-            times = [t for t in data.get(image_id, []) if t > now - self.window]
-            times.append(now)
-            count = len(times)
-            crossed = threshold is not None and count >= threshold
-            if crossed:
-                data.pop(image_id, None)
-            else:
-                data[image_id] = times
-        return count, crossed
-
-    def count(self, image_id: str) -> int:
-        now = self.clock()
-        with self._locked() as data:
-            return len([t for t in data.get(image_id, []) if t > now - self.window])
-
-    def reset(self, image_id: str) -> None:
-        with self._locked() as data:
-            data.pop(image_id, None)
 
 
 @dataclass
@@ -358,28 +266,19 @@ _PROMOTERS: dict[int, tuple[cfg.ConfigOpts, Promoter]] = {}
 _PROMOTERS_LOCK = threading.Lock()
 
 
-def record_request(image_id: str, conf: cfg.ConfigOpts | None = None) -> bool:
-    """The image handler's hook: one request of ``image_id`` (``promotion_source = handler``).
+def handler_promoter(conf: cfg.ConfigOpts) -> Promoter:
+    """The one background :class:`Promoter` of ``conf`` for the image handler's requests.
 
-    Returns whether this request made the image popular (publishing then runs in the
-    background). A no-op returning False when promotion is off or counts notifications.
-    Never raises: counting must not fail a boot.
+    Called by :func:`nova_torrent_images.popularity.record_request` once it knows the
+    handler counts (``promotion_source = handler``); the publisher is built on the first
+    promotion, so a process that only counts never needs Glance credentials.
     """
-    conf = conf if conf is not None else cfg.CONF
-    try:
-        opts = conf.torrent_images
-        if not opts.promotion_enabled or opts.promotion_source != "handler":
-            return False
-        with _PROMOTERS_LOCK:
-            known = _PROMOTERS.get(id(conf))
-            if known is None or known[0] is not conf:
-                promoter = Promoter(
-                    conf, publisher_factory=lambda: Publisher.from_conf(conf), background=True
-                )
-                _PROMOTERS[id(conf)] = (conf, promoter)
-            else:
-                promoter = known[1]
-        return promoter.record_request(image_id).promoted
-    except Exception:  # noqa: BLE001  see the docstring
-        LOG.exception("Counting a request of image %s for promotion failed", image_id)
-        return False
+    with _PROMOTERS_LOCK:
+        known = _PROMOTERS.get(id(conf))
+        if known is None or known[0] is not conf:
+            promoter = Promoter(
+                conf, publisher_factory=lambda: Publisher.from_conf(conf), background=True
+            )
+            _PROMOTERS[id(conf)] = (conf, promoter)
+            return promoter
+        return known[1]

@@ -35,15 +35,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import libtorrent as lt
 from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_torrent_images import exception, verify
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.origin.publish import PublishedImage, Publisher, Registry
+from nova_torrent_images.origin.publisher import Publisher
+from nova_torrent_images.origin.registry import PublishedImage, Registry
+from nova_torrent_images.swarm import recipes, torrent
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
-from nova_torrent_images.swarm.torrent import load_torrent
 
 LOG = logging.getLogger(__name__)
 
@@ -276,23 +276,21 @@ class OriginSeeder:
         return f"{endpoint.rstrip('/')}/v2/images/{image_id}/file"
 
     def _add(self, entry: PublishedImage) -> None:
-        info = load_torrent(self.registry.read_torrent(entry))
-        if info.total_size() != entry.size or info.num_files() != 1:
+        torrent_data = self.registry.read_torrent(entry)
+        try:
+            meta = torrent.describe(torrent_data)
+        except ValueError as exc:
+            raise exception.RegistryError(path=entry.torrent_path, reason=str(exc)) from exc
+        if meta.total_size != entry.size or meta.num_files != 1:
             raise exception.RegistryError(
                 path=entry.torrent_path,
                 reason=f"the torrent does not describe image {entry.image_id} "
-                f"({info.num_files()} files, {info.total_size()} bytes)",
+                f"({meta.num_files} files, {meta.total_size} bytes)",
             )
-        params = lt.add_torrent_params()
-        params.ti = info
-        params.save_path = os.path.dirname(entry.data_path)
-        params.trackers = self.publisher.trackers() if self.publisher else []
-        flags = lt.torrent_flags.default_flags & ~lt.torrent_flags.auto_managed
-        flags &= ~lt.torrent_flags.paused
+        trackers = self.publisher.trackers() if self.publisher else []
         partial = None
         if entry.has_data():
-            params.renamed_files = {0: entry.data_path}
-            flags |= lt.torrent_flags.seed_mode
+            params = recipes.origin_params(torrent_data, path=entry.data_path, trackers=trackers)
             mode = "seed"
         else:
             url = self._web_seed_url(entry.image_id)
@@ -303,18 +301,18 @@ class OriginSeeder:
                     "again, or enable [torrent_images] origin_web_seed to fetch it from Glance",
                 )
             partial = entry.data_path + ".partial"
-            params.renamed_files = {0: partial}
-            params.url_seeds = [url]
+            params = recipes.origin_params(
+                torrent_data, path=partial, trackers=trackers, web_seed=url
+            )
             mode = "web-seed download"
             LOG.warning(
                 "Image %s: data missing, downloading it again from the web seed %s",
                 entry.image_id,
                 url,
             )
-        params.flags = flags
         watch = self.engine.add_torrent(params, label=f"origin seed {entry.image_id}")
         if mode == "seed" and self.opts.origin_super_seeding:
-            watch.handle.set_flags(lt.torrent_flags.super_seeding)
+            watch.set_super_seeding(True)
         self._seeds[entry.image_id] = SeededImage(
             entry, watch, mode, time.monotonic(), partial_path=partial
         )
@@ -345,7 +343,8 @@ class OriginSeeder:
 
     def _on_alert(self, seeded: SeededImage, alert: AlertEvent) -> None:
         image_id = seeded.entry.image_id
-        if alert.is_a(lt.file_error_alert, lt.torrent_error_alert):
+        category = alert.category
+        if category == "storage_error":
             if self._seeds.get(image_id) is not seeded:
                 return  # already removed for an earlier alert of the same batch
             LOG.error(
@@ -356,31 +355,31 @@ class OriginSeeder:
             )
             self._retry_at[image_id] = time.monotonic() + RETRY_AFTER
             self._remove(image_id, "storage error")
-        elif alert.is_a(lt.hash_failed_alert):
+        elif category == "hash_failed":
             LOG.error(
                 "Image %s: piece %d of the published data fails its hash check (data on "
                 "disk damaged?); it is fetched again from peers",
                 image_id,
                 alert.piece_index,
             )
-        elif alert.is_a(lt.tracker_error_alert, lt.url_seed_alert, lt.scrape_failed_alert):
+        elif category in ("tracker_error", "web_seed_error"):
             # One line per distinct problem: a tracker that is down fails every announce.
             if alert.message not in seeded.errors:
                 seeded.errors.add(alert.message)
                 LOG.warning("Image %s: %s", image_id, alert.message)
-        elif alert.is_a(lt.tracker_reply_alert):
+        elif category == "tracker_reply":
             seeded.errors.clear()
             LOG.debug("Image %s: %s", image_id, alert.message)
         else:
             LOG.debug("Image %s: %s", image_id, alert.message)
 
     def _maybe_finish_download(self, seeded: SeededImage) -> None:
-        status = seeded.watch.handle.status()
-        if not (status.is_finished and status.total_wanted_done >= status.total_wanted):
+        counters = seeded.watch.counters()
+        if not counters.finished:
             return
         image_id = seeded.entry.image_id
-        seeded.watch.handle.flush_cache()
-        if seeded.watch.wait_for(lt.cache_flushed_alert, FLUSH_TIMEOUT) is None:
+        # libtorrent may call a download finished before every block is on disk.
+        if not seeded.watch.flush(FLUSH_TIMEOUT):
             LOG.warning("Image %s: libtorrent did not confirm the flush; checking anyway", image_id)
         partial = seeded.partial_path
         seeded.partial_path = None  # _remove must not discard it
@@ -397,7 +396,7 @@ class OriginSeeder:
             "Image %s: %d MiB re-downloaded (%d MiB through the Glance web seed) and verified",
             image_id,
             seeded.entry.size // MiB,
-            status.total_payload_download // MiB,
+            counters.downloaded_since_added // MiB,
         )
         try:
             self._add(seeded.entry)
@@ -411,8 +410,8 @@ class OriginSeeder:
     @staticmethod
     def _uploaded(seeded: SeededImage) -> int:
         try:
-            return seeded.uploaded_earlier + seeded.watch.handle.status().total_payload_upload
-        except RuntimeError:
+            return seeded.uploaded_earlier + seeded.watch.counters().uploaded_since_added
+        except RuntimeError:  # libtorrent's "invalid torrent handle": removed meanwhile
             return seeded.uploaded_earlier
 
     def uploaded_bytes(self, image_id: str | None = None) -> int:
@@ -432,17 +431,17 @@ class OriginSeeder:
         with self._lock:
             for image_id, seeded in sorted(self._seeds.items()):
                 try:
-                    st = seeded.watch.handle.status()
+                    counters = seeded.watch.counters()
                 except RuntimeError:
                     continue
                 out.append(
                     ImageStats(
                         image_id=image_id,
                         mode=seeded.mode,
-                        peers=st.num_peers,
-                        upload_rate=st.upload_payload_rate,
-                        uploaded=seeded.uploaded_earlier + st.total_payload_upload,
-                        downloaded=st.total_payload_download,
+                        peers=counters.peers,
+                        upload_rate=counters.upload_rate,
+                        uploaded=seeded.uploaded_earlier + counters.uploaded_since_added,
+                        downloaded=counters.downloaded_since_added,
                         size=seeded.entry.size,
                     )
                 )

@@ -25,15 +25,14 @@ process, because SIGHUP terminates most other programs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import tempfile
 from collections.abc import Iterable
 
 from oslo_log import log as logging
 
 from nova_torrent_images import exception
+from nova_torrent_images.utils import atomic_write
 
 LOG = logging.getLogger(__name__)
 
@@ -79,25 +78,17 @@ def write_whitelist(path: str, hashes: Iterable[str]) -> bool:
     except (OSError, UnicodeDecodeError) as exc:
         LOG.warning("Whitelist %s is unreadable (%s); rewriting it", path, exc)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".whitelist-", dir=directory)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; opentracker reads the file as an unprivileged user.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        tmp = None
+        # A missing directory is a mistyped setting, not something to create: the tracker
+        # would never read a file there.
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"the directory {directory} does not exist")
+        # World-readable: opentracker reads the file as an unprivileged user.
+        atomic_write(path, text.encode("ascii"), mode=0o644)
     except OSError as exc:
         raise exception.TrackerError(
             path=path, option="tracker_whitelist_path", reason=str(exc)
         ) from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     LOG.info("Tracker whitelist %s now lists %d info-hashes", path, text.count("\n") - 2)
     return True
 

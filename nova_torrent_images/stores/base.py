@@ -1,11 +1,28 @@
-"""Where images land and base copies live: the interface every store implements.
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Where images land and base copies live: the one interface every store driver implements.
 
 A store keeps *base copies*: verified, read-only images tagged with what they are (image
-id, info-hash, size, hash, created and last-used times). The store's own metadata is the
-only registry (VDI ``other_config`` on XenServer, a sidecar file on a filesystem), so
-nothing can fall out of sync after a crash. A download goes into a *slot*, which becomes a
-base copy only through :meth:`BaseCopyStore.commit` after verification; a failed slot is
-aborted and leaves nothing behind.
+id, info-hash, size, hash, created and last-used times, the Glance record they were
+verified against). The store's own metadata is the only registry (VDI ``other_config`` on
+XenServer, a sidecar file on a filesystem), so nothing can fall out of sync after a crash.
+A download goes into a *slot*, which becomes a base copy only through
+:meth:`BaseCopyStore.commit` after verification; a failed slot is aborted and leaves
+nothing behind.
+
+As in glance_store, each driver declares what it can do in :class:`StoreCapabilities`, and
+callers ask the declaration instead of probing for methods. Drivers are loaded by name from
+the ``nova_torrent_images.stores`` entry point namespace (:mod:`nova_torrent_images.stores`).
 """
 
 from __future__ import annotations
@@ -13,11 +30,32 @@ from __future__ import annotations
 import abc
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from nova_torrent_images import exception
 from nova_torrent_images.image import ImageInfo
+
+
+@dataclass(frozen=True)
+class StoreCapabilities:
+    """What a store driver can do; the pipeline and the handlers act on this, nothing else."""
+
+    #: A slot is a file or device that exists before the download (a VDI's block device)
+    #: and is written in place; otherwise the writer creates the slot's file.
+    writes_in_place: bool = False
+    #: Disk formats the store takes as they are (a VDI takes only raw); None: any.
+    disk_formats: tuple[str, ...] | None = None
+    #: Base copies can be seeded from a read-only view (:meth:`BaseCopyStore.seed_path`).
+    seeds: bool = False
+    #: Instances get copy-on-write clones (:meth:`BaseCopyStore.clone`).
+    clones: bool = False
+    #: Any disk of the store can be attached read-only, e.g. to upload a snapshot
+    #: (:meth:`BaseCopyStore.attached`).
+    attach_for_upload: bool = False
+    #: Base copies stay and are found again (a registry); an output file is not kept.
+    keeps_base_copies: bool = True
 
 
 @dataclass
@@ -32,22 +70,41 @@ class BaseCopy:
     info_hash_v2: str | None
     created_at: float
     last_used: float
-    ref: str  # the store's own handle: a VDI uuid, a file path
+    #: The store's stable name of the base copy, the one its operators see: a VDI uuid
+    #: (XenAPI), the data file's path (filesystem, output file).
+    ref: str
     in_use: bool = False  # instances still depend on it (clones, open files)
+    #: The Glance record it was verified against (see :func:`cached_record`), and the
+    #: projects Glance showed the image to: what a boot may rely on while Glance is down.
+    record: dict[str, Any] = field(default_factory=dict)
+    projects: tuple[str, ...] = ()
 
     @property
     def info_hash(self) -> str | None:
         return self.info_hash_v2 or self.info_hash_v1
 
+    def matches(self, image: ImageInfo) -> bool:
+        """Whether this copy holds the bytes Glance's record describes (size and hash)."""
+        return (self.hash_algo, self.hash_value, self.size) == (
+            image.hash_algo,
+            image.hash_value,
+            image.size,
+        )
+
 
 @dataclass
 class Slot:
-    """Space for one download; a path libtorrent (or the Glance stream) writes into."""
+    """Space for one download: a path libtorrent (or the Glance stream) writes into.
+
+    Drivers subclass it for their own handles (a VDI and its VBD); callers only read these
+    fields.
+    """
 
     image_id: str
     size: int
     path: str
-    handle: dict[str, Any] = field(default_factory=dict)  # store-specific refs
+    #: Write in place (the path exists: a device); else the writer creates the file.
+    preallocated: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,12 +114,40 @@ class Capacity:
     ours: int  # bytes held by base copies of this library
 
 
+# The parts of a Glance record kept with a base copy. Enough to boot while Glance is down
+# and to check access then (owner, visibility); never the locations or other secrets.
+RECORD_FIELDS = (
+    "id",
+    "name",
+    "status",
+    "visibility",
+    "owner",
+    "size",
+    "disk_format",
+    "container_format",
+    "os_hash_algo",
+    "os_hash_value",
+    "checksum",
+    "min_disk",
+    "min_ram",
+)
+
+
+def cached_record(image: ImageInfo, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The part of the image's Glance record a base copy keeps."""
+    source = raw if raw is not None else image.record
+    record = {k: source[k] for k in RECORD_FIELDS if source.get(k) is not None}
+    record.update(image.properties)
+    return record
+
+
 @dataclass
 class CommitInfo:
     """What the verified download was, recorded on the base copy."""
 
     image: ImageInfo
     created_at: float = field(default_factory=time.time)
+    projects: tuple[str, ...] = ()
 
     @property
     def info_hash_v1(self) -> str | None:
@@ -72,12 +157,15 @@ class CommitInfo:
     def info_hash_v2(self) -> str | None:
         return self.image.magnet.info_hash_v2 if self.image.magnet else None
 
+    @property
+    def record(self) -> dict[str, Any]:
+        return cached_record(self.image)
+
 
 class BaseCopyStore(abc.ABC):
-    """The operations of DESIGN section 4."""
+    """The operations of DESIGN section 4; optional ones follow the capabilities."""
 
-    #: what this store can take as it is, e.g. ("raw",) for a XenServer VDI
-    disk_formats: tuple[str, ...] | None = None
+    capabilities = StoreCapabilities()
 
     @property
     @abc.abstractmethod
@@ -101,13 +189,13 @@ class BaseCopyStore(abc.ABC):
         """Remove everything ``begin_download`` created; never raises for missing parts."""
 
     @abc.abstractmethod
-    @contextlib.contextmanager
-    def seed_path(self, base: BaseCopy) -> Iterator[str]:
-        """A read-only path of the base copy for the duration of the context."""
+    def remove_stale_slots(self, try_lock: Callable[[str], Any] | None = None) -> int:
+        """Remove what crashed processes of this host left (slots, attachments, half clones).
 
-    @abc.abstractmethod
-    def clone(self, base: BaseCopy, label: str) -> str:
-        """A writable, copy-on-write instance disk of ``base``; returns its reference."""
+        Resources of live processes are never touched: each carries its owner.
+        ``try_lock(image_id)``, a context manager yielding whether it holds the image's
+        lock, guards what only the image lock tells apart from work in progress.
+        """
 
     @abc.abstractmethod
     def list(self) -> list[BaseCopy]:
@@ -124,3 +212,29 @@ class BaseCopyStore(abc.ABC):
     @abc.abstractmethod
     def capacity(self) -> Capacity:
         """Space of the store, and how much of it base copies take."""
+
+    def add_project(self, base: BaseCopy, project_id: str) -> None:  # noqa: B027
+        """Remember that Glance showed the image to ``project_id`` (for boots offline).
+
+        A store without a registry has nothing to remember it in.
+        """
+
+    # -- optional, as declared in ``capabilities`` -------------------------------------
+    @contextlib.contextmanager
+    def seed_path(self, base: BaseCopy) -> Iterator[str]:
+        """A read-only path of the base copy for the duration of the context."""
+        raise self._unsupported("seeding")
+        yield ""  # pragma: no cover
+
+    def clone(self, base: BaseCopy, label: str) -> str:
+        """A writable, copy-on-write instance disk of ``base``; returns its reference."""
+        raise self._unsupported("instance clones")
+
+    @contextlib.contextmanager
+    def attached(self, ref: str, mode: str = "RO") -> Iterator[str]:
+        """Attach the disk ``ref`` of this store for the duration of the context."""
+        raise self._unsupported("attaching disks")
+        yield ""  # pragma: no cover
+
+    def _unsupported(self, what: str) -> exception.StoreError:
+        return exception.StoreError(reason=f"{self.name} does not support {what}")

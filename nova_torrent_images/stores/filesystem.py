@@ -1,10 +1,23 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
 """Filesystem store: base copies as read-only files with a JSON sidecar each.
 
 Used on libvirt hosts and by the command line tools. Layout of the directory::
 
     <image_id>.base       the image bytes, mode 0444
     <image_id>.json       the tags (written last: a base without sidecar is unfinished)
-    <image_id>.part-<n>   a download in progress (removed on abort, or when stale)
+    <image_id>.part-<pid>-<n>   a download in progress of process <pid> (removed on
+                          abort, or at a start once that process is gone)
     instances/<label>     writable clones (reflinks where the filesystem has them)
 
 Names never look like the 40-hex files Nova's image cache manager deletes from ``_base``.
@@ -20,24 +33,28 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception
-from nova_torrent_images.stores.base import BaseCopy, BaseCopyStore, Capacity, CommitInfo, Slot
+from nova_torrent_images import exception, utils
+from nova_torrent_images.stores.base import (
+    BaseCopy,
+    BaseCopyStore,
+    Capacity,
+    CommitInfo,
+    Slot,
+    StoreCapabilities,
+)
 
 LOG = logging.getLogger(__name__)
 
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+PART = ".part-"
+# A data file whose sidecar has not followed within this many seconds of its rename was
+# left by a crash between the two steps of a commit (they are milliseconds apart).
+UNFINISHED_COMMIT_GRACE = 60.0
 
 
 def reflink_copy(src: str, dst: str, what: str, *, sparse: bool = False) -> None:
@@ -55,15 +72,24 @@ def reflink_copy(src: str, dst: str, what: str, *, sparse: bool = False) -> None
         raise exception.StoreError(reason=f"{what} failed: {result.stderr.strip()}")
 
 
+def part_owner_pid(name: str) -> int | None:
+    """The pid in a ``<name>.part-<pid>-<n>`` download file name, if it has one."""
+    _, sep, rest = name.partition(PART)
+    pid = rest.partition("-")[0]
+    return int(pid) if sep and pid.isdigit() else None
+
+
 class FilesystemStore(BaseCopyStore):
     """Base copies in one directory."""
+
+    capabilities = StoreCapabilities(seeds=True, clones=True)
 
     def __init__(self, directory: str) -> None:
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
 
     @classmethod
-    def from_conf(cls, conf: cfg.ConfigOpts) -> FilesystemStore:
+    def from_conf(cls, conf: cfg.ConfigOpts, **_context: object) -> FilesystemStore:
         return cls(conf.torrent_images.image_cache_dir)
 
     @property
@@ -100,6 +126,8 @@ class FilesystemStore(BaseCopyStore):
             last_used=float(tags.get("last_used", tags["created"])),
             ref=data_path,
             in_use=st.st_nlink > 1 or bool(clones),
+            record=tags.get("record") or {},
+            projects=tuple(tags.get("projects") or ()),
         )
 
     def _update_tags(self, base: BaseCopy, **changes: object) -> None:
@@ -107,7 +135,7 @@ class FilesystemStore(BaseCopyStore):
         with open(sidecar) as f:
             tags = json.load(f)
         tags.update(changes)
-        _atomic_write(sidecar, json.dumps(tags, indent=1).encode())
+        utils.atomic_write(sidecar, json.dumps(tags, indent=1))
 
     def list(self) -> list[BaseCopy]:
         bases = []
@@ -121,16 +149,31 @@ class FilesystemStore(BaseCopyStore):
     def lookup(self, image_id: str) -> BaseCopy | None:
         return self._read(image_id)
 
-    def remove_stale_slots(self, max_age: float = 0.0) -> int:
-        """Remove downloads a crashed process left (and bases that never got a sidecar)."""
+    def remove_stale_slots(self, try_lock: Callable[[str], Any] | None = None) -> int:
+        """Remove downloads of processes that died, and commits a crash cut in half.
+
+        A download file carries its process id; one of a live process (another
+        nova-compute, a running ``nova-torrent-images fetch``) is never touched.
+        """
         removed = 0
         now = time.time()
         for entry in os.listdir(self.directory):
             path = os.path.join(self.directory, entry)
-            stale = ".part-" in entry or (
-                entry.endswith(".base") and not os.path.exists(path[: -len(".base")] + ".json")
-            )
-            if stale and now - os.path.getmtime(path) >= max_age:
+            pid = part_owner_pid(entry)
+            if pid is not None:
+                stale = not utils.pid_alive(pid)
+            elif entry.endswith(".base"):
+                try:
+                    changed = os.lstat(path).st_ctime
+                except FileNotFoundError:
+                    continue
+                stale = (
+                    not os.path.exists(path[: -len(".base")] + ".json")
+                    and now - changed > UNFINISHED_COMMIT_GRACE
+                )
+            else:
+                stale = False
+            if stale:
                 LOG.warning("Removing stale download %s from %s", entry, self.name)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -144,7 +187,7 @@ class FilesystemStore(BaseCopyStore):
             raise exception.StoreFull(
                 image_id=image_id, store=self.name, needed=size, available=free
             )
-        path = self._path(image_id, f".part-{os.getpid()}-{time.monotonic_ns()}")
+        path = self._path(image_id, f"{PART}{os.getpid()}-{time.monotonic_ns()}")
         return Slot(image_id=image_id, size=size, path=path)
 
     def commit(self, slot: Slot, info: CommitInfo) -> BaseCopy:
@@ -165,20 +208,12 @@ class FilesystemStore(BaseCopyStore):
             "created": now,
             "last_used": now,
             "clones": [],
+            "record": info.record,
+            "projects": list(info.projects),
         }
-        _atomic_write(self._path(image.id, ".json"), json.dumps(tags, indent=1).encode())
+        utils.atomic_write(self._path(image.id, ".json"), json.dumps(tags, indent=1))
         LOG.info("Image %s: base copy %s", image.id, data_path)
         return self._read(image.id)
-
-    def adopt(self, image_id: str, path: str) -> str:
-        """Hard-link an existing verified file into the store as a download slot path.
-
-        The libvirt integration downloads into Nova's own file; linking it here, before
-        Nova converts or renames it, keeps the exact downloaded bytes for seeding.
-        """
-        slot_path = self._path(image_id, f".part-{os.getpid()}-{time.monotonic_ns()}")
-        os.link(path, slot_path)
-        return slot_path
 
     def abort(self, slot: Slot) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -207,6 +242,14 @@ class FilesystemStore(BaseCopyStore):
     def touch(self, base: BaseCopy) -> None:
         base.last_used = time.time()
         self._update_tags(base, last_used=base.last_used)
+
+    def add_project(self, base: BaseCopy, project_id: str) -> None:
+        if project_id in base.projects:
+            return
+        with open(self._path(base.image_id, ".json")) as f:
+            known = json.load(f).get("projects") or []
+        base.projects = tuple(dict.fromkeys([*known, *base.projects, project_id]))
+        self._update_tags(base, projects=list(base.projects))
 
     def destroy(self, base: BaseCopy) -> None:
         # The sidecar goes first: without it the bytes are no base copy any more.

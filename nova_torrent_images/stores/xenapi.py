@@ -1,3 +1,15 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
 """XenServer store: downloads land in a VDI of the SR, base copies are VDI snapshots.
 
 Write path (DESIGN section 4): ``VDI.create`` in the SR, a read-write VBD on the VM that
@@ -9,26 +21,37 @@ only ever attached read-only; instances get ``VDI.clone`` of them.
 Tags (``other_config``, all strings) are the registry:
 ``nti_role`` = ``slot`` (a download in progress), ``base`` or ``instance``;
 ``nti_image_id``; on base copies ``nti_size``, ``nti_hash_algo``, ``nti_hash_value``,
-``nti_info_hash_v1``, ``nti_info_hash_v2``, ``nti_created``, ``nti_last_used``; on
-instance disks ``nti_base`` (uuid of their base copy). A crash leaves at most ``slot``
-VDIs, which :meth:`XenAPIStore.remove_stale_slots` destroys.
+``nti_info_hash_v1``, ``nti_info_hash_v2``, ``nti_created``, ``nti_last_used``,
+``nti_record`` (the Glance record, JSON) and ``nti_projects``; on instance disks
+``nti_base`` (uuid of their base copy). Slots, instance disks and every VBD this library
+plugs carry ``nti_owner`` (host:pid). A crash can leave slots, VBDs (a seed's read-only
+view), a clone still carrying its base's tags, or an instance disk nobody took:
+:meth:`XenAPIStore.remove_stale_slots` finds each by its tags and owner and removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import XenAPI
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception
-from nova_torrent_images.stores.base import BaseCopy, BaseCopyStore, Capacity, CommitInfo, Slot
+from nova_torrent_images import exception, utils
+from nova_torrent_images.stores.base import (
+    BaseCopy,
+    BaseCopyStore,
+    Capacity,
+    CommitInfo,
+    Slot,
+    StoreCapabilities,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -62,18 +85,19 @@ def failure_code(exc: BaseException) -> str:
     return str(details[0])
 
 
-def _owner_is_gone(owner: str | None) -> bool:
-    """True when ``host:pid`` names a process of this host that no longer runs."""
-    host, _, pid = (owner or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another host's (shared SR) or unknown: leave it
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+@dataclass
+class VDISlot(Slot):
+    """A download VDI and the read-write VBD that attaches it to the compute VM."""
+
+    vdi_ref: str = ""
+    vbd_ref: str | None = None
+
+
+def login(url: str, username: str, password: str) -> XenAPI.Session:
+    """A XAPI session for processes outside nova-compute (the command line tools)."""
+    session = XenAPI.Session(url)
+    session.login_with_password(username, password, "1.0", "nova-torrent-images")
+    return session
 
 
 def this_vm_uuid() -> str:
@@ -92,7 +116,13 @@ def this_vm_uuid() -> str:
 class XenAPIStore(BaseCopyStore):
     """Base copies as tagged VDI snapshots in one SR."""
 
-    disk_formats = ("raw",)
+    capabilities = StoreCapabilities(
+        writes_in_place=True,
+        disk_formats=("raw",),
+        seeds=True,
+        clones=True,
+        attach_for_upload=True,
+    )
 
     def __init__(
         self,
@@ -119,8 +149,22 @@ class XenAPIStore(BaseCopyStore):
         self._name = f"SR {sr['name_label']!r} ({sr['uuid']})"
 
     @classmethod
-    def from_conf(cls, session: Any, conf: cfg.ConfigOpts) -> XenAPIStore:
+    def from_conf(
+        cls, conf: cfg.ConfigOpts, *, session: Any = None, **_context: object
+    ) -> XenAPIStore:
+        """The store of ``session`` (the virt driver's), or of a session of our own."""
         opts = conf.torrent_images
+        if session is None:
+            if not opts.xenapi_connection_url:
+                raise exception.ConfigError(
+                    option="xenapi_connection_url",
+                    reason="the xenapi store needs it outside nova-compute",
+                )
+            session = login(
+                opts.xenapi_connection_url,
+                opts.xenapi_connection_username,
+                opts.xenapi_connection_password or "",
+            )
         return cls(
             session,
             sr_uuid=opts.xenapi_sr_uuid,
@@ -155,6 +199,8 @@ class XenAPIStore(BaseCopyStore):
             last_used=float(tags.get(TAG + "last_used") or tags[TAG + "created"]),
             ref=rec["uuid"],
             in_use=in_use,
+            record=_json_tag(tags.get(TAG + "record")),
+            projects=tuple(p for p in tags.get(TAG + "projects", "").split(",") if p),
         )
 
     def _attached_by_others(self, vbd_ref: str) -> bool:
@@ -166,13 +212,15 @@ class XenAPIStore(BaseCopyStore):
             raise
         return bool(vbd["currently_attached"]) and vbd["other_config"].get(TAG + "role") != "seed"
 
+    @staticmethod
+    def _is_base(rec: dict[str, Any]) -> bool:
+        # Base copies are made by VDI.snapshot; a VDI that carries base tags without being
+        # a snapshot is a clone whose retag a crash prevented.
+        return rec["other_config"].get(TAG + "role") == "base" and bool(rec["is_a_snapshot"])
+
     def list(self) -> list[BaseCopy]:
         vdis = self._our_vdis()
-        return [
-            self._to_base(ref, rec, vdis)
-            for ref, rec in vdis.items()
-            if rec["other_config"].get(TAG + "role") == "base"
-        ]
+        return [self._to_base(ref, rec, vdis) for ref, rec in vdis.items() if self._is_base(rec)]
 
     def lookup(self, image_id: str) -> BaseCopy | None:
         for base in self.list():
@@ -180,29 +228,82 @@ class XenAPIStore(BaseCopyStore):
                 return base
         return None
 
-    def remove_stale_slots(self) -> int:
-        """Destroy download VDIs that crashed processes of this host left behind.
+    def remove_stale_slots(self, try_lock: Callable[[str], Any] | None = None) -> int:
+        """Remove what crashed processes of this host left in the SR.
 
-        A slot belongs to a process (``nti_owner`` = host name and pid); one whose process
-        is gone is detached and destroyed. Base copies are never touched.
+        * download VDIs (``slot``) whose owner process is gone;
+        * VBDs this library plugged (a seed's read-only view, a download, an upload) for a
+          process that is gone: otherwise the VDI stays in use for ever;
+        * clones that still carry their base's tags (a crash between ``VDI.clone`` and the
+          retag), removed under the image's lock (``try_lock(image_id)`` a context
+          manager yielding whether it got the lock) so a live clone is never touched;
+        * instance disks whose owner process is gone and that no VM took (no VBD).
+        Base copies are never touched.
         """
         removed = 0
-        for ref, rec in self._our_vdis().items():
-            tags = rec["other_config"]
-            if tags.get(TAG + "role") != "slot" or not _owner_is_gone(tags.get(TAG + "owner")):
-                continue
-            LOG.warning(
-                "Removing stale download VDI %s of image %s (left by %s) in %s",
-                rec["uuid"],
-                tags.get(TAG + "image_id"),
-                tags.get(TAG + "owner"),
-                self.name,
-            )
+        vdis = self._our_vdis()
+        for rec in vdis.values():
             for vbd in rec["VBDs"]:
-                self._detach(vbd)
-            self._destroy_vdi(ref)
+                removed += self._remove_stale_vbd(vbd)
+        for ref, rec in vdis.items():
+            tags = rec["other_config"]
+            role, owner = tags.get(TAG + "role"), tags.get(TAG + "owner")
+            image_id = tags.get(TAG + "image_id")
+            if role == "slot" and utils.owner_is_gone(owner):
+                what = f"download VDI (left by {owner})"
+            elif role == "instance" and utils.owner_is_gone(owner) and not self._vbds(ref):
+                what = f"instance disk nobody took (made by {owner})"
+            elif role == "base" and not rec["is_a_snapshot"] and try_lock is not None:
+                with try_lock(image_id) as locked:
+                    if locked and not self._is_base(self.call("VDI.get_record", ref)):
+                        self._remove_stale_vdi(ref, rec, "clone a crash left with base tags")
+                        removed += 1
+                continue
+            else:
+                continue
+            self._remove_stale_vdi(ref, rec, what)
             removed += 1
         return removed
+
+    def _vbds(self, vdi_ref: str) -> list[str]:
+        try:
+            return self.call("VDI.get_VBDs", vdi_ref)
+        except XenAPI.Failure as exc:
+            if failure_code(exc) == "HANDLE_INVALID":
+                return []
+            raise
+
+    def _remove_stale_vdi(self, ref: str, rec: dict[str, Any], what: str) -> None:
+        LOG.warning(
+            "Removing stale %s: VDI %s of image %s in %s",
+            what,
+            rec["uuid"],
+            rec["other_config"].get(TAG + "image_id"),
+            self.name,
+        )
+        for vbd in self._vbds(ref):
+            self._detach(vbd)
+        self._destroy_vdi(ref)
+
+    def _remove_stale_vbd(self, vbd_ref: str) -> int:
+        try:
+            vbd = self.call("VBD.get_record", vbd_ref)
+        except XenAPI.Failure as exc:
+            if failure_code(exc) == "HANDLE_INVALID":
+                return 0
+            raise
+        tags = vbd["other_config"]
+        if TAG + "role" not in tags or not utils.owner_is_gone(tags.get(TAG + "owner")):
+            return 0
+        LOG.warning(
+            "Removing stale %s VBD %s (left by %s) in %s",
+            tags[TAG + "role"],
+            vbd.get("uuid", vbd_ref),
+            tags.get(TAG + "owner"),
+            self.name,
+        )
+        self._detach(vbd_ref)
+        return 1
 
     # -- downloads ---------------------------------------------------------------------
     def begin_download(self, image_id: str, size: int) -> Slot:
@@ -224,7 +325,7 @@ class XenAPIStore(BaseCopyStore):
             "other_config": {
                 TAG + "role": "slot",
                 TAG + "image_id": image_id,
-                TAG + "owner": f"{socket.gethostname()}:{os.getpid()}",
+                TAG + "owner": utils.owner_tag(),
             },
             "xenstore_data": {},
             "sm_config": {},
@@ -237,27 +338,27 @@ class XenAPIStore(BaseCopyStore):
             raise exception.StoreError(
                 reason=f"VDI.create for image {image_id} in {self.name} failed: {exc.details}"
             ) from exc
-        slot = Slot(image_id=image_id, size=size, path="", handle={"vdi": vdi_ref})
+        slot = VDISlot(image_id=image_id, size=size, path="", preallocated=True, vdi_ref=vdi_ref)
         try:
-            vbd_ref, path = self._attach(vdi_ref, "RW")
+            slot.vbd_ref, slot.path = self._attach(vdi_ref, "RW", role="slot")
         except BaseException:
             self.abort(slot)
             raise
-        slot.handle["vbd"] = vbd_ref
-        slot.path = path
         LOG.info(
             "Image %s: download VDI %s attached read-write at %s",
             image_id,
             self.call("VDI.get_uuid", vdi_ref),
-            path,
+            slot.path,
         )
         return slot
 
     def commit(self, slot: Slot, info: CommitInfo) -> BaseCopy:
+        assert isinstance(slot, VDISlot), slot
         image = info.image
-        self._detach(slot.handle.pop("vbd", None))
+        vbd, slot.vbd_ref = slot.vbd_ref, None
+        self._detach(vbd)
         try:
-            base_ref = self.call("VDI.snapshot", slot.handle["vdi"], {})
+            base_ref = self.call("VDI.snapshot", slot.vdi_ref, {})
         except XenAPI.Failure as exc:
             self.abort(slot)
             self._raise_if_full(exc, image.id, slot.size)
@@ -275,6 +376,8 @@ class XenAPIStore(BaseCopyStore):
             TAG + "info_hash_v2": info.info_hash_v2 or "",
             TAG + "created": now,
             TAG + "last_used": now,
+            TAG + "record": json.dumps(info.record, sort_keys=True),
+            TAG + "projects": ",".join(info.projects),
         }
         # The snapshot carries the slot's tags; replace them in one call so that a crash
         # leaves either a "slot" (cleaned up later) or a complete base copy, never half.
@@ -285,19 +388,21 @@ class XenAPIStore(BaseCopyStore):
             base_ref,
             f"read-only image {image.id}; instances are clones of it",
         )
-        self._destroy_vdi(slot.handle.pop("vdi"))
+        vdi, slot.vdi_ref = slot.vdi_ref, ""
+        self._destroy_vdi(vdi)
         base_uuid = self.call("VDI.get_uuid", base_ref)
         LOG.info("Image %s: base copy VDI %s in %s", image.id, base_uuid, self.name)
         return self._to_base(base_ref, self.call("VDI.get_record", base_ref), {})
 
     def abort(self, slot: Slot) -> None:
-        vbd = slot.handle.pop("vbd", None)
-        vdi = slot.handle.pop("vdi", None)
+        assert isinstance(slot, VDISlot), slot
+        vbd, slot.vbd_ref = slot.vbd_ref, None
+        vdi, slot.vdi_ref = slot.vdi_ref, ""
         try:
             self._detach(vbd)
         except XenAPI.Failure:
             LOG.exception("Image %s: could not detach download VBD %s", slot.image_id, vbd)
-        if vdi is not None:
+        if vdi:
             try:
                 self._destroy_vdi(vdi)
                 LOG.info("Image %s: download VDI destroyed", slot.image_id)
@@ -316,9 +421,9 @@ class XenAPIStore(BaseCopyStore):
             yield path
 
     @contextlib.contextmanager
-    def attached(self, vdi_uuid: str, mode: str = "RO", role: str = "attach") -> Iterator[str]:
-        """Attach a VDI to the compute VM for the duration of the context."""
-        vdi_ref = self.call("VDI.get_by_uuid", vdi_uuid)
+    def attached(self, ref: str, mode: str = "RO", role: str = "attach") -> Iterator[str]:
+        """Attach the VDI with uuid ``ref`` to the compute VM for the context's duration."""
+        vdi_ref = self.call("VDI.get_by_uuid", ref)
         vbd_ref, path = self._attach(vdi_ref, mode, role)
         try:
             yield path
@@ -340,6 +445,7 @@ class XenAPIStore(BaseCopyStore):
                 TAG + "role": "instance",
                 TAG + "image_id": base.image_id,
                 TAG + "base": base.ref,
+                TAG + "owner": utils.owner_tag(),
             },
         )
         self.call("VDI.set_name_label", clone_ref, label)
@@ -355,6 +461,20 @@ class XenAPIStore(BaseCopyStore):
         self.call("VDI.remove_from_other_config", ref, TAG + "last_used")
         try:
             self.call("VDI.add_to_other_config", ref, TAG + "last_used", repr(base.last_used))
+        except XenAPI.Failure as exc:
+            if failure_code(exc) != "MAP_DUPLICATE_KEY":
+                raise
+
+    def add_project(self, base: BaseCopy, project_id: str) -> None:
+        if project_id in base.projects:
+            return
+        ref = self.call("VDI.get_by_uuid", base.ref)
+        known = self.call("VDI.get_other_config", ref).get(TAG + "projects", "")
+        projects = dict.fromkeys([*known.split(","), *base.projects, project_id])
+        base.projects = tuple(p for p in projects if p)
+        self.call("VDI.remove_from_other_config", ref, TAG + "projects")
+        try:
+            self.call("VDI.add_to_other_config", ref, TAG + "projects", ",".join(base.projects))
         except XenAPI.Failure as exc:
             if failure_code(exc) != "MAP_DUPLICATE_KEY":
                 raise
@@ -401,7 +521,7 @@ class XenAPIStore(BaseCopyStore):
                 "mode": mode,
                 "type": "Disk",
                 "empty": False,
-                "other_config": {TAG + "role": role},
+                "other_config": {TAG + "role": role, TAG + "owner": utils.owner_tag()},
                 "qos_algorithm_type": "",
                 "qos_algorithm_params": {},
             },
@@ -439,3 +559,12 @@ class XenAPIStore(BaseCopyStore):
         except XenAPI.Failure as exc:
             if failure_code(exc) != "HANDLE_INVALID":
                 raise
+
+
+def _json_tag(value: str | None) -> dict[str, Any]:
+    try:
+        record = json.loads(value) if value else {}
+    except ValueError:
+        LOG.warning("Ignoring an unreadable nti_record tag")
+        return {}
+    return record if isinstance(record, dict) else {}

@@ -135,6 +135,39 @@ class AlertEvent:
     def is_a(self, *kinds: type) -> bool:
         return issubclass(self.kind, kinds)
 
+    @property
+    def category(self) -> str:
+        """What the alert means to callers outside ``swarm/`` (one of :data:`CATEGORIES`)."""
+        for kinds, name in _CATEGORY_OF:
+            if issubclass(self.kind, kinds):
+                return name
+        return "other"
+
+
+# Alert meanings for code that must not import libtorrent (the seeders, the origin).
+_CATEGORY_OF = (
+    ((lt.file_error_alert, lt.torrent_error_alert), "storage_error"),
+    ((lt.hash_failed_alert,), "hash_failed"),
+    ((lt.peer_ban_alert, lt.peer_blocked_alert), "peer_refused"),
+    ((lt.url_seed_alert,), "web_seed_error"),
+    ((lt.tracker_error_alert, lt.scrape_failed_alert), "tracker_error"),
+    ((lt.tracker_reply_alert,), "tracker_reply"),
+)
+CATEGORIES = tuple(name for _, name in _CATEGORY_OF) + ("other",)
+
+
+@dataclass(frozen=True)
+class TorrentCounters:
+    """A torrent's numbers at one moment, copied out of libtorrent's status."""
+
+    uploaded: int  # payload bytes, all time (resume data carries it across restarts)
+    downloaded: int
+    uploaded_since_added: int  # payload bytes since this handle was added
+    downloaded_since_added: int
+    peers: int
+    upload_rate: int  # payload B/s
+    finished: bool  # every wanted piece is there (flush before trusting the disk)
+
 
 def snapshot_alert(alert: object) -> AlertEvent:
     kind = type(alert)
@@ -177,6 +210,34 @@ class TorrentWatch:
             self._piece_size = self.handle.torrent_file().piece_size
         size = min(BLOCK_SIZE, self._piece_size(piece) - block * BLOCK_SIZE)
         self.block_bytes[endpoint] = self.block_bytes.get(endpoint, 0) + size
+
+    def counters(self) -> TorrentCounters:
+        st = self.handle.status()
+        return TorrentCounters(
+            uploaded=st.all_time_upload,
+            downloaded=st.all_time_download,
+            uploaded_since_added=st.total_payload_upload,
+            downloaded_since_added=st.total_payload_download,
+            peers=st.num_peers,
+            upload_rate=st.upload_payload_rate,
+            finished=st.is_finished and st.total_wanted_done >= st.total_wanted,
+        )
+
+    def set_super_seeding(self, enabled: bool) -> None:
+        """Initial seeding: offer each peer pieces nobody has yet (an origin's egress)."""
+        if enabled:
+            self.handle.set_flags(lt.torrent_flags.super_seeding)
+        else:
+            self.handle.unset_flags(lt.torrent_flags.super_seeding)
+
+    def flush(self, timeout: float, on_other=None) -> bool:
+        """Write libtorrent's cache to disk; False when it did not confirm in time.
+
+        libtorrent 2.1 may report "finished" before every block is written, so every
+        reader of a finished download flushes first.
+        """
+        self.handle.flush_cache()
+        return self.wait_for(lt.cache_flushed_alert, timeout, on_other) is not None
 
     def drain(self, timeout: float = 0.0) -> list[AlertEvent]:
         """Alerts received so far, waiting up to ``timeout`` for the first one."""
@@ -319,10 +380,6 @@ class SwarmEngine:
             LOG.warning("libtorrent did not confirm removal of %s within %ss", watch.label, timeout)
         with self._lock:
             self._watches.pop(watch.handle, None)
-
-    def torrents(self) -> list[TorrentWatch]:
-        with self._lock:
-            return list(self._watches.values())
 
     # -- alert pump --------------------------------------------------------------------
     def _pump_alerts(self) -> None:

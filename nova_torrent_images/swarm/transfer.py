@@ -1,15 +1,33 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
 """One swarm download: join by magnet, write straight into the destination, watch it.
 
 The transfer adds the torrent in upload mode, checks the metadata against the Glance record
 (one file, the image's size) before any piece is requested, then lets it download. It fails
 with a typed error on metadata, stall and overall timeouts or storage errors, and always
 removes the torrent from the session before returning, so no late write can reach the
-destination after the caller starts cleaning up or falling back.
+destination after the caller starts cleaning up or falling back. Whatever else a hostile
+torrent names (more files, directories) lands in a scratch directory of the transfer's own,
+removed with it. Peer hints are resolved once, in bounded time counted against
+``metadata_timeout``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -19,15 +37,43 @@ import libtorrent as lt
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception
+from nova_torrent_images import exception, utils
 from nova_torrent_images.image import ImageInfo
+from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
 
 LOG = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.2
 FLUSH_TIMEOUT = 60.0
+# Peer hints are resolved in parallel, each lookup given at most this long (and never more
+# than the metadata timeout): a slow DNS server must not hold a download slot for long.
+RESOLVE_TIMEOUT = 5.0
 MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """The options a transfer uses, read once from ``[torrent_images]``."""
+
+    metadata_timeout: float
+    stall_timeout: float
+    overall_timeout: float
+    progress_interval: float
+    trackers: tuple[str, ...]
+    scratch_root: str  # transfers' scratch directories live under it
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> TransferSettings:
+        opts = conf.torrent_images
+        return cls(
+            metadata_timeout=opts.metadata_timeout,
+            stall_timeout=opts.stall_timeout,
+            overall_timeout=opts.overall_timeout,
+            progress_interval=opts.progress_interval,
+            trackers=tuple(opts.trackers),
+            scratch_root=os.path.join(opts.state_dir, "scratch"),
+        )
 
 
 @dataclass
@@ -47,16 +93,57 @@ class SwarmStats:
 ProgressCallback = Callable[[int, int, int, int], None]
 
 
-def _resolve_peers(peers: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
-    resolved = []
-    for host, port in peers:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            LOG.warning("Peer hint %s:%s does not resolve (%s); skipping it", host, port, exc)
-            continue
-        resolved.extend((info[4][0], port) for info in infos[:1])
-    return resolved
+def resolve_peers(peers: tuple[tuple[str, int], ...], timeout: float) -> list[tuple[str, int]]:
+    """IP endpoints of ``peers`` (IP literals pass as they are), within ``timeout`` seconds.
+
+    Names are looked up in parallel; a name that fails or is too slow is skipped with a
+    warning. The caller never waits longer than ``timeout`` whatever the DNS server does.
+    """
+    resolved: dict[int, tuple[str, int]] = {}
+    names = []
+    for index, (host, port) in enumerate(peers):
+        if utils.is_ip_literal(host):
+            resolved[index] = (host, port)
+        else:
+            names.append((index, host, port))
+    if names:
+        pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(8, len(names)), thread_name_prefix="peer-hint-dns"
+        )
+        futures = {
+            pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM): (i, host, port)
+            for i, host, port in names
+        }
+        done, pending = concurrent.futures.wait(futures, timeout=timeout)
+        # Lookups still running are abandoned; their threads end when getaddrinfo returns.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for future in done:
+            index, host, port = futures[future]
+            try:
+                infos = future.result()
+            except OSError as exc:
+                LOG.warning("Peer hint %s:%s does not resolve (%s); skipping it", host, port, exc)
+                continue
+            if infos:
+                resolved[index] = (infos[0][4][0], port)
+        for future in pending:
+            _, host, port = futures[future]
+            LOG.warning(
+                "Peer hint %s:%s did not resolve within %.1fs; skipping it", host, port, timeout
+            )
+    return [resolved[i] for i in sorted(resolved)]
+
+
+def remove_stale_scratch(root: str) -> int:
+    """Remove scratch directories of transfers whose process died (at start-up)."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(root):
+            pid = entry.partition("-")[0]
+            if pid.isdigit() and not utils.pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+                removed += 1
+    return removed
 
 
 class Transfer:
@@ -67,7 +154,7 @@ class Transfer:
         engine: SwarmEngine,
         image: ImageInfo,
         destination: str,
-        conf: cfg.ConfigOpts,
+        settings: TransferSettings,
         progress: ProgressCallback | None = None,
     ) -> None:
         if image.magnet is None:
@@ -77,27 +164,23 @@ class Transfer:
         self.image = image
         self.magnet = image.magnet
         self.destination = os.path.abspath(destination)
-        self.opts = conf.torrent_images
+        self.opts = settings
         self.stats = SwarmStats()
         self.progress = progress
-        self._origin_hosts = {host for host, _ in _resolve_peers(self.magnet.peers)}
+        self._origin_hosts: set[str] = set()
         self._watch: TorrentWatch | None = None
         self.resume_data: bytes | None = None
 
     # -- setup -------------------------------------------------------------------------
-    def _params(self) -> lt.add_torrent_params:
-        params = lt.add_torrent_params()
-        params.info_hashes = self.magnet.info_hashes()
-        params.name = self.image.id
-        params.save_path = os.path.dirname(self.destination)
-        # The one file of the torrent is the destination itself: no copy anywhere else.
-        params.renamed_files = {0: self.destination}
-        params.trackers = list(dict.fromkeys([*self.magnet.trackers, *self.opts.trackers]))
-        params.peers = _resolve_peers(self.magnet.peers)
-        flags = lt.torrent_flags.default_flags | lt.torrent_flags.upload_mode
-        flags &= ~lt.torrent_flags.auto_managed & ~lt.torrent_flags.paused
-        params.flags = flags
-        return params
+    def _params(self, scratch_dir: str, peers: list[tuple[str, int]]) -> lt.add_torrent_params:
+        return recipes.download_params(
+            self.magnet,
+            name=self.image.id,
+            destination=self.destination,
+            scratch_dir=scratch_dir,
+            trackers=list(dict.fromkeys([*self.magnet.trackers, *self.opts.trackers])),
+            peers=peers,
+        )
 
     def _check_metadata(self) -> None:
         info = self._watch.handle.torrent_file()
@@ -125,23 +208,31 @@ class Transfer:
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> SwarmStats:
         start = time.monotonic()
-        params = self._params()
-        self._watch = self.engine.add_torrent(params, label=f"image {self.image.id}")
-        LOG.info(
-            "Image %s: joining swarm %s (%d trackers, %d peer hints)",
-            self.image.id,
-            self.magnet.best_hash,
-            len(params.trackers),
-            len(params.peers),
-        )
+        peers = resolve_peers(self.magnet.peers, min(RESOLVE_TIMEOUT, self.opts.metadata_timeout))
+        self._origin_hosts = {host for host, _ in peers}
+        os.makedirs(self.opts.scratch_root, exist_ok=True)
+        scratch = os.path.join(self.opts.scratch_root, f"{os.getpid()}-{time.monotonic_ns()}")
+        os.mkdir(scratch, 0o700)
         try:
-            self._download(start)
-            self._flush()
-            self.resume_data = self._save_resume_data()
-            self._collect_block_stats()
+            params = self._params(scratch, peers)
+            self._watch = self.engine.add_torrent(params, label=f"image {self.image.id}")
+            LOG.info(
+                "Image %s: joining swarm %s (%d trackers, %d peer hints)",
+                self.image.id,
+                self.magnet.best_hash,
+                len(params.trackers),
+                len(params.peers),
+            )
+            try:
+                self._download(start)
+                self._flush()
+                self.resume_data = self._save_resume_data()
+                self._collect_block_stats()
+            finally:
+                self.stats.seconds = time.monotonic() - start
+                self.engine.remove_torrent(self._watch)
         finally:
-            self.stats.seconds = time.monotonic() - start
-            self.engine.remove_torrent(self._watch)
+            shutil.rmtree(scratch, ignore_errors=True)
         return self.stats
 
     def _download(self, start: float) -> None:
@@ -239,10 +330,7 @@ class Transfer:
         self.stats.peers_seen = len(self.stats.per_peer)
 
     def _flush(self) -> None:
-        # libtorrent 2.1 may say "finished" before every block is written: flush first.
-        self._watch.handle.flush_cache()
-        flushed = self._watch.wait_for(lt.cache_flushed_alert, FLUSH_TIMEOUT, self._on_alert)
-        if flushed is None:
+        if not self._watch.flush(FLUSH_TIMEOUT, self._on_alert):
             raise exception.TorrentStorageError(
                 image_id=self.image.id,
                 path=self.destination,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import threading
 
 import libtorrent as lt
@@ -30,11 +32,19 @@ def next_loopback_address() -> str:
 
 
 def make_conf(**overrides: object) -> cfg.ConfigOpts:
-    """A fresh ConfigOpts with this library's options and test-friendly overrides."""
+    """A fresh ConfigOpts with this library's options and test-friendly overrides.
+
+    Each gets a state directory of its own (locks, resume data, scratch) unless
+    ``state_dir`` is given, as a separate host would.
+    """
     conf = cfg.ConfigOpts()
     nti_conf.register_opts(conf)
     conf([], project="nova-torrent-images", default_config_files=[])
-    defaults = {"min_announce_interval": 1, "progress_interval": 2}
+    defaults = {
+        "min_announce_interval": 1,
+        "progress_interval": 2,
+        "state_dir": tempfile.mkdtemp(prefix="nti-state-"),
+    }
     for name, value in {**defaults, **overrides}.items():
         conf.set_override(name, value, group=nti_conf.GROUP)
     return conf
@@ -47,6 +57,8 @@ class SimulatedHost:
         self.name = name
         self.address = address or next_loopback_address()
         self.conf = make_conf(**conf_overrides)
+        # A state directory make_conf created is this host's to remove.
+        self._own_state_dir = "state_dir" not in conf_overrides
         self.engine = SwarmEngine(self.conf, listen_interfaces=[f"{self.address}:0"]).start()
         self.seeds: list[TorrentWatch] = []
 
@@ -102,6 +114,8 @@ class SimulatedHost:
 
     def stop(self) -> None:
         self.engine.shutdown()
+        if self._own_state_dir:
+            shutil.rmtree(self.conf.torrent_images.state_dir, ignore_errors=True)
 
     def __enter__(self) -> SimulatedHost:
         return self

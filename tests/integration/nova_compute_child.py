@@ -70,7 +70,7 @@ def fake_serve(server: object, workers: int | None = None, no_fork: bool = False
         and __import__("eventlet").patcher.is_monkey_patched("thread"),
         "hook_installed": hook is not None
         and hasattr(nova_glance.GlanceImageServiceV2.download, "_nova_torrent_images_original"),
-        "started_before_serving": hook is not None and hook._local is not None,
+        "started_before_serving": hook is not None and hook._pipeline is not None,
         "conf_state_dir": conf.torrent_images.state_dir,
         "workers": workers,
         "no_fork": no_fork,
@@ -86,7 +86,7 @@ def fake_serve(server: object, workers: int | None = None, no_fork: bool = False
     report["max_hub_gap"] = ticker.max_gap
     with open(dst, "rb") as f:
         report["sha512"] = hashlib.file_digest(f, "sha512").hexdigest()
-    local = hook.local_images()
+    local = hook.pipeline()
     base = local.store.lookup(image_id)
     report["base_ref"] = base.ref if base else None
     report["same_inode"] = bool(base) and os.stat(base.ref).st_ino == os.stat(dst).st_ino

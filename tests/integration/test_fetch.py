@@ -10,7 +10,7 @@ import time
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.fetch import fetch
+from nova_torrent_images.pipeline import fetch_to_file
 
 MiB = 1024 * 1024
 
@@ -31,7 +31,9 @@ def test_fetch_from_two_seeders(make_image, hosts, glance, tmp_path):
     destination = str(tmp_path / "cache" / image.id)
     os.makedirs(os.path.dirname(destination))
 
-    result = fetch(info, destination, conf=compute.conf, glance=glance, engine=compute.engine)
+    result = fetch_to_file(
+        info, destination, conf=compute.conf, glance=glance, engine=compute.engine
+    )
 
     assert result.source == "torrent" and result.fallback_reason is None
     assert sha512_of(destination) == image.record["os_hash_value"]
@@ -53,7 +55,7 @@ def test_no_peers_falls_back_within_timeout(make_image, hosts, glance, tmp_path,
     caplog.set_level(logging.INFO)
 
     started = time.monotonic()
-    result = fetch(
+    result = fetch_to_file(
         glance.image_info(image.id),
         destination,
         conf=compute.conf,
@@ -90,7 +92,7 @@ def test_corrupting_peer_never_yields_a_wrong_file(make_image, hosts, glance, tm
     compute = hosts("compute-1", stall_timeout=20)
     destination = str(tmp_path / image.id)
 
-    result = fetch(
+    result = fetch_to_file(
         glance.image_info(image.id),
         destination,
         conf=compute.conf,
@@ -121,7 +123,7 @@ def test_only_a_corrupting_peer_falls_back_to_glance(make_image, hosts, glance, 
     compute = hosts("compute-1", stall_timeout=4)
     destination = str(tmp_path / image.id)
 
-    result = fetch(
+    result = fetch_to_file(
         glance.image_info(image.id),
         destination,
         conf=compute.conf,
@@ -144,7 +146,7 @@ def test_torrent_of_another_file_is_refused(make_image, hosts, glance, tmp_path)
     compute = hosts("compute-1")
     destination = str(tmp_path / image.id)
 
-    result = fetch(
+    result = fetch_to_file(
         glance.image_info(image.id),
         destination,
         conf=compute.conf,
@@ -164,7 +166,7 @@ def test_fallback_off_raises_and_leaves_nothing(make_image, hosts, glance, tmp_p
     destination = str(tmp_path / image.id)
 
     with pytest.raises(exception.FetchFailed, match="fallback_to_glance is off"):
-        fetch(
+        fetch_to_file(
             glance.image_info(image.id),
             destination,
             conf=compute.conf,
@@ -178,7 +180,7 @@ def test_not_torrentable_goes_to_glance(make_image, hosts, glance, tmp_path):
     image = make_image(4 * MiB)
     compute = hosts("compute-1")
     destination = str(tmp_path / image.id)
-    result = fetch(
+    result = fetch_to_file(
         glance.image_info(image.id),
         destination,
         conf=compute.conf,

@@ -32,8 +32,8 @@ from nova.image import glance as nova_glance  # noqa: E402
 from nova.virt import images as nova_images  # noqa: E402
 from oslo_utils import imageutils  # noqa: E402
 
-from nova_torrent_images.fetch import fetch  # noqa: E402
 from nova_torrent_images.nova_hooks import glance_download  # noqa: E402
+from nova_torrent_images.pipeline import fetch_to_file  # noqa: E402
 from nova_torrent_images.swarm.torrent import make_torrent  # noqa: E402
 from nova_torrent_images.testing.swarm import next_loopback_address  # noqa: E402
 from tests.integration.conftest import PublishedImage  # noqa: E402
@@ -130,7 +130,7 @@ def test_torrentable_image_comes_from_the_swarm(
     assert sha512_of(dst) == image.record["os_hash_value"]
     assert data_gets(glance_server, image.id, expect=0) == 0
     assert 16 * MiB <= seeder.uploaded_bytes() < 17 * MiB
-    local = hook.local_images()
+    local = hook.pipeline()
     base = local.store.lookup(image.id)
     assert base is not None and base.in_use  # Nova's name links to it
     assert os.stat(base.ref).st_ino == os.stat(dst).st_ino
@@ -151,7 +151,7 @@ def test_torrentable_image_comes_from_the_swarm(
     seeder.stop()
     image.set_magnet(peers=[host.endpoint])
     peer = hosts("peer")
-    result = fetch(
+    result = fetch_to_file(
         glance_download.image_from_nova(
             nova_glance.GlanceImageServiceV2().show(context, image.id), peer.conf
         ),
@@ -176,12 +176,12 @@ def test_non_torrentable_image_goes_through_nova_unchanged(
 
     assert sha512_of(dst) == image.record["os_hash_value"]
     assert data_gets(glance_server, image.id, expect=1) == 1
-    assert hook._local is None  # the swarm side was never even set up
+    assert not hook.pipeline().fetches  # the swarm side downloaded nothing
     # Streaming callers (no dst_path) get Nova's iterator, torrentable or not.
     image.set_magnet()
     chunks = nova_glance.GlanceImageServiceV2().download(context, image.id)
     assert hashlib.sha512(b"".join(chunks)).hexdigest() == image.record["os_hash_value"]
-    assert data_gets(glance_server, image.id, expect=2) == 2 and hook._local is None
+    assert data_gets(glance_server, image.id, expect=2) == 2 and not hook.pipeline().fetches
 
 
 def test_swarm_failure_falls_back_to_nova_and_leaves_nothing(
@@ -196,7 +196,7 @@ def test_swarm_failure_falls_back_to_nova_and_leaves_nothing(
 
     assert sha512_of(dst) == image.record["os_hash_value"]
     assert data_gets(glance_server, image.id, expect=1) == 1
-    store = hook.local_images().store
+    store = hook.pipeline().store
     assert os.listdir(store.directory) == []
     assert os.listdir(base_dir(nova_conf)) == [os.path.basename(dst)]
     assert not os.path.exists(tmp_path / "nti-state" / "seeds" / f"{image.id}.resume")
@@ -214,7 +214,7 @@ def test_swarm_failure_without_fallback_reaches_nova(
         nova_glance.GlanceImageServiceV2().download(context, image.id, dst_path=dst)
 
     assert not os.path.exists(dst) and data_gets(glance_server, image.id, expect=0) == 0
-    assert os.listdir(hook.local_images().store.directory) == []
+    assert os.listdir(hook.pipeline().store.directory) == []
 
 
 def test_fetch_to_raw_keeps_nova_cache_and_base_copy(
@@ -234,7 +234,7 @@ def test_fetch_to_raw_keeps_nova_cache_and_base_copy(
     assert os.listdir(base_dir(nova_conf)) == [os.path.basename(path)]  # .part renamed
     assert sha512_of(path) == image.record["os_hash_value"]
     assert data_gets(glance_server, image.id, expect=0) == 0
-    base = hook.local_images().store.lookup(image.id)
+    base = hook.pipeline().store.lookup(image.id)
     assert os.stat(base.ref).st_ino == os.stat(path).st_ino and os.stat(path).st_nlink == 2
     assert sha512_of(base.ref) == image.record["os_hash_value"]
 
@@ -277,7 +277,7 @@ def test_fetch_to_raw_converts_qcow2_but_seeds_the_downloaded_bytes(
         assert sha512_of(path) == sha512_of(str(raw))
         assert os.listdir(base_dir(nova_conf)) == [os.path.basename(path)]
         # ... while the base copy, which this host seeds, is the qcow2 that was downloaded.
-        local = hook.local_images()
+        local = hook.pipeline()
         base = local.store.lookup(image.id)
         assert sha512_of(base.ref) == record["os_hash_value"]
         assert os.stat(base.ref).st_nlink == 1 and not base.in_use
@@ -303,7 +303,7 @@ def test_base_copy_on_another_filesystem_is_copied(
 
         nova_glance.GlanceImageServiceV2().download(context, image.id, dst_path=dst)
 
-        base = hook.local_images().store.lookup(image.id)
+        base = hook.pipeline().store.lookup(image.id)
         assert os.stat(base.ref).st_ino != os.stat(dst).st_ino
         assert sha512_of(dst) == sha512_of(base.ref) == image.record["os_hash_value"]
         assert os.stat(dst).st_mode & 0o777 == 0o644  # Nova's file, writable as before

@@ -18,13 +18,15 @@ import uuid
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.fetch import FetchResult, fetch
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.origin.promotion import ImageSendEndpoint, Promoter, RequestCounter
-from nova_torrent_images.origin.publish import Publisher
+from nova_torrent_images.magnet import parse_magnet
+from nova_torrent_images.origin.promotion import ImageSendEndpoint, Promoter
+from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.seeder import OriginSeeder
 from nova_torrent_images.origin.tracker import tracker_hashes
-from nova_torrent_images.swarm.torrent import parse_magnet
+from nova_torrent_images.pipeline import fetch_to_file
+from nova_torrent_images.popularity import RequestCounter
+from nova_torrent_images.sources import FetchResult
 from nova_torrent_images.testing.opentracker import Opentracker
 from nova_torrent_images.testing.swarm import make_conf, next_loopback_address
 
@@ -151,7 +153,7 @@ def fetch_on_hosts(computes, glance, image_id, tmp_path) -> list[FetchResult]:
         try:
             info = glance.image_info(image_id)
             barrier.wait(timeout=30)
-            results[index] = fetch(
+            results[index] = fetch_to_file(
                 info, destination, conf=host.conf, glance=glance, engine=host.engine
             )
         except BaseException as exc:  # noqa: BLE001  re-raised in the test thread

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from nova_torrent_images.fetch import fetch
-from nova_torrent_images.local import LocalImages
+from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
 from nova_torrent_images.stores.filesystem import FilesystemStore
 
 MiB = 1024 * 1024
@@ -26,7 +25,7 @@ def sha512_of(path: str) -> str:
 def local_host(hosts, tmp_path, name, **conf):
     host = hosts(name, state_dir=str(tmp_path / name), **conf)
     store = FilesystemStore(str(tmp_path / name / "images"))
-    local = LocalImages(host.conf, store, engine=host.engine)
+    local = ImagePipeline(host.conf, store, engine=host.engine)
     local.start()
     return host, local
 
@@ -38,18 +37,19 @@ def test_restart_resumes_seeding_without_recheck(make_image, hosts, glance, tmp_
     image.set_magnet(peers=[origin.endpoint])
     host_a, local_a = local_host(hosts, tmp_path, "host-a")
     info = glance.image_info(image.id)
-    base, downloaded = local_a.ensure_base(info, glance)
+    delivery = local_a.ensure_base(info, glance)
+    base, downloaded = delivery.base, delivery.downloaded
     assert downloaded and local_a.seeds.seeding() == [image.id]
     assert sha512_of(base.ref) == image.record["os_hash_value"]
 
     # The process holding A's store restarts; the origin is gone by then.
-    local_a.seeds.shutdown()
+    local_a.shutdown()
     address = host_a.address
     host_a.stop()
     origin.stop()
     restarted = hosts("host-a-restarted", address=address, state_dir=str(tmp_path / "host-a"))
     started = time.monotonic()
-    local = LocalImages(
+    local = ImagePipeline(
         restarted.conf,
         FilesystemStore(str(tmp_path / "host-a" / "images")),
         engine=restarted.engine,
@@ -70,18 +70,18 @@ def test_restart_resumes_seeding_without_recheck(make_image, hosts, glance, tmp_
     host_c = hosts("host-c")
     image.set_magnet(peers=[restarted.endpoint])
     dest = str(tmp_path / "c.raw")
-    result = fetch(
+    result = fetch_to_file(
         glance.image_info(image.id), dest, conf=host_c.conf, glance=None, engine=host_c.engine
     )
     assert result.source == "torrent"
     assert sha512_of(dest) == image.record["os_hash_value"]
-    local.seeds.shutdown()
+    local.shutdown()
 
 
 def test_quota_evicts_least_recently_used_unused_base_copy(make_image, hosts, glance, tmp_path):
     images = [make_image(8 * MiB, name=f"img-{i}") for i in range(3)]
     host, local = local_host(hosts, tmp_path, "host", mode="none", store_quota=20)
-    first, _ = local.ensure_base(glance.image_info(images[0].id), glance)
+    first = local.ensure_base(glance.image_info(images[0].id), glance).base
     local.store.clone(first, "vm-1")  # an instance uses the first image
     time.sleep(0.01)
     local.ensure_base(glance.image_info(images[1].id), glance)
@@ -103,7 +103,7 @@ def test_upload_limit_applies_to_datacenter_peers(make_image, hosts, glance, tmp
     seeder.seed(image.torrent.data, image.path)
     image.set_magnet(peers=[seeder.endpoint])
     peer = hosts("peer")
-    result = fetch(
+    result = fetch_to_file(
         glance.image_info(image.id),
         str(tmp_path / "x"),
         conf=peer.conf,
@@ -188,17 +188,17 @@ def test_host_keeps_serving_after_the_origin_stops(make_image, hosts, glance, tm
     origin.seed(image.torrent.data, image.path, trackers=[tracker.announce_url])
     image.set_magnet(peers=[origin.endpoint], trackers=[tracker.announce_url])
     host_a, local_a = local_host(hosts, tmp_path, "host-a")
-    base, downloaded = local_a.ensure_base(glance.image_info(image.id), glance)
-    assert downloaded and local_a.seeds.seeding() == [image.id]
+    delivery = local_a.ensure_base(glance.image_info(image.id), glance)
+    assert delivery.downloaded and local_a.seeds.seeding() == [image.id]
 
     origin.stop()  # the origin is gone; only the tracker and host A remain
     host_b = hosts("host-b", stall_timeout=30, metadata_timeout=30)
     dest = str(tmp_path / "b.raw")
-    result = fetch(
+    result = fetch_to_file(
         glance.image_info(image.id), dest, conf=host_b.conf, glance=None, engine=host_b.engine
     )
 
     assert result.source == "torrent"
     assert sha512_of(dest) == image.record["os_hash_value"]
     assert set(result.swarm.per_peer) == {f"{host_a.address}:{host_a.engine.listen_port}"}
-    local_a.seeds.shutdown()
+    local_a.shutdown()

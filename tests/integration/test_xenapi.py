@@ -365,7 +365,7 @@ def test_restart_removes_downloads_of_dead_processes(tmp_path):
             )
             crashed = store.begin_download("img-crashed", 8 * 1024 * 1024)  # still plugged
             live = store.begin_download("img-live", 8 * 1024 * 1024)
-            ref = crashed.handle["vdi"]
+            ref = crashed.vdi_ref
             session.xenapi.VDI.remove_from_other_config(ref, TAG + "owner")
             session.xenapi.VDI.add_to_other_config(
                 ref, TAG + "owner", f"{socket.gethostname()}:{dead}"

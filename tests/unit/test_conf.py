@@ -1,9 +1,13 @@
 import subprocess
 import sys
 
+import pytest
 from oslo_config import cfg
 
 from nova_torrent_images import conf as nti_conf
+from nova_torrent_images import exception
+from nova_torrent_images.conf import origin as origin_conf
+from nova_torrent_images.testing.swarm import make_conf
 
 
 def test_registers_on_any_configopts_twice():
@@ -60,11 +64,6 @@ def test_overrides_do_not_leak_between_configopts():
 
 
 def test_check_names_the_bad_option():
-    import pytest
-
-    from nova_torrent_images import exception
-    from nova_torrent_images.testing.swarm import make_conf
-
     nti_conf.check(make_conf())
     for option, value in [
         ("allowed_peer_cidrs", ["10.0.0.0/33"]),
@@ -73,3 +72,67 @@ def test_check_names_the_bad_option():
     ]:
         with pytest.raises(exception.ConfigError, match=option):
             nti_conf.check(make_conf(**{option: value}))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["0.0.0.0:6881"],
+        ["[::]:6881"],
+        ["127.0.0.5:0"],  # port 0: any free port, as simulated hosts use
+        ["[::1]:0"],
+        ["10.0.0.7:6890", "compute-1.example:6881"],
+    ],
+)
+def test_check_accepts_listen_interfaces(value):
+    nti_conf.check(make_conf(listen_interfaces=value))
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["6881", "10.0.0.7", "10.0.0.7:", "10.0.0.7:65536", "10.0.0.7:http", "::1:6881", "bad host:0"],
+)
+def test_check_rejects_listen_interfaces(value):
+    with pytest.raises(exception.ConfigError, match="listen_interfaces") as info:
+        nti_conf.check(make_conf(listen_interfaces=[value]))
+    assert repr(value) in str(info.value)
+
+
+def test_conf_loads_no_origin_code():
+    # A compute host registers every option; none of the origin package may come along.
+    code = (
+        "import sys, nova_torrent_images.conf; "
+        "print(sorted(m for m in sys.modules if m == 'nova_torrent_images.origin' "
+        "or m.startswith('nova_torrent_images.origin.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_list_opts_lists_what_register_opts_registers():
+    conf = cfg.ConfigOpts()
+    nti_conf.register_opts(conf)
+    conf([], default_config_files=[])
+    listed = {}
+    for group, opts in nti_conf.list_opts():
+        name = getattr(group, "name", group)
+        assert name not in listed, f"group {name} listed twice"
+        listed[name] = sorted(opt.dest for opt in opts)  # sorted, not a set: no duplicates
+    assert set(listed) == {nti_conf.GROUP, nti_conf.GLANCE_GROUP}
+    for name, opt_names in listed.items():
+        assert opt_names == sorted(conf[name]), name
+
+
+def test_origin_options_are_in_torrent_images_group():
+    conf = cfg.ConfigOpts()
+    nti_conf.register_opts(conf)
+    conf([], default_config_files=[])
+    group = conf[nti_conf.GROUP]
+    for opt in origin_conf.ALL_OPTS:
+        assert opt.name in group, opt.name
+        assert opt in nti_conf.ALL_OPTS, opt.name
+    assert group.origin_state_dir == "/var/lib/nova-torrent-images/origin"
+    assert group.promotion_source == "notifications"
+    assert group.origin_upload_rate_limit == 65536

@@ -6,6 +6,7 @@ import pytest
 
 from nova_torrent_images import exception
 from nova_torrent_images.image import parse_image
+from tests.unit.test_magnet import BAD_MAGNETS
 
 V1 = "c12fe1c06bba254a9dc9f519b335aa7c1367a88a"
 V2 = "e1f2" * 16
@@ -68,51 +69,14 @@ def test_is_torrentable_is_strict(flag):
     assert image.is_torrentable is None
 
 
-BAD_MAGNETS = {
-    "not a magnet": "http://example.com/x.torrent",
-    "empty": "",
-    "no hash": "magnet:?dn=cirros",
-    "short btih": "magnet:?xt=urn:btih:abcdef",
-    "non-hex btih": "magnet:?xt=urn:btih:" + "z" * 40,
-    "bad base32": "magnet:?xt=urn:btih:" + "1" * 32,
-    "btmh not sha256": "magnet:?xt=urn:btmh:1114" + "a" * 40,
-    "btmh short": "magnet:?xt=urn:btmh:1220" + "a" * 63,
-    "other urn": "magnet:?xt=urn:sha1:" + "a" * 40,
-    "two btih": f"magnet:?xt=urn:btih:{V1}&xt=urn:btih:{'b' * 40}",
-    "file tracker": f"magnet:?xt=urn:btih:{V1}&tr=file%3A%2F%2F%2Fetc%2Fpasswd",
-    "ws tracker": f"magnet:?xt=urn:btih:{V1}&tr=wss%3A%2F%2Ftracker.example%2F",
-    "tracker no host": f"magnet:?xt=urn:btih:{V1}&tr=http%3A%2F%2F%2Fannounce",
-    "tracker bad port": f"magnet:?xt=urn:btih:{V1}&tr=http%3A%2F%2Fh%3A99999%2Fannounce",
-    "peer no port": f"magnet:?xt=urn:btih:{V1}&x.pe=10.0.0.1",
-    "peer bad port": f"magnet:?xt=urn:btih:{V1}&x.pe=10.0.0.1:0",
-    "peer bad host": f"magnet:?xt=urn:btih:{V1}&x.pe=$(reboot):6881",
-    "malformed query": "magnet:?xt",
-}
-
-
 @pytest.mark.parametrize("case", sorted(BAD_MAGNETS))
 def test_bad_magnet_is_a_typed_error(case):
+    # What parse_magnet refuses (tests/unit/test_magnet.py) is an error naming the image.
     image = parse_image(record(torrent_magnet=BAD_MAGNETS[case]))
     err = image.torrent_error
     assert isinstance(err, exception.InvalidMagnet), case
     assert "6d0f-image" in str(err) and "torrent_magnet" in str(err)
     assert image.magnet is None
-
-
-def test_base32_btih_is_converted_to_hex():
-    import base64
-
-    b32 = base64.b32encode(bytes.fromhex(V1)).decode()
-    image = parse_image(record(torrent_magnet=f"magnet:?xt=urn:btih:{b32}"))
-    assert image.magnet.info_hash_v1 == V1
-
-
-def test_web_seeds_in_magnet_are_dropped():
-    image = parse_image(
-        record(torrent_magnet=f"magnet:?xt=urn:btih:{V1}&ws=http%3A%2F%2Fevil.example%2Fimg")
-    )
-    assert image.torrent_error is None
-    assert "evil" not in image.magnet.to_uri()
 
 
 def test_custom_property_names():

@@ -1,10 +1,23 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
 """Magnets of published images: Glance's 255 characters, and what is dropped first."""
 
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.origin.publish import fit_magnet, parse_host_port
-from nova_torrent_images.swarm.torrent import parse_magnet
+from nova_torrent_images.magnet import MAX_PEER_HINTS, MAX_TRACKERS, parse_magnet
+from nova_torrent_images.origin.magnets import fit_magnet
+from nova_torrent_images.swarm import recipes
 
 IMAGE_ID = "7b4c2b36-5e0f-4d61-9d4f-0e6f3f6a2c11"
 V1 = "a032c04529155591311086ece722fe9fc98d7051"
@@ -73,22 +86,33 @@ def test_v2_only_magnet_of_a_hybrid_torrent_parses():
     uri, _ = fit(["http://" + "x" * 120 + ":6969/announce"], [("10.0.0.2", 6881)])
     m = parse_magnet(uri)
     assert m.info_hash_v1 is None and m.info_hash_v2 == V2
-    assert m.info_hashes().has_v2() and not m.info_hashes().has_v1()
+    # libtorrent joins such a magnet by its v2 hash alone.
+    hashes = recipes.info_hashes(m)
+    assert hashes.has_v2() and not hashes.has_v1()
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("10.0.0.2:6881", ("10.0.0.2", 6881)),
-        ("[fd00::2]:6881", ("fd00::2", 6881)),
-        ("glance-1.example.org:6881", ("glance-1.example.org", 6881)),
-    ],
-)
-def test_parse_host_port(value, expected):
-    assert parse_host_port(value) == expected
+def test_more_hints_or_trackers_than_hosts_parse_are_dropped_first():
+    peers = [(f"10.0.0.{i}", 6881) for i in range(1, MAX_PEER_HINTS + 3)]
+    trackers = [f"udp://t{i}.example:1" for i in range(MAX_TRACKERS + 2)]
+    uri, dropped = fit(trackers, peers, max_length=4096)
+    m = parse_magnet(uri)  # a host accepts it
+    assert len(m.peers) == MAX_PEER_HINTS and len(m.trackers) == MAX_TRACKERS
+    assert dropped == [
+        f"x.pe=10.0.0.{MAX_PEER_HINTS + 2}:6881",
+        f"x.pe=10.0.0.{MAX_PEER_HINTS + 1}:6881",
+        f"tr=udp://t{MAX_TRACKERS + 1}.example:1",
+        f"tr=udp://t{MAX_TRACKERS}.example:1",
+    ]
+    uri, _ = fit(trackers, peers)
+    assert len(uri) <= 255 and parse_magnet(uri).peers[0] == ("10.0.0.1", 6881)
 
 
-@pytest.mark.parametrize("value", ["10.0.0.2", "10.0.0.2:0", "10.0.0.2:70000", "bad host:1", ":1"])
-def test_parse_host_port_rejects(value):
-    with pytest.raises(ValueError):
-        parse_host_port(value)
+def test_ipv6_hints_are_bracketed_when_dropped():
+    peers = [("fd00::2", 6881), ("fd00::3", 6881)]
+    _, dropped = fit(["http://" + "t" * 120 + ":6969/announce"], peers)
+    assert "x.pe=[fd00::3]:6881" in dropped
+
+
+def test_a_tracker_that_does_not_parse_back_is_a_magnet_error():
+    with pytest.raises(ValueError, match="tracker"):
+        fit(["ftp://10.0.0.1/announce"], [])

@@ -1,3 +1,15 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
 """opentracker whitelist: format, atomic and change-only rewrites, reload by pid file."""
 
 import os
@@ -52,6 +64,7 @@ def test_bad_hash_and_unwritable_directory(tmp_path):
         tracker.render_whitelist(["xyz"])
     with pytest.raises(exception.TrackerError, match="tracker_whitelist_path"):
         tracker.write_whitelist(str(tmp_path / "missing-dir" / "whitelist.txt"), [V1])
+    assert not os.path.exists(tmp_path / "missing-dir")  # a mistyped path is not created
 
 
 def test_read_whitelist_like_opentracker(tmp_path):

@@ -1,42 +1,29 @@
-"""Popularity promotion: the sliding window, the handler hook, the image.send endpoint."""
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Popularity promotion: publishing on the threshold, the image.send endpoint, the hook."""
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 
 import pytest
 
-from nova_torrent_images import exception
+from nova_torrent_images import exception, popularity
 from nova_torrent_images.origin import promotion
-from nova_torrent_images.origin.publish import PublishResult, Registry
+from nova_torrent_images.origin.registry import PublishedImage, Registry
+from nova_torrent_images.popularity import RequestCounter
 from nova_torrent_images.testing.swarm import make_conf
-
-IMAGE_ID = "7b4c2b36-5e0f-4d61-9d4f-0e6f3f6a2c11"
-OTHER_ID = "0b1c2d3e-0000-4000-8000-000000000001"
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakePublisher:
-    """Records publishes; registers them in the registry like the real one."""
-
-    def __init__(self, registry: Registry, fail: Exception | None = None) -> None:
-        self.registry = registry
-        self.published: list[str] = []
-        self.fail = fail
-
-    def publish(self, image_id: str) -> PublishResult:
-        if self.fail is not None:
-            raise self.fail
-        self.published.append(image_id)
-        return PublishResult(image_id, "published", "magnet:?", None, "0" * 64, 1, 0.0)
+from tests.unit.origin.fakes import IMAGE_ID, OTHER_ID, Clock, FakePublisher
 
 
 @pytest.fixture
@@ -52,7 +39,7 @@ def clock():
 def make_promoter(conf, clock, publisher=None):
     registry = Registry(conf.torrent_images.origin_state_dir)
     publisher = publisher or FakePublisher(registry)
-    counter = promotion.RequestCounter(registry.state_dir, 600, clock=clock)
+    counter = RequestCounter(registry.state_dir, 600, clock=clock)
     return promotion.Promoter(conf, publisher, counter=counter), publisher
 
 
@@ -91,42 +78,10 @@ def test_counts_are_per_image(conf, clock):
     assert publisher.published == [OTHER_ID]
 
 
-def test_counter_survives_restarts(conf, clock):
-    state = conf.torrent_images.origin_state_dir
-    first = promotion.RequestCounter(state, 600, clock=clock)
-    for _ in range(5):
-        first.record(IMAGE_ID)
-    second = promotion.RequestCounter(state, 600, clock=clock)
-    assert second.count(IMAGE_ID) == 5
-    assert second.record(IMAGE_ID, threshold=6) == (6, True)
-    assert second.count(IMAGE_ID) == 0  # crossing clears the count in the same step
-
-
-def _count_in_process(state_dir: str, n: int) -> None:
-    counter = promotion.RequestCounter(state_dir, 600)
-    for _ in range(n):
-        counter.record(IMAGE_ID)
-
-
-def test_counter_is_safe_across_processes_and_threads(tmp_path):
-    state = str(tmp_path)
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_count_in_process, args=(state, 25)) for _ in range(3)]
-    threads = [threading.Thread(target=_count_in_process, args=(state, 25)) for _ in range(2)]
-    for w in procs + threads:
-        w.start()
-    for w in procs + threads:
-        w.join(timeout=60)
-    assert all(p.exitcode == 0 for p in procs)
-    assert promotion.RequestCounter(state, 600).count(IMAGE_ID) == 125
-
-
 def test_published_images_are_not_counted(conf, clock, tmp_path):
     promoter, _ = make_promoter(conf, clock)
     registry = promoter.registry
     staging = registry.stage(IMAGE_ID)
-    from nova_torrent_images.origin.publish import PublishedImage
-
     registry.commit(staging, PublishedImage(IMAGE_ID, 1, "sha512", "0" * 128, None, "0" * 64, 1, 1))
     assert promoter.record_request(IMAGE_ID).count == 0
 
@@ -179,7 +134,7 @@ def test_handler_hook(conf, clock, monkeypatch):
     publisher.publish = publish
     monkeypatch.setattr(promotion.Publisher, "from_conf", classmethod(lambda cls, c: publisher))
     monkeypatch.setattr(promotion, "_PROMOTERS", {})
-    results = [promotion.record_request(IMAGE_ID, conf) for _ in range(10)]
+    results = [popularity.record_request(IMAGE_ID, conf) for _ in range(10)]
     assert results == [False] * 9 + [True]
     assert published.wait(5)  # the publish runs in the background, not in the boot
     assert publisher.published == [IMAGE_ID]
@@ -188,15 +143,22 @@ def test_handler_hook(conf, clock, monkeypatch):
 def test_handler_hook_is_a_no_op_unless_chosen(conf, monkeypatch):
     monkeypatch.setattr(promotion, "_PROMOTERS", {})
     for _ in range(20):
-        assert promotion.record_request(IMAGE_ID, conf) is False  # source: notifications
+        assert popularity.record_request(IMAGE_ID, conf) is False  # source: notifications
     conf.set_override("promotion_enabled", False, "torrent_images")
     conf.set_override("promotion_source", "handler", "torrent_images")
-    assert promotion.record_request(IMAGE_ID, conf) is False
+    assert popularity.record_request(IMAGE_ID, conf) is False
     assert promotion._PROMOTERS == {}
 
 
 def test_handler_hook_never_raises(conf, monkeypatch, caplog):
     conf.set_override("promotion_source", "handler", "torrent_images")
     monkeypatch.setattr(promotion, "_PROMOTERS", {})
-    assert promotion.record_request("../../etc/passwd", conf) is False
+    assert popularity.record_request("../../etc/passwd", conf) is False
     assert "not a valid image id" in caplog.text
+
+
+def test_the_handler_promoter_is_built_once_per_conf(conf, monkeypatch):
+    monkeypatch.setattr(promotion, "_PROMOTERS", {})
+    first = promotion.handler_promoter(conf)
+    assert promotion.handler_promoter(conf) is first and first.background
+    assert promotion.handler_promoter(make_conf()) is not first

@@ -1,13 +1,31 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
 """Options of the origin side (Glance API nodes), group ``[torrent_images]``.
 
-They are kept apart from the compute-side options in :mod:`nova_torrent_images.conf` so the
-two sides can be read on their own, and are registered together with them through
-``conf.ALL_OPTS`` (one group, one ``list_opts`` for the sample file).
+* ``publish_opts`` -- the registry of published images and what their magnets say;
+* ``seeder_opts`` -- the origin seeder: rate, super-seeding, web seed, checks, statistics;
+* ``tracker_opts`` -- the opentracker whitelist and its reload;
+* ``promotion_opts`` -- automatic publication of popular images.
+
+They live here and not in :mod:`nova_torrent_images.origin`, so registering every option
+(as a compute host does) loads no origin code.
 """
 
 from __future__ import annotations
 
 from oslo_config import cfg
+
+from nova_torrent_images.conf import groups
 
 publish_opts = [
     cfg.StrOpt(
@@ -171,4 +189,9 @@ promotion_opts = [
     ),
 ]
 
-ORIGIN_OPTS = publish_opts + seeder_opts + tracker_opts + promotion_opts
+ALL_OPTS = publish_opts + seeder_opts + tracker_opts + promotion_opts
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register this module's options in ``[torrent_images]`` of ``conf`` (idempotent)."""
+    groups.register(conf, ALL_OPTS)

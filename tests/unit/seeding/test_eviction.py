@@ -1,15 +1,16 @@
-"""The seeding policy on a real filesystem store (no swarm needed)."""
+"""The eviction policy on a real filesystem store (no swarm needed)."""
 
 import hashlib
 import os
-import threading
 import time
 
 import pytest
 
 from nova_torrent_images import exception
 from nova_torrent_images.image import parse_image
-from nova_torrent_images.seeding import DownloadQueue, SeedManager
+from nova_torrent_images.locks import ImageLocks
+from nova_torrent_images.seeding.eviction import EvictionPolicy, EvictionSettings
+from nova_torrent_images.seeding.resume import ResumeFiles
 from nova_torrent_images.stores.base import CommitInfo
 from nova_torrent_images.stores.filesystem import FilesystemStore
 from nova_torrent_images.testing.swarm import make_conf
@@ -42,7 +43,13 @@ def store(tmp_path):
 
 
 def manager(store, tmp_path, **conf):
-    return SeedManager(make_conf(state_dir=str(tmp_path), **conf), store, engine=None)
+    conf = make_conf(state_dir=str(tmp_path), **conf)
+    return EvictionPolicy(
+        EvictionSettings.from_conf(conf),
+        store,
+        ResumeFiles.in_state_dir(str(tmp_path)),
+        try_lock=ImageLocks.in_state_dir(str(tmp_path)).try_hold,
+    )
 
 
 def test_max_age_deletes_only_unused(store, tmp_path):
@@ -84,40 +91,25 @@ def test_evict_refuses_in_use_and_unknown(store, tmp_path):
         seeds.evict("nope")
 
 
-def test_stale_slots_removed_base_copies_kept(store):
-    add_base(store, "img")
-    slot = store.begin_download("other", MiB)
-    with open(slot.path, "wb") as f:
-        f.write(b"partial")
-    assert store.remove_stale_slots() == 1
-    assert [b.image_id for b in store.list()] == ["img"]
-    assert not os.path.exists(slot.path)
+def test_a_base_copy_a_boot_holds_is_not_evicted(store, tmp_path):
+    """Between finding a base copy and cloning it, a boot holds the image lock."""
+    now = time.time()
+    add_base(store, "held", last_used=now - 300)
+    add_base(store, "free", last_used=now - 200)
+    policy = manager(store, tmp_path, store_quota=1)
+    locks = ImageLocks.in_state_dir(str(tmp_path))
+    with locks.hold("held"):
+        done = policy.make_room("next", MiB)
+    assert [a.image_id for a in done] == ["free"]
+    assert store.lookup("held") is not None
 
 
-def test_download_queue_is_fifo_and_bounded(caplog):
-    queue = DownloadQueue(limit=1)
-    order, running, peak = [], [0], [0]
-    lock = threading.Lock()
-    gate = threading.Event()
-
-    def job(n):
-        with queue.slot(f"img-{n}"):
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-                order.append(n)
-            gate.wait(5)
-            with lock:
-                running[0] -= 1
-
-    threads = []
-    for n in range(4):
-        t = threading.Thread(target=job, args=(n,))
-        t.start()
-        threads.append(t)
-        time.sleep(0.05)  # arrival order 0, 1, 2, 3
-    gate.set()
-    for t in threads:
-        t.join()
-    assert order == [0, 1, 2, 3] and peak[0] == 1
-    assert any("waiting for a download slot" in r.getMessage() for r in caplog.records)
+def test_concurrent_downloads_count_against_the_quota(store, tmp_path):
+    now = time.time()
+    for i in range(3):
+        add_base(store, f"img-{i}", last_used=now - 100 + i)
+    policy = manager(store, tmp_path, store_quota=4)
+    # One more MiB fits the quota alone, not with 2 MiB of another download running.
+    assert policy.make_room("next", MiB) == []
+    done = policy.make_room("next", MiB, in_flight=2 * MiB)
+    assert [a.image_id for a in done] == ["img-0", "img-1"]

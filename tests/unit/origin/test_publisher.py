@@ -1,75 +1,31 @@
-"""Publisher and registry against an in-memory Glance: idempotency, errors, rollback."""
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Publisher against an in-memory Glance: idempotency, errors, rollback, unpublish, check."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.origin.publish import Publisher, Registry, validate_image_id
+from nova_torrent_images.magnet import parse_magnet
+from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.tracker import read_whitelist
-from nova_torrent_images.swarm.torrent import load_torrent, parse_magnet
+from nova_torrent_images.swarm.torrent import load_torrent
 from nova_torrent_images.testing.swarm import make_conf
-
-IMAGE_ID = "7b4c2b36-5e0f-4d61-9d4f-0e6f3f6a2c11"
-
-
-class FakeGlance:
-    """The few GlanceClient calls the publisher makes, with call counts."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, dict] = {}
-        self.data: dict[str, bytes] = {}
-        self.updates: list[tuple[str, dict]] = []
-        self.removals: list[tuple[str, list]] = []
-        self.downloads = 0
-        self.fail_updates = False
-        self.fail_gets = False
-
-    def add(self, image_id: str = IMAGE_ID, size: int = 600_000, **fields) -> dict:
-        data = os.urandom(size or 0)
-        record = {
-            "id": image_id,
-            "name": "cirros",
-            "status": "active",
-            "size": size,
-            "disk_format": "raw",
-            "container_format": "bare",
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(data).hexdigest(),
-            "checksum": hashlib.md5(data).hexdigest(),  # noqa: S324  Glance's legacy checksum
-            "updated_at": "2026-01-01T00:00:00Z",
-        }
-        record.update(fields)
-        self.records[image_id], self.data[image_id] = record, data
-        return record
-
-    def get_image(self, image_id: str) -> dict:
-        if self.fail_gets:
-            raise exception.GlanceError(image_id=image_id, reason="503 Service Unavailable")
-        if image_id not in self.records:
-            raise exception.ImageNotFound(image_id=image_id)
-        return dict(self.records[image_id])
-
-    def set_properties(self, image_id: str, **props: str) -> None:
-        if self.fail_updates:
-            raise exception.GlanceError(image_id=image_id, reason="409 Conflict")
-        self.updates.append((image_id, props))
-        self.records[image_id].update(props)
-        self.records[image_id]["updated_at"] = f"2026-01-01T00:00:{len(self.updates):02d}Z"
-
-    def remove_properties(self, image_id: str, names) -> None:
-        self.removals.append((image_id, list(names)))
-        for name in names:
-            self.records[image_id].pop(name, None)
-
-    def download(self, image, destination, *, verify_hash=True, preallocated=False) -> int:
-        self.downloads += 1
-        with open(destination, "wb") as f:
-            f.write(self.data[image.id])
-        return image.size
+from nova_torrent_images.utils import parse_host_port
+from tests.unit.origin.fakes import IMAGE_ID, FakeGlance
 
 
 @pytest.fixture
@@ -304,16 +260,6 @@ def test_check_keeps_everything_when_glance_is_down(publisher, glance):
     assert publisher.registry.get(IMAGE_ID) is not None
 
 
-def test_registry_ignores_and_cleans_unfinished_entries(tmp_path):
-    registry = Registry(str(tmp_path)).ensure()
-    staging = registry.stage(IMAGE_ID)
-    open(staging.data_path, "wb").close()
-    assert registry.list() == [] and registry.get(IMAGE_ID) is None
-    os.utime(staging.directory, (0, 0))
-    registry.cleanup_staging(older_than=60)
-    assert os.listdir(registry.images_dir) == []
-
-
 def test_separate_data_dir(conf, glance, tmp_path):
     conf.set_override("origin_data_dir", str(tmp_path / "data"), "torrent_images")
     glance.add()
@@ -326,7 +272,34 @@ def test_separate_data_dir(conf, glance, tmp_path):
     assert os.listdir(tmp_path / "data") == []
 
 
-@pytest.mark.parametrize("bad", ["../etc", ".hidden", "a/b", "", "x" * 300])
-def test_image_ids_are_safe_file_names(bad):
-    with pytest.raises(exception.NotPublishable, match="not a valid image id"):
-        validate_image_id(bad)
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("10.0.0.2:6881", ("10.0.0.2", 6881)),
+        ("[fd00::2]:6881", ("fd00::2", 6881)),
+        ("glance-1.example.org:6881", ("glance-1.example.org", 6881)),
+    ],
+)
+def test_advertise_addresses_are_host_port(conf, glance, value, expected):
+    assert parse_host_port(value) == expected
+    conf.set_override("origin_advertise_addresses", [value], "torrent_images")
+    assert Publisher(conf, glance).advertise_peers() == [expected]
+
+
+@pytest.mark.parametrize("value", ["10.0.0.2", "10.0.0.2:0", "10.0.0.2:70000", "bad host:1", ":1"])
+def test_bad_advertise_address_is_a_config_error(conf, glance, value):
+    with pytest.raises(ValueError):
+        parse_host_port(value)
+    conf.set_override("origin_advertise_addresses", [value], "torrent_images")
+    with pytest.raises(exception.ConfigError, match="origin_advertise_addresses"):
+        Publisher(conf, glance).advertise_peers()
+
+
+def test_too_many_hints_are_dropped_not_refused(conf, glance):
+    hints = [f"10.0.1.{i}:6881" for i in range(1, 21)]
+    conf.set_override("origin_advertise_addresses", hints, "torrent_images")
+    glance.add()
+    result = Publisher(conf, glance).publish(IMAGE_ID)
+    assert len(result.magnet) <= 255
+    assert parse_magnet(result.magnet).peers[0] == ("10.0.1.1", 6881)
+    assert "x.pe=10.0.1.20:6881" in result.dropped_from_magnet

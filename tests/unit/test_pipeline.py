@@ -1,4 +1,4 @@
-"""Fetch orchestration without a swarm: the Glance path must never hand on bad bytes."""
+"""The pipeline without a swarm: the Glance path must never hand on bad bytes."""
 
 import hashlib
 import os
@@ -6,9 +6,9 @@ import os
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.fetch import fetch
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.image import parse_image
+from nova_torrent_images.pipeline import fetch_to_file
 from nova_torrent_images.testing.swarm import make_conf
 
 DATA = os.urandom(300_000)
@@ -42,7 +42,7 @@ def image(**props):
 
 def test_glance_path_verifies(tmp_path):
     dest = tmp_path / "img"
-    result = fetch(image(), str(dest), conf=make_conf(), glance=StubGlance(DATA))
+    result = fetch_to_file(image(), str(dest), conf=make_conf(), glance=StubGlance(DATA))
     assert result.source == "glance" and dest.read_bytes() == DATA
 
 
@@ -50,22 +50,22 @@ def test_glance_path_verifies(tmp_path):
 def test_glance_corruption_is_never_handed_on(tmp_path, body):
     dest = tmp_path / "img"
     with pytest.raises(exception.IntegrityError, match="img-1"):
-        fetch(image(), str(dest), conf=make_conf(), glance=StubGlance(body))
-    assert not dest.exists()
+        fetch_to_file(image(), str(dest), conf=make_conf(), glance=StubGlance(body))
+    assert os.listdir(tmp_path) == []  # no final file, no partial one
 
 
 def test_existing_destination_is_not_overwritten(tmp_path):
     dest = tmp_path / "img"
     dest.write_bytes(b"something the host already had")
     with pytest.raises(exception.StoreError, match="refusing to overwrite"):
-        fetch(image(), str(dest), conf=make_conf(), glance=StubGlance(DATA))
+        fetch_to_file(image(), str(dest), conf=make_conf(), glance=StubGlance(DATA))
     assert dest.read_bytes() == b"something the host already had"
 
 
 def test_bad_magnet_falls_to_glance_with_a_warning(tmp_path, caplog):
     glance = StubGlance(DATA)
     img = image(is_torrentable="true", torrent_magnet="magnet:?xt=urn:btih:nothex")
-    result = fetch(img, str(tmp_path / "img"), conf=make_conf(), glance=glance)
+    result = fetch_to_file(img, str(tmp_path / "img"), conf=make_conf(), glance=glance)
     assert result.source == "glance" and glance.calls == 1
     assert any(
         "torrent_magnet" in r.getMessage() and "img-1" in r.getMessage() for r in caplog.records
@@ -73,5 +73,6 @@ def test_bad_magnet_falls_to_glance_with_a_warning(tmp_path, caplog):
 
 
 def test_no_glance_and_no_torrent_is_a_clear_error(tmp_path):
-    with pytest.raises(exception.FetchFailed, match="no Glance client"):
-        fetch(image(), str(tmp_path / "img"), conf=make_conf(), glance=None)
+    with pytest.raises(exception.NotTorrentable, match="img-1"):
+        fetch_to_file(image(), str(tmp_path / "img"), conf=make_conf(), glance=None)
+    assert os.listdir(tmp_path) == []

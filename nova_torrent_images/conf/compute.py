@@ -1,0 +1,188 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Options of the compute side: which images go peer to peer, fetching, the local store.
+
+* ``policy_opts`` -- which images are delivered peer to peer, and by which image handler;
+* ``fetch_opts`` -- timeouts, fallback to Glance and verification of a download;
+* ``seeding_opts`` -- seeding after a download and the store of base copies.
+
+The libtorrent session (:mod:`.swarm`), XenServer (:mod:`.xenapi`) and the Glance client
+(:mod:`.glance`) have modules of their own.
+"""
+
+from __future__ import annotations
+
+from oslo_config import cfg
+
+from nova_torrent_images.conf import groups
+
+policy_opts = [
+    cfg.StrOpt(
+        "mode",
+        default="some",
+        choices=[
+            ("none", "Never use torrents; every image comes from Glance over HTTP."),
+            ("some", "Use torrents only for images whose is_torrentable property is true."),
+            (
+                "all",
+                "Use torrents for every image carrying a torrent magnet, unless its "
+                "is_torrentable property is explicitly false.",
+            ),
+        ],
+        help="Which images are delivered peer to peer.",
+    ),
+    cfg.StrOpt(
+        "torrentable_property",
+        default="is_torrentable",
+        help="Glance image property that marks an image for torrent delivery. Its value "
+        "must be true or false; anything else is reported and treated as not torrentable.",
+    ),
+    cfg.StrOpt(
+        "magnet_property",
+        default="torrent_magnet",
+        help="Glance image property holding the magnet URI of the image's torrent.",
+    ),
+    cfg.IntOpt(
+        "min_torrent_image_size",
+        default=0,
+        min=0,
+        help="Images smaller than this many MiB are always fetched from Glance over HTTP: "
+        "joining a swarm costs more than it saves for tiny images.",
+    ),
+    cfg.StrOpt(
+        "image_handler",
+        default="torrent",
+        help="Name of the image handler the XenAPI integration loads from the "
+        "nova_torrent_images.image_handlers entry point namespace ('torrent' or 'glance').",
+    ),
+]
+
+fetch_opts = [
+    cfg.IntOpt(
+        "metadata_timeout",
+        default=60,
+        min=1,
+        help="Give up on the swarm if no peer sends the torrent metadata within this many "
+        "seconds (no peers at all ends here).",
+    ),
+    cfg.IntOpt(
+        "stall_timeout",
+        default=60,
+        min=1,
+        help="Give up on the swarm if the download makes no progress for this many seconds.",
+    ),
+    cfg.IntOpt(
+        "overall_timeout",
+        default=3600,
+        min=1,
+        help="Give up on the swarm if the whole download takes longer than this many seconds.",
+    ),
+    cfg.BoolOpt(
+        "fallback_to_glance",
+        default=True,
+        help="When the swarm fails, download the image from Glance over HTTP instead "
+        "(verified like any download). When false, the failure is raised to Nova.",
+    ),
+    cfg.BoolOpt(
+        "verify_image_hash",
+        default=True,
+        help="Check downloaded bytes against Glance's os_hash_value (or checksum) before "
+        "handing the image on. Torrent piece hashes are always checked by libtorrent; "
+        "turn this off only to save the extra read of the image.",
+    ),
+    cfg.IntOpt(
+        "progress_interval",
+        default=10,
+        min=1,
+        help="Seconds between progress log lines of a running download.",
+    ),
+    cfg.StrOpt(
+        "state_dir",
+        default="/var/lib/nova-torrent-images",
+        help="Directory for this library's own state (torrent files, resume data, locks).",
+    ),
+]
+
+seeding_opts = [
+    cfg.IntOpt(
+        "seed_duration",
+        default=86400,
+        min=0,
+        help="Keep seeding a base copy for this many seconds after its last use (a boot "
+        "or clone). 0 means this host never seeds: it only downloads.",
+    ),
+    cfg.IntOpt(
+        "max_seeds",
+        default=20,
+        min=0,
+        help="Most images this host seeds at once; beyond it the least recently used "
+        "base copy stops seeding (it stays on disk for clones).",
+    ),
+    cfg.IntOpt(
+        "base_copy_max_age",
+        default=0,
+        min=0,
+        help="Delete base copies unused for this many seconds; 0 keeps them until space "
+        "runs short.",
+    ),
+    cfg.IntOpt(
+        "store_quota",
+        default=0,
+        min=0,
+        help="Most MiB the base copies of this library may take in the store; least "
+        "recently used unused base copies are evicted beyond it. 0 means no quota.",
+    ),
+    cfg.IntOpt(
+        "store_free_space_floor",
+        default=0,
+        min=0,
+        help="Evict least recently used unused base copies when the store's free space "
+        "would drop below this many MiB. 0 disables the floor.",
+    ),
+    cfg.IntOpt(
+        "max_concurrent_downloads",
+        default=2,
+        min=1,
+        help="Most image downloads a host runs at once; further requests wait in arrival "
+        "order and say so in the log.",
+    ),
+    cfg.IntOpt(
+        "prune_interval",
+        default=600,
+        min=0,
+        help="Seconds between runs of the expiry and eviction policy in a long-running "
+        "process (0: only around downloads and on 'nova-torrent-images prune').",
+    ),
+    cfg.StrOpt(
+        "store",
+        choices=[
+            ("filesystem", "Base copies are files in image_cache_dir (libvirt hosts)."),
+            ("xenapi", "Base copies are VDI snapshots in an SR (XenServer hosts)."),
+        ],
+        help="The store the command line tools operate on. Unset: commands that need a "
+        "store fail with a clear message.",
+    ),
+    cfg.StrOpt(
+        "image_cache_dir",
+        default="$state_dir/images",
+        help="Directory of the filesystem store (base copies and their sidecar files). "
+        "Put it on the filesystem of Nova's image cache so links and reflinks work.",
+    ),
+]
+
+ALL_OPTS = policy_opts + fetch_opts + seeding_opts
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register this module's options in ``[torrent_images]`` of ``conf`` (idempotent)."""
+    groups.register(conf, ALL_OPTS)

@@ -1,0 +1,435 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Publishing: a Glance image becomes a torrent the origin seeder serves.
+
+``publish`` reads the image from Glance once (a verified download), builds a hybrid v1+v2
+torrent of it named by the image id, keeps both in the registry (:mod:`.registry`), adds
+the info-hashes to the tracker whitelist (:mod:`.tracker`) and only then sets
+``torrent_magnet`` (fitted by :mod:`.magnets`) and ``is_torrentable=true`` on the image, so
+a host that sees the magnet finds a registry entry the seeder picks up within a second.
+The magnet names the trackers (``tr=``) and the origin seeders (``x.pe=``) and never a web
+seed: compute hosts must not pull from Glance over HTTP through the swarm.
+
+Publishing is idempotent: when the registry entry matches Glance's record (same size and
+``os_hash_value``) and the image already carries the same magnet and
+``is_torrentable=true``, nothing is written anywhere and Glance is not updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_torrent_images import exception
+from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.image import ImageInfo, parse_image
+from nova_torrent_images.magnet import MAGNET_MAX_LENGTH
+from nova_torrent_images.origin.magnets import fit_magnet
+from nova_torrent_images.origin.registry import PublishedImage, Registry, validate_image_id
+from nova_torrent_images.origin.tracker import TrackerWhitelist
+from nova_torrent_images.swarm.torrent import make_torrent
+from nova_torrent_images.utils import atomic_write, parse_host_port
+
+LOG = logging.getLogger(__name__)
+
+PUBLISHABLE_DISK_FORMATS = ("raw",)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class PublishResult:
+    """What a publish did."""
+
+    image_id: str
+    status: str  # "published", "updated" (Glance properties fixed) or "unchanged"
+    magnet: str
+    info_hash_v1: str | None
+    info_hash_v2: str | None
+    size: int
+    seconds: float
+    bytes_from_glance: int = 0
+    dropped_from_magnet: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.status != "unchanged"
+
+
+@dataclass
+class UnpublishResult:
+    image_id: str
+    was_published: bool
+    glance_updated: bool
+    reason: str
+
+
+class Publisher:
+    """Publish and unpublish Glance images on an origin node."""
+
+    def __init__(
+        self,
+        conf: cfg.ConfigOpts,
+        glance: GlanceClient,
+        *,
+        registry: Registry | None = None,
+        whitelist: TrackerWhitelist | None = None,
+    ) -> None:
+        self.conf = conf
+        self.opts = conf.torrent_images
+        self.glance = glance
+        self.registry = registry or Registry(self.opts.origin_state_dir, self.opts.origin_data_dir)
+        if whitelist is None and self.opts.tracker_whitelist_path:
+            whitelist = TrackerWhitelist(
+                self.opts.tracker_whitelist_path, self.opts.tracker_pidfile
+            )
+        self.whitelist = whitelist
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> Publisher:
+        return cls(conf, GlanceClient.from_conf(conf))
+
+    # -- configuration -----------------------------------------------------------------
+    def advertise_peers(self) -> list[tuple[str, int]]:
+        """The origin seeder addresses for ``x.pe`` (configured, or the listen address)."""
+        configured = [a for a in self.opts.origin_advertise_addresses if a.strip()]
+        option = "origin_advertise_addresses"
+        if not configured:
+            listen = [i for i in self.opts.listen_interfaces if i.strip()]
+            host = listen[0].rpartition(":")[0].strip("[]") if len(listen) == 1 else ""
+            if host in ("", "0.0.0.0", "::"):
+                return []
+            configured, option = listen, "listen_interfaces"
+        peers = []
+        for value in configured:
+            try:
+                peers.append(parse_host_port(value))
+            except ValueError as exc:
+                raise exception.ConfigError(option=option, reason=str(exc)) from None
+        return peers
+
+    def trackers(self) -> list[str]:
+        return [t.strip() for t in self.opts.origin_trackers if t.strip()]
+
+    def magnet_for(self, entry: PublishedImage) -> tuple[str, list[str]]:
+        trackers, peers = self.trackers(), self.advertise_peers()
+        if not trackers and not peers:
+            raise exception.ConfigError(
+                option="origin_advertise_addresses",
+                reason="the magnet would name neither a tracker nor an origin seeder, so no "
+                "host could find the swarm; set origin_advertise_addresses (host:port of "
+                "the origin seeders) and/or origin_trackers",
+            )
+        try:
+            return fit_magnet(
+                image_id=entry.image_id,
+                info_hash_v1=entry.info_hash_v1,
+                info_hash_v2=entry.info_hash_v2,
+                trackers=trackers,
+                peers=peers,
+            )
+        except ValueError as exc:  # MagnetError: a tracker URL that does not parse back
+            raise exception.ConfigError(option="origin_trackers", reason=str(exc)) from exc
+
+    # -- publish -----------------------------------------------------------------------
+    def _require_publishable(self, image: ImageInfo) -> None:
+        if image.status != "active":
+            raise exception.NotPublishable(
+                image_id=image.id,
+                reason=f"it is {image.status}, not active (only images with uploaded data "
+                "can be published)",
+            )
+        if image.disk_format not in PUBLISHABLE_DISK_FORMATS:
+            raise exception.NotPublishable(
+                image_id=image.id,
+                reason=f"its disk format is {image.disk_format}; only raw images are "
+                "published (compute hosts write the pieces straight into the destination, "
+                "which needs the bytes Nova boots)",
+            )
+        try:
+            image.require_verifiable()
+        except exception.InvalidImageMetadata as exc:
+            raise exception.NotPublishable(image_id=image.id, reason=str(exc)) from exc
+
+    def _image_info(self, image_id: str) -> ImageInfo:
+        return self._parse(self.glance.get_image(image_id))
+
+    def _parse(self, record: dict[str, Any]) -> ImageInfo:
+        return parse_image(
+            record,
+            torrentable_property=self.opts.torrentable_property,
+            magnet_property=self.opts.magnet_property,
+        )
+
+    def publish(self, image_id: str) -> PublishResult:
+        """Publish ``image_id``; a no-op when it is published and unchanged.
+
+        Raises :class:`ImageNotFound`, :class:`NotPublishable` (not active, not raw, no
+        hash) before changing anything; :class:`GlanceError`, :class:`RegistryError`,
+        :class:`TrackerError` or :class:`ConfigError` otherwise, after undoing its own
+        changes.
+        """
+        validate_image_id(image_id)
+        start = time.monotonic()
+        with self.registry.lock(image_id):
+            record = self.glance.get_image(image_id)
+            image = self._parse(record)
+            self._require_publishable(image)
+            entry = self.registry.get(image_id)
+            if entry is not None and not entry.matches(image):
+                LOG.warning(
+                    "Image %s changed in Glance since it was published (size %s -> %s, %s "
+                    "%s -> %s); publishing it again",
+                    image_id,
+                    entry.size,
+                    image.size,
+                    image.hash_algo,
+                    entry.hash_value[:16],
+                    (image.hash_value or "")[:16],
+                )
+                self.registry.remove(image_id)
+                entry = None
+            elif entry is not None and not entry.has_data():
+                LOG.warning(
+                    "Image %s: the published data %s is missing or truncated; reading "
+                    "the image from Glance again",
+                    image_id,
+                    entry.data_path,
+                )
+                self.registry.remove(image_id)
+                entry = None
+            created = entry is None
+            read = 0
+            if created:
+                # Settings problems (no tracker nor hint, a magnet that cannot fit) show
+                # before the image is read: the hashes' lengths are all that matter.
+                self.magnet_for(PublishedImage(image_id, 0, "", "", "0" * 40, "0" * 64, 0, 0))
+                entry = self._create(image, record)
+                read = entry.size
+            try:
+                return self._advertise(image, entry, created, read, start)
+            except BaseException:
+                if created:
+                    LOG.warning("Image %s: undoing the publish after an error", image_id)
+                    self.registry.remove(image_id)
+                    self._sync_whitelist(raise_errors=False)
+                raise
+
+    def _create(self, image: ImageInfo, record: dict[str, Any]) -> PublishedImage:
+        staging = self.registry.stage(image.id)
+        try:
+            LOG.info(
+                "Image %s: reading %d MiB from Glance to publish it", image.id, image.size >> 20
+            )
+            self.glance.download(image, staging.data_path)
+            torrent = make_torrent(staging.data_path, name=image.id)
+            if torrent.size != image.size:
+                raise exception.PublishError(
+                    image_id=image.id,
+                    reason=f"the torrent covers {torrent.size} bytes, Glance says {image.size}",
+                )
+            atomic_write(staging.torrent_path, torrent.data)
+            os.chmod(staging.data_path, 0o644)
+            entry = PublishedImage(
+                image_id=image.id,
+                size=image.size,
+                hash_algo=image.hash_algo,
+                hash_value=image.hash_value,
+                info_hash_v1=torrent.info_hash_v1,
+                info_hash_v2=torrent.info_hash_v2,
+                piece_length=torrent.piece_length,
+                num_pieces=torrent.num_pieces,
+                name=image.name,
+                checksum=record.get("checksum"),
+                glance_updated_at=record.get("updated_at"),
+                published_at=_now(),
+            )
+            return self.registry.commit(staging, entry)
+        except BaseException:
+            self.registry.abort(staging)
+            raise
+
+    def _advertise(
+        self, image: ImageInfo, entry: PublishedImage, created: bool, read: int, start: float
+    ) -> PublishResult:
+        magnet, dropped = self.magnet_for(entry)
+        if dropped:
+            LOG.warning(
+                "Image %s: the magnet had to be shortened to fit Glance's %d characters; "
+                "dropped %s",
+                image.id,
+                MAGNET_MAX_LENGTH,
+                ", ".join(dropped),
+            )
+        self._sync_whitelist()
+        props: dict[str, str] = {}
+        if image.magnet_uri != magnet:
+            props[self.opts.magnet_property] = magnet
+        set_torrentable = entry.set_torrentable
+        if image.is_torrentable is not True:
+            props[self.opts.torrentable_property] = "true"
+            set_torrentable = True
+        if props:
+            self.glance.set_properties(image.id, **props)
+            LOG.info("Image %s: set %s in Glance", image.id, ", ".join(sorted(props)))
+        if (entry.magnet, entry.set_torrentable, entry.dropped_from_magnet) != (
+            magnet,
+            set_torrentable,
+            dropped,
+        ):
+            entry = dataclasses.replace(
+                entry, magnet=magnet, set_torrentable=set_torrentable, dropped_from_magnet=dropped
+            )
+            self.registry.save(entry)
+        status = "published" if created else ("updated" if props else "unchanged")
+        seconds = time.monotonic() - start
+        LOG.info(
+            "Image %s: %s (%d MiB, %d pieces of %d KiB, v2 %s) in %.1fs: %s",
+            image.id,
+            status,
+            entry.size >> 20,
+            entry.num_pieces,
+            entry.piece_length >> 10,
+            entry.info_hash_v2,
+            seconds,
+            magnet,
+        )
+        return PublishResult(
+            image_id=image.id,
+            status=status,
+            magnet=magnet,
+            info_hash_v1=entry.info_hash_v1,
+            info_hash_v2=entry.info_hash_v2,
+            size=entry.size,
+            seconds=seconds,
+            bytes_from_glance=read,
+            dropped_from_magnet=dropped,
+        )
+
+    # -- unpublish ---------------------------------------------------------------------
+    def unpublish(
+        self, image_id: str, *, reason: str = "unpublish requested", update_glance: bool = True
+    ) -> UnpublishResult:
+        """Stop publishing ``image_id``: Glance properties, registry entry, whitelist.
+
+        Glance is updated first (hosts stop joining the swarm), then the entry and its
+        data are removed and the whitelist is rewritten. An image that is not published
+        is not an error; a ``torrent_magnet`` left in Glance is removed anyway.
+        """
+        validate_image_id(image_id)
+        with self.registry.lock(image_id):
+            return self._unpublish_locked(image_id, reason, update_glance)
+
+    def _unpublish_locked(self, image_id: str, reason: str, update_glance: bool) -> UnpublishResult:
+        entry = self.registry.get(image_id)
+        glance_updated = False
+        if update_glance:
+            glance_updated = self._remove_glance_properties(image_id, entry)
+        if entry is not None or os.path.exists(self.registry.entry_dir(image_id)):
+            self.registry.remove(image_id)
+        self._sync_whitelist()
+        if entry is not None:
+            LOG.info("Image %s unpublished: %s", image_id, reason)
+        else:
+            LOG.info("Image %s was not published here (%s)", image_id, reason)
+        return UnpublishResult(image_id, entry is not None, glance_updated, reason)
+
+    def _remove_glance_properties(self, image_id: str, entry: PublishedImage | None) -> bool:
+        try:
+            image = self._image_info(image_id)
+        except exception.ImageNotFound:
+            return False
+        remove = []
+        if image.magnet_uri is not None and (entry is None or entry.named_by(image.magnet_uri)):
+            remove.append(self.opts.magnet_property)
+        if entry is not None and entry.set_torrentable and image.is_torrentable is True:
+            remove.append(self.opts.torrentable_property)
+        if not remove:
+            return False
+        self.glance.remove_properties(image_id, remove)
+        LOG.info("Image %s: removed %s from Glance", image_id, ", ".join(remove))
+        return True
+
+    # -- listing and checks ------------------------------------------------------------
+    def published(self) -> list[PublishedImage]:
+        return self.registry.list()
+
+    def stale_reason(self, entry: PublishedImage) -> tuple[str, bool] | None:
+        """Why ``entry`` should no longer be published, and whether Glance needs fixing.
+
+        ``None`` when it is fine, or when Glance could not be asked (a Glance outage must
+        not unpublish everything).
+        """
+        try:
+            image = self._image_info(entry.image_id)
+        except exception.ImageNotFound:
+            return "it was deleted from Glance", False
+        except exception.InvalidImageMetadata as exc:
+            return f"its Glance record is no longer usable: {exc}", True
+        except exception.TorrentImagesError as exc:
+            LOG.warning(
+                "Image %s: cannot check it in Glance, still seeding: %s", entry.image_id, exc
+            )
+            return None
+        if image.status != "active":
+            return f"it is {image.status} in Glance", True
+        if not entry.matches(image):
+            return "it was replaced in Glance (its size or hash changed)", True
+        if not entry.named_by(image.magnet_uri):
+            return (
+                f"its {self.opts.magnet_property} property no longer names the published torrent",
+                False,
+            )
+        return None
+
+    def check(self) -> list[UnpublishResult]:
+        """Unpublish every entry that Glance no longer backs (the seeder's periodic check)."""
+        results = []
+        for entry in self.registry.list():
+            with self.registry.lock(entry.image_id):
+                current = self.registry.get(entry.image_id)
+                if current is None:
+                    continue
+                stale = self.stale_reason(current)
+                if stale is None:
+                    continue
+                reason, fix_glance = stale
+                LOG.warning("Image %s is unpublished: %s", entry.image_id, reason)
+                try:
+                    results.append(self._unpublish_locked(entry.image_id, reason, fix_glance))
+                except exception.TorrentImagesError as exc:
+                    LOG.error("Image %s: unpublishing failed: %s", entry.image_id, exc)
+        self.registry.cleanup_staging()
+        return results
+
+    def _sync_whitelist(self, *, raise_errors: bool = True) -> bool:
+        if self.whitelist is None:
+            return False
+        with self.registry.lock("whitelist"):
+            hashes = [h for e in self.registry.list() for h in e.tracker_hashes]
+            try:
+                return self.whitelist.sync(hashes)
+            except exception.TrackerError:
+                if raise_errors:
+                    raise
+                LOG.exception("Rewriting the tracker whitelist failed")
+                return False

@@ -1,0 +1,328 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+"""The one compute pipeline: make sure a verified base copy of an image exists, and use it.
+
+Every caller goes through :meth:`ImagePipeline.ensure_base`: the XenAPI image handlers,
+the libvirt hook, ``nova-torrent-images fetch`` (into the store, or with ``--output`` into
+the output-file store), the demo, the benchmarks and the tests::
+
+    policy.decide ─ once, from the Glance record and the store's disk formats
+        │
+    image lock ─ one download per image and host; held until the caller's use is done
+        │
+    usable base copy? ── yes ─→ touch, seed ─────────────────────────────┐
+        │ no                                                              │
+    download queue, room made (LRU eviction, counting running downloads) │
+        │                                                                 │
+    swarm into a store slot ─ verify ─ commit ─ save resume data ─ seed   │
+        │ failed: slot aborted; fallback decided here, and only here      │
+    Glance into a new slot ─ verified while streaming ─ commit            │
+        │                                                                 │
+        └──────────────→ use(base): clone (XenAPI), link (libvirt) ←──────┘
+
+``[torrent_images] fallback_to_glance`` is read here and nowhere else. A caller that
+brings no Glance client (the libvirt hook, whose fallback is Nova's own download) gets the
+swarm's typed error instead of a Glance download and falls back itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from nova_torrent_images import exception, policy
+from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.image import ImageInfo
+from nova_torrent_images.locks import ImageLocks
+from nova_torrent_images.seeding import status as status_file
+from nova_torrent_images.seeding.eviction import EvictionPolicy, EvictionSettings
+from nova_torrent_images.seeding.maintenance import Maintenance
+from nova_torrent_images.seeding.queue import DownloadQueue
+from nova_torrent_images.seeding.resume import ResumeFiles
+from nova_torrent_images.seeding.seeds import SeedManager, SeedSettings
+from nova_torrent_images.sources import FetchResult, GlanceSource, ProgressCallback, SwarmSource
+from nova_torrent_images.stores.base import BaseCopy, BaseCopyStore, CommitInfo
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Delivery:
+    """What :meth:`ImagePipeline.ensure_base` did."""
+
+    base: BaseCopy
+    downloaded: bool  # False: the base copy was already there
+    fetch: FetchResult | None = None  # how it was downloaded
+    used: Any = None  # what the caller's ``use`` returned (a clone's reference, ...)
+
+
+class ImagePipeline:
+    """Base copies of one store, kept and served by this process."""
+
+    def __init__(
+        self,
+        conf: cfg.ConfigOpts,
+        store: BaseCopyStore,
+        *,
+        engine: Any = None,
+        queue: DownloadQueue | None = None,
+        seeding: bool = True,
+    ) -> None:
+        """``engine`` is a started SwarmEngine (default: the process's, on first use)."""
+        opts = conf.torrent_images
+        self.conf = conf
+        self.store = store
+        self.engine = engine
+        self.state_dir = opts.state_dir
+        self.fallback_to_glance = opts.fallback_to_glance
+        self.verify_hash = opts.verify_image_hash
+        self.queue = queue or DownloadQueue(opts.max_concurrent_downloads)
+        self.locks = ImageLocks.in_state_dir(opts.state_dir)
+        self.resume = ResumeFiles.in_state_dir(opts.state_dir)
+        self._transfer_settings = None
+        caps = store.capabilities
+        self.seeds: SeedManager | None = None
+        if seeding and caps.seeds and opts.seed_duration > 0:
+            self.seeds = SeedManager(SeedSettings.from_conf(conf), store, self._engine, self.resume)
+        self.eviction: EvictionPolicy | None = None
+        if caps.keeps_base_copies:
+            self.eviction = EvictionPolicy(
+                EvictionSettings.from_conf(conf),
+                store,
+                self.resume,
+                seeds=self.seeds,
+                try_lock=self.locks.try_hold,
+            )
+        tasks: list[Callable[[], object]] = []
+        if self.eviction is not None:
+            tasks.append(self.eviction.prune)
+        if self.seeds is not None:
+            tasks += [self.seeds.resume_all, self.write_status]
+        self.maintenance = Maintenance(opts.prune_interval if self.seeds else 0, tasks)
+        # The most recent download of each image by this object (for reports and demos).
+        self.fetches: dict[str, FetchResult] = {}
+        self._in_flight: dict[object, int] = {}  # bytes of downloads not yet committed
+        self._in_flight_lock = threading.Lock()
+
+    def _engine(self) -> Any:
+        if self.engine is None:
+            from nova_torrent_images.swarm.engine import get_engine
+
+            self.engine = get_engine(self.conf)
+        return self.engine
+
+    def _swarm(self) -> SwarmSource:
+        if self._transfer_settings is None:
+            from nova_torrent_images.swarm.transfer import TransferSettings
+
+            self._transfer_settings = TransferSettings.from_conf(self.conf)
+        return SwarmSource(self._engine, self._transfer_settings, verify_hash=self.verify_hash)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover after a restart: drop what crashes left, seed base copies again."""
+        from nova_torrent_images.swarm.transfer import remove_stale_scratch
+
+        self.store.remove_stale_slots(try_lock=self.locks.try_hold)
+        remove_stale_scratch(self._swarm().settings.scratch_root)
+        if self.seeds is not None:
+            self.seeds.resume_all()
+            self.maintenance.start()
+
+    def shutdown(self) -> None:
+        """Stop seeding (detaching read-only views); the engine is left to its owner."""
+        self.maintenance.stop()
+        if self.seeds is not None:
+            self.seeds.shutdown()
+
+    def write_status(self) -> None:
+        """Publish this process's seeds for ``nova-torrent-images status``."""
+        if self.seeds is not None:
+            status_file.write(self.state_dir, self.store.name, self.seeds.status())
+
+    # -- the pipeline ------------------------------------------------------------------
+    def ensure_base(
+        self,
+        image: ImageInfo,
+        glance: GlanceClient | None,
+        *,
+        use_torrent: bool = True,
+        progress: ProgressCallback | None = None,
+        use: Callable[[BaseCopy], Any] | None = None,
+    ) -> Delivery:
+        """The verified base copy of ``image``, downloaded if need be, then ``use(base)``.
+
+        ``use`` runs under the image's lock, so the base copy cannot be evicted before it
+        is cloned or linked. ``glance=None`` means the caller is the fallback (Nova's own
+        download in the libvirt integration): an image policy keeps off the swarm raises
+        :class:`NotTorrentable`, a swarm failure :class:`TorrentFetchError` (the slot
+        destroyed first), and with fallback off :class:`FetchFailed`.
+        """
+        decision = policy.decide(
+            image, self.conf, disk_formats=self.store.capabilities.disk_formats
+        )
+        if glance is None and not (use_torrent and decision):
+            raise exception.NotTorrentable(
+                image_id=image.id,
+                reason=decision.reason if use_torrent else "the caller asked for no torrent",
+            )
+        with self.locks.hold(image.id):
+            base = self._usable_base(image)
+            if base is not None:
+                LOG.info(
+                    "Image %s: base copy %s found in %s; nothing downloaded",
+                    image.id,
+                    base.ref,
+                    self.store.name,
+                )
+                self.store.touch(base)
+                if self.seeds is not None:
+                    self.seeds.start(base)
+                return Delivery(base, False, used=use(base) if use else None)
+            with self.queue.slot(image.id):
+                base, fetched = self._download(
+                    image, glance, decision if use_torrent else None, progress
+                )
+            self.fetches[image.id] = fetched
+            return Delivery(base, True, fetched, used=use(base) if use else None)
+
+    def _usable_base(self, image: ImageInfo) -> BaseCopy | None:
+        base = self.store.lookup(image.id)
+        if base is None:
+            return None
+        if not base.matches(image):
+            LOG.warning(
+                "Image %s: base copy %s does not match Glance's record (hash or "
+                "size changed); it is not used",
+                image.id,
+                base.ref,
+            )
+            if not base.in_use:
+                if self.seeds is not None:
+                    self.seeds.stop(image.id)
+                self.store.destroy(base)
+                self.resume.remove(image.id)
+            return None
+        return base
+
+    def _download(
+        self,
+        image: ImageInfo,
+        glance: GlanceClient | None,
+        decision: policy.Decision | None,
+        progress: ProgressCallback | None,
+    ) -> tuple[BaseCopy, FetchResult]:
+        image.require_verifiable()
+        if image.torrent_error is not None:
+            LOG.warning("%s; the image is fetched from Glance", image.torrent_error)
+        with self._reservation(image.size) as token:
+            fallback_reason = None
+            if decision:
+                try:
+                    return self._fetch(image, self._swarm(), progress, token)
+                except exception.TorrentFetchError as exc:
+                    # The one place that decides what a swarm failure leads to.
+                    if not self.fallback_to_glance:
+                        raise exception.FetchFailed(
+                            image_id=image.id,
+                            reason=f"{exc}; [torrent_images] fallback_to_glance is off",
+                        ) from exc
+                    if glance is None:
+                        raise  # the caller falls back itself
+                    LOG.warning(
+                        "Image %s: swarm download failed, its download slot destroyed; "
+                        "falling back to a verified Glance download: %s",
+                        image.id,
+                        exc,
+                    )
+                    fallback_reason = str(exc)
+            elif decision is not None:
+                LOG.info("Image %s: plain Glance download: %s", image.id, decision.reason)
+            formats = self.store.capabilities.disk_formats
+            if formats is not None and image.disk_format not in formats:
+                raise exception.StoreError(
+                    reason=f"image {image.id} is {image.disk_format}; {self.store.name} takes "
+                    f"only {', '.join(formats)} images written as they are"
+                )
+            glance_source = GlanceSource(glance, verify_hash=self.verify_hash)
+            base, result = self._fetch(image, glance_source, progress, token)
+            result.fallback_reason = fallback_reason
+            return base, result
+
+    def _fetch(
+        self,
+        image: ImageInfo,
+        source: SwarmSource | GlanceSource,
+        progress: ProgressCallback | None,
+        token: object,
+    ) -> tuple[BaseCopy, FetchResult]:
+        """One source into one new slot, committed; the slot is aborted on any failure."""
+        if self.eviction is not None:
+            self.eviction.make_room(image.id, image.size, in_flight=self._others_in_flight(token))
+        slot = self.store.begin_download(image.id, image.size)
+        try:
+            result = source.fetch_into(image, slot, progress)
+            base = self.store.commit(slot, CommitInfo(image))
+        except BaseException:
+            self.store.abort(slot)
+            raise
+        result.destination = base.ref  # the slot is gone; the base copy is where it went
+        if result.resume_data and self.store.capabilities.seeds:
+            # Saved whether or not this process seeds: the long-running one adopts it.
+            self.resume.save(image.id, result.resume_data)
+        if self.seeds is not None:
+            self.seeds.start(base)
+        return base, result
+
+    # -- downloads of this process, for the quota ------------------------------------
+    @contextlib.contextmanager
+    def _reservation(self, size: int) -> Iterator[object]:
+        token = object()
+        with self._in_flight_lock:
+            self._in_flight[token] = size
+        try:
+            yield token
+        finally:
+            with self._in_flight_lock:
+                del self._in_flight[token]
+
+    def _others_in_flight(self, token: object) -> int:
+        with self._in_flight_lock:
+            return sum(size for t, size in self._in_flight.items() if t is not token)
+
+
+def fetch_to_file(
+    image: ImageInfo,
+    path: str,
+    *,
+    conf: cfg.ConfigOpts,
+    glance: GlanceClient | None,
+    engine: Any = None,
+    progress: ProgressCallback | None = None,
+) -> FetchResult:
+    """The verified image into a new file ``path`` (``fetch --output``), through the pipeline.
+
+    The output-file store is a store like the others: the same policy, swarm, verification
+    and fallback as a boot, and a file that appears under its name only when verified.
+    """
+    from nova_torrent_images import stores
+
+    store = stores.open_store(conf, "file", path=path)
+    pipeline = ImagePipeline(conf, store, engine=engine, seeding=False)
+    store.remove_stale_slots()
+    return pipeline.ensure_base(image, glance, progress=progress).fetch

@@ -1,0 +1,135 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+"""Where an image's bytes come from: the swarm and the Glance API, one class each.
+
+A source writes the verified image into a store's slot and says how it went
+(:class:`FetchResult`), or raises. It never cleans up the slot (the pipeline aborts it
+through the store that made it) and never decides what happens after a failure: that is
+the pipeline's job, in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from oslo_log import log as logging
+
+from nova_torrent_images import exception, verify
+from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.image import ImageInfo
+from nova_torrent_images.stores.base import Slot
+
+LOG = logging.getLogger(__name__)
+
+# Called on every poll with (bytes done, bytes wanted, payload rate B/s, connected peers).
+ProgressCallback = Callable[[int, int, int, int], None]
+
+
+@dataclass
+class FetchResult:
+    """How an image reached its slot."""
+
+    image_id: str
+    destination: str  # the slot while downloading; the base copy's ref once committed
+    source: str  # "torrent" or "glance"
+    seconds: float
+    bytes_from_peers: int = 0
+    bytes_from_origin: int = 0
+    bytes_from_glance: int = 0
+    fallback_reason: str | None = None
+    swarm: object | None = None  # swarm.transfer.SwarmStats of a swarm download
+    resume_data: bytes | None = None  # libtorrent resume data, when the swarm delivered it
+
+
+class SwarmSource:
+    """The image's swarm: pieces straight into the slot, then the Glance hash check."""
+
+    name = "torrent"
+
+    def __init__(
+        self, engine_factory: Callable[[], object], settings: object, *, verify_hash: bool
+    ):
+        self._engine_factory = engine_factory
+        self.settings = settings  # swarm.transfer.TransferSettings
+        self.verify_hash = verify_hash
+
+    def fetch_into(
+        self, image: ImageInfo, slot: Slot, progress: ProgressCallback | None = None
+    ) -> FetchResult:
+        """Raise :class:`~nova_torrent_images.exception.TorrentFetchError` on any failure."""
+        from nova_torrent_images.swarm.transfer import Transfer  # libtorrent: only when used
+
+        start = time.monotonic()
+        try:
+            transfer = Transfer(self._engine_factory(), image, slot.path, self.settings, progress)
+            stats = transfer.run()
+            if self.verify_hash:
+                verify.verify_file(image, slot.path, exact_size=not slot.preallocated)
+        except exception.TorrentFetchError:
+            raise
+        except exception.TorrentImagesError as exc:
+            raise exception.TorrentFetchError(image_id=image.id, reason=str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001  libtorrent raises bare RuntimeErrors
+            LOG.exception("Image %s: swarm download failed unexpectedly", image.id)
+            raise exception.TorrentFetchError(
+                image_id=image.id, reason=f"unexpected {type(exc).__name__}: {exc}"
+            ) from exc
+        seconds = time.monotonic() - start
+        LOG.info(
+            "Image %s: %d MiB from the swarm in %.1fs (%d MiB from peers, %d MiB from "
+            "origin seeders, %d peers, %d failed pieces)%s",
+            image.id,
+            image.size >> 20,
+            seconds,
+            stats.bytes_from_peers >> 20,
+            stats.bytes_from_origin >> 20,
+            stats.peers_seen,
+            stats.hash_failures,
+            ", verified" if self.verify_hash else "",
+        )
+        return FetchResult(
+            image_id=image.id,
+            destination=slot.path,
+            source=self.name,
+            seconds=seconds,
+            bytes_from_peers=stats.bytes_from_peers,
+            bytes_from_origin=stats.bytes_from_origin,
+            swarm=stats,
+            resume_data=transfer.resume_data,
+        )
+
+
+class GlanceSource:
+    """Glance's image data over HTTP, streamed into the slot and verified as it streams."""
+
+    name = "glance"
+
+    def __init__(self, glance: GlanceClient, *, verify_hash: bool) -> None:
+        self.glance = glance
+        self.verify_hash = verify_hash
+
+    def fetch_into(
+        self, image: ImageInfo, slot: Slot, progress: ProgressCallback | None = None
+    ) -> FetchResult:
+        start = time.monotonic()
+        written = self.glance.download(
+            image, slot.path, verify_hash=self.verify_hash, preallocated=slot.preallocated
+        )
+        return FetchResult(
+            image_id=image.id,
+            destination=slot.path,
+            source=self.name,
+            seconds=time.monotonic() - start,
+            bytes_from_glance=written,
+        )

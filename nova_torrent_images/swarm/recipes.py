@@ -1,0 +1,112 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""How a torrent joins the session: the three add-torrent recipes, in one place.
+
+* :func:`download_params` -- a compute host fetching an image by magnet, straight into
+  its destination, in upload mode until the metadata is checked;
+* :func:`seed_params` -- a compute host seeding a verified base copy from its resume data;
+* :func:`origin_params` -- an origin node seeding published data from the .torrent, or
+  fetching it again through a web seed when its data is missing.
+
+None of them is auto-managed or paused: libtorrent's queue would otherwise park a seed or
+a download behind others (DESIGN section 5).
+"""
+
+from __future__ import annotations
+
+import os
+
+import libtorrent as lt
+
+from nova_torrent_images.magnet import Magnet
+from nova_torrent_images.swarm.torrent import load_torrent
+
+
+def _flags(extra: int = 0) -> int:
+    flags = lt.torrent_flags.default_flags | extra
+    return flags & ~lt.torrent_flags.auto_managed & ~lt.torrent_flags.paused
+
+
+def info_hashes(magnet: Magnet) -> lt.info_hash_t:
+    v1 = lt.sha1_hash(bytes.fromhex(magnet.info_hash_v1)) if magnet.info_hash_v1 else None
+    v2 = lt.sha256_hash(bytes.fromhex(magnet.info_hash_v2)) if magnet.info_hash_v2 else None
+    if v1 is not None and v2 is not None:
+        return lt.info_hash_t(v1, v2)
+    return lt.info_hash_t(v1 if v1 is not None else v2)
+
+
+def download_params(
+    magnet: Magnet,
+    *,
+    name: str,
+    destination: str,
+    scratch_dir: str,
+    trackers: list[str],
+    peers: list[tuple[str, int]],
+) -> lt.add_torrent_params:
+    """Join a swarm by magnet; the torrent's one file is ``destination`` itself.
+
+    ``scratch_dir`` is the save path: a directory of its own that the caller removes
+    afterwards. libtorrent creates the zero-length files of a torrent (and their
+    directories) there as soon as the metadata arrives, before the one-file check can
+    refuse it; they must never land next to the destination (``/dev``, the image cache).
+    """
+    params = lt.add_torrent_params()
+    params.info_hashes = info_hashes(magnet)
+    params.name = name
+    params.save_path = scratch_dir
+    params.renamed_files = {0: destination}
+    params.trackers = trackers
+    params.peers = peers
+    # Upload mode: nothing is requested until the metadata is checked against Glance.
+    params.flags = _flags(lt.torrent_flags.upload_mode)
+    return params
+
+
+def seed_params(resume_data: bytes, *, path: str, trackers: list[str]) -> lt.add_torrent_params:
+    """Seed a verified base copy at ``path`` (a read-only view) from its resume data.
+
+    Seed mode with no file check: a device's size reads as 0, which would otherwise force
+    a full recheck; pieces are still hashed lazily the first time a peer asks for them.
+    """
+    params = lt.read_resume_data(resume_data)
+    params.save_path = os.path.dirname(path)
+    params.renamed_files = {0: path}
+    params.trackers = list(dict.fromkeys([*params.trackers, *trackers]))
+    params.flags = _flags(lt.torrent_flags.seed_mode | lt.torrent_flags.no_verify_files)
+    return params
+
+
+def origin_params(
+    torrent_data: bytes,
+    *,
+    path: str,
+    trackers: list[str],
+    web_seed: str | None = None,
+) -> lt.add_torrent_params:
+    """Seed published data at ``path``, or with ``web_seed`` download it into ``path`` again.
+
+    Published data was verified against Glance when it was written, so a seed starts in
+    seed mode (no rehash at start-up; each piece is checked the first time it is served).
+    """
+    params = lt.add_torrent_params()
+    params.ti = load_torrent(torrent_data)
+    params.save_path = os.path.dirname(path)
+    params.renamed_files = {0: path}
+    params.trackers = trackers
+    if web_seed is None:
+        params.flags = _flags(lt.torrent_flags.seed_mode)
+    else:
+        params.url_seeds = [web_seed]
+        params.flags = _flags()
+    return params

@@ -1,0 +1,136 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Small helpers every side uses, each written once: atomic files, host:port, owners.
+
+Look in oslo.utils and the standard library before adding one here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+import socket
+import tempfile
+
+from oslo_log import log as logging
+from oslo_utils import netutils
+
+LOG = logging.getLogger(__name__)
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def atomic_write(path: str, data: bytes | str, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole.
+
+    The temporary file lives in the same directory (``os.replace`` is atomic only within a
+    filesystem) and is fsynced before the rename, so a crash never leaves a torn file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or unlink in ``path`` durable (best effort: not every FS allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        LOG.debug("fsync of directory %s failed", path, exc_info=True)
+    finally:
+        os.close(fd)
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError says what is wrong.
+
+    oslo.utils splits the text; this adds what it leaves to callers: a port is required
+    and in range, and the host is an IP literal or a plain DNS name (nothing else).
+    """
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        host, port = netutils.parse_host_port(text)
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port") from None
+    if not host or (port is None and ":" in host and not text.startswith("[")):
+        # "a:b:c" comes back whole: an IPv6 address needs brackets to carry a port.
+        raise ValueError(f"{value!r} is not host:port")
+    if port is None:
+        raise ValueError(f"{value!r} is not host:port")
+    if not 0 < port < 65536:
+        raise ValueError(f"{value!r} has an invalid port")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{value!r} has an invalid host") from None
+    return host, port
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def format_host_port(host: str, port: int) -> str:
+    """The inverse of :func:`parse_host_port` (brackets around IPv6 literals)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def owner_tag() -> str:
+    """``host:pid`` of this process, for resources a restart must tell apart."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_is_gone(owner: str | None) -> bool:
+    """True when ``owner`` (an :func:`owner_tag`) names a process of this host that died.
+
+    Another host's owner (a shared SR) or an unreadable tag is never called gone.
+    """
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return not pid_alive(int(pid))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a process we may not signal counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
