@@ -67,6 +67,15 @@ class GlanceUnavailable(GlanceError):
     )
 
 
+class OfflineBootRefused(GlanceError):
+    """Glance is unreachable and the base copy on this host may not stand in for it."""
+
+    msg_fmt = (
+        "Image %(image_id)s cannot be booted while Glance is unreachable: %(reason)s "
+        "([torrent_images] offline_boot_max_age); Glance said: %(glance_error)s"
+    )
+
+
 class IntegrityError(TorrentImagesError):
     """Bytes do not match what Glance says the image is. Never handed on."""
 

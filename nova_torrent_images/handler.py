@@ -112,11 +112,16 @@ class GlanceImageHandler:
         self, context: Any, session: Any, instance: Any, image_id: str
     ) -> dict[str, dict[str, str]]:
         glance = self._glance_factory(context)
-        image = glance.image_info(image_id)
-        if self.use_torrent:
+        pipeline = self.pipeline(session)
+        project_id = getattr(context, "project_id", None)
+        try:
+            image = glance.image_info(image_id)
+        except exception.GlanceUnavailable as exc:
+            # Glance is down: a verified base copy here may stand in (the zones design).
+            image = pipeline.offline_image(image_id, project_id, exc)
+        if self.use_torrent and not image.offline:
             # Popularity promotion counts boots here when configured so (never raises).
             popularity.record_request(image_id, self.conf)
-        pipeline = self.pipeline(session)
         label = f"{_instance_label(instance)} root"
         delivery = pipeline.ensure_base(
             image,
@@ -125,6 +130,7 @@ class GlanceImageHandler:
             progress=self.progress,
             # Cloned under the image's lock: eviction cannot take the base copy meanwhile.
             use=lambda base: pipeline.store.clone(base, label=label),
+            project_id=project_id,
         )
         LOG.info(
             "Image %s: root disk VDI %s for %s (%s)",

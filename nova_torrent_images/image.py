@@ -74,6 +74,8 @@ class ImageInfo:
     magnet_uri: str | None
     properties: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict, repr=False)  # as Glance sent it
+    # True when Glance was unreachable and this comes from the record kept with a base copy.
+    offline: bool = False
     # The first problem found in the torrent properties, if any.
     torrent_error: exception.InvalidImageMetadata | None = None
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,7 @@ from oslo_log import log as logging
 
 from nova_torrent_images import exception, policy
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.image import ImageInfo
+from nova_torrent_images.image import ImageInfo, parse_image
 from nova_torrent_images.locks import ImageLocks
 from nova_torrent_images.seeding import status as status_file
 from nova_torrent_images.seeding.eviction import EvictionPolicy, EvictionSettings
@@ -90,6 +91,7 @@ class ImagePipeline:
         self.engine = engine
         self.state_dir = opts.state_dir
         self.fallback_to_glance = opts.fallback_to_glance
+        self.offline_boot_max_age = opts.offline_boot_max_age
         self.verify_hash = opts.verify_image_hash
         self.queue = queue or DownloadQueue(opts.max_concurrent_downloads)
         self.locks = ImageLocks.in_state_dir(opts.state_dir)
@@ -164,6 +166,7 @@ class ImagePipeline:
         use_torrent: bool = True,
         progress: ProgressCallback | None = None,
         use: Callable[[BaseCopy], Any] | None = None,
+        project_id: str | None = None,
     ) -> Delivery:
         """The verified base copy of ``image``, downloaded if need be, then ``use(base)``.
 
@@ -171,12 +174,14 @@ class ImagePipeline:
         is cloned or linked. ``glance=None`` means the caller is the fallback (Nova's own
         download in the libvirt integration): an image policy keeps off the swarm raises
         :class:`NotTorrentable`, a swarm failure :class:`TorrentFetchError` (the slot
-        destroyed first), and with fallback off :class:`FetchFailed`.
+        destroyed first), and with fallback off :class:`FetchFailed`. ``project_id`` is the
+        project Glance just showed ``image`` to; the base copy remembers it, for boots while
+        Glance is down (:meth:`offline_image`).
         """
         decision = policy.decide(
             image, self.conf, disk_formats=self.store.capabilities.disk_formats
         )
-        if glance is None and not (use_torrent and decision):
+        if glance is None and not (use_torrent and decision) and not image.offline:
             raise exception.NotTorrentable(
                 image_id=image.id,
                 reason=decision.reason if use_torrent else "the caller asked for no torrent",
@@ -191,15 +196,71 @@ class ImagePipeline:
                     self.store.name,
                 )
                 self.store.touch(base)
+                if project_id and not image.offline:
+                    self.store.add_project(base, project_id)
                 if self.seeds is not None:
                     self.seeds.start(base)
                 return Delivery(base, False, used=use(base) if use else None)
             with self.queue.slot(image.id):
                 base, fetched = self._download(
-                    image, glance, decision if use_torrent else None, progress
+                    image, glance, decision if use_torrent else None, progress, project_id
                 )
             self.fetches[image.id] = fetched
             return Delivery(base, True, fetched, used=use(base) if use else None)
+
+    def offline_image(
+        self, image_id: str, project_id: str | None, glance_error: Exception
+    ) -> ImageInfo:
+        """The image as Glance last showed it, for a boot while Glance is unreachable.
+
+        Only a verified base copy on this host can stand in, within
+        ``offline_boot_max_age`` of its verification, and only for a project Glance showed
+        the image to (its owner, a project that booted it before, anyone for a public or
+        community image): a cached record never widens who may boot an image. Raises
+        :class:`~nova_torrent_images.exception.OfflineBootRefused` otherwise.
+        """
+
+        def refuse(reason: str) -> exception.OfflineBootRefused:
+            return exception.OfflineBootRefused(
+                image_id=image_id, reason=reason, glance_error=glance_error
+            )
+
+        if not self.offline_boot_max_age:
+            raise refuse("boots without Glance are disabled")
+        base = self.store.lookup(image_id) if self.store.capabilities.keeps_base_copies else None
+        if base is None or not base.record:
+            raise refuse(f"this host has no verified base copy of it in {self.store.name}")
+        age = time.time() - base.created_at
+        if age > self.offline_boot_max_age:
+            raise refuse(
+                f"its base copy was verified {age:.0f}s ago, more than "
+                f"offline_boot_max_age={self.offline_boot_max_age}s"
+            )
+        record = base.record
+        visible = record.get("visibility") in ("public", "community")
+        if not visible and (
+            not project_id or project_id not in (record.get("owner"), *base.projects)
+        ):
+            raise refuse(
+                f"Glance never showed it to project {project_id} on this host, and it is "
+                f"{record.get('visibility') or 'not public'}"
+            )
+        opts = self.conf.torrent_images
+        image = parse_image(
+            record,
+            torrentable_property=opts.torrentable_property,
+            magnet_property=opts.magnet_property,
+        )
+        image.offline = True
+        LOG.warning(
+            "Image %s: Glance is unreachable (%s); booting the base copy %s verified %.0fs "
+            "ago, with the Glance record kept with it",
+            image_id,
+            glance_error,
+            base.ref,
+            age,
+        )
+        return image
 
     def _usable_base(self, image: ImageInfo) -> BaseCopy | None:
         base = self.store.lookup(image.id)
@@ -226,15 +287,17 @@ class ImagePipeline:
         glance: GlanceClient | None,
         decision: policy.Decision | None,
         progress: ProgressCallback | None,
+        project_id: str | None,
     ) -> tuple[BaseCopy, FetchResult]:
         image.require_verifiable()
+        commit = CommitInfo(image, projects=(project_id,) if project_id else ())
         if image.torrent_error is not None:
             LOG.warning("%s; the image is fetched from Glance", image.torrent_error)
         with self._reservation(image.size) as token:
             fallback_reason = None
             if decision:
                 try:
-                    return self._fetch(image, self._swarm(), progress, token)
+                    return self._fetch(commit, self._swarm(), progress, token)
                 except exception.TorrentFetchError as exc:
                     # The one place that decides what a swarm failure leads to.
                     if not self.fallback_to_glance:
@@ -260,24 +323,25 @@ class ImagePipeline:
                     f"only {', '.join(formats)} images written as they are"
                 )
             glance_source = GlanceSource(glance, verify_hash=self.verify_hash)
-            base, result = self._fetch(image, glance_source, progress, token)
+            base, result = self._fetch(commit, glance_source, progress, token)
             result.fallback_reason = fallback_reason
             return base, result
 
     def _fetch(
         self,
-        image: ImageInfo,
+        commit: CommitInfo,
         source: SwarmSource | GlanceSource,
         progress: ProgressCallback | None,
         token: object,
     ) -> tuple[BaseCopy, FetchResult]:
         """One source into one new slot, committed; the slot is aborted on any failure."""
+        image = commit.image
         if self.eviction is not None:
             self.eviction.make_room(image.id, image.size, in_flight=self._others_in_flight(token))
         slot = self.store.begin_download(image.id, image.size)
         try:
             result = source.fetch_into(image, slot, progress)
-            base = self.store.commit(slot, CommitInfo(image))
+            base = self.store.commit(slot, commit)
         except BaseException:
             self.store.abort(slot)
             raise

@@ -101,6 +101,16 @@ fetch_opts = [
         "turn this off only to save the extra read of the image.",
     ),
     cfg.IntOpt(
+        "offline_boot_max_age",
+        default=604800,
+        min=0,
+        help="While Glance is unreachable, boot an image from its verified base copy on "
+        "this host, using the Glance record kept with it, if the copy was verified at most "
+        "this many seconds ago. Only projects Glance showed the image to (its owner, any "
+        "project for public and community images) may boot it this way. 0 disables "
+        "boots without Glance.",
+    ),
+    cfg.IntOpt(
         "progress_interval",
         default=10,
         min=1,

@@ -203,8 +203,18 @@ class TorrentDownloads:
         if refusal is not None:
             LOG.debug("Image %s: Nova's own download: %s", image_id, refusal)
             return False
+        project_id = getattr(context, "project_id", None)
         try:
             image = image_from_nova(service.show(context, image_id), self.conf)
+        except nova_exception.GlanceConnectionFailed as exc:
+            # Glance is down: a verified base copy here may stand in (the zones design).
+            try:
+                image = self.pipeline().offline_image(image_id, project_id, exc)
+            except exception.OfflineBootRefused as refused:
+                LOG.error("%s", refused)
+                raise nova_exception.CouldNotFetchImage(
+                    message=str(refused), image_id=image_id
+                ) from refused
         except Exception as exc:  # noqa: BLE001  Nova's own download reports it properly
             LOG.warning(
                 "Image %s: cannot read its Glance record for the swarm path (%s); "
@@ -214,7 +224,7 @@ class TorrentDownloads:
             )
             return False
         try:
-            how = self._place(image, dst_path)
+            how = self._place(image, dst_path, project_id)
         except exception.NotTorrentable as exc:
             if image.torrent_error is not None:
                 LOG.warning("%s; Nova downloads the image from Glance", image.torrent_error)
@@ -243,10 +253,13 @@ class TorrentDownloads:
         LOG.info("Image %s: %s is a %s of the verified base copy", image_id, dst_path, how)
         return True
 
-    def _place(self, image: ImageInfo, dst_path: str) -> str:
+    def _place(self, image: ImageInfo, dst_path: str, project_id: str | None) -> str:
         # Linked under the image's lock: eviction cannot take the base copy meanwhile.
         delivery = self.pipeline().ensure_base(
-            image, None, use=lambda base: self._link_or_copy(image.id, base, dst_path)
+            image,
+            None,
+            use=lambda base: self._link_or_copy(image.id, base, dst_path),
+            project_id=project_id,
         )
         if not delivery.downloaded:
             LOG.info("Image %s: base copy %s already on this host", image.id, delivery.base.ref)

@@ -71,7 +71,9 @@ def make_image(glance_server, tmp_path):
     """Create a random raw image of ``size`` bytes in Glance and a torrent of it."""
     created = []
 
-    def make(size: int = 64 * MiB, name: str = "test-image") -> PublishedImage:
+    def make(
+        size: int = 64 * MiB, name: str = "test-image", visibility: str = "public"
+    ) -> PublishedImage:
         path = str(tmp_path / f"origin-{len(created)}.raw")
         with open(path, "wb") as f:
             left = size
@@ -79,7 +81,7 @@ def make_image(glance_server, tmp_path):
                 n = min(left, 8 * MiB)
                 f.write(os.urandom(n))
                 left -= n
-        record = glance_server.create_image(path, name=name)
+        record = glance_server.create_image(path, name=name, visibility=visibility)
         with open(path, "rb") as f:
             assert record["os_hash_value"] == hashlib.file_digest(f, "sha512").hexdigest()
         image = PublishedImage(glance_server, path, record, make_torrent(path, name=record["id"]))

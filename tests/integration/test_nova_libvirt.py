@@ -401,3 +401,37 @@ def test_launcher_runs_nova_compute_with_the_hook(
     if backend == "eventlet":
         # The hub kept running: other green threads of nova-compute were never starved.
         assert report["max_hub_gap"] < 0.5, report["max_hub_gap"]
+
+
+def test_cached_image_boots_while_glance_is_down(
+    make_image, hosts, compute, nova_conf, context, glance_server
+):
+    from tests.integration.test_glance_outage import dead_endpoint
+
+    image = make_image(8 * MiB)
+    seeder = hosts("seeder")
+    seeder.seed(image.torrent.data, image.path)
+    image.set_magnet(peers=[seeder.endpoint])
+    never_cached = make_image(4 * MiB, name="never-cached")
+    _, hook = compute()
+    first = nova_cache_path(nova_conf, image.id) + ".part"
+    nova_glance.GlanceImageServiceV2().download(context, image.id, dst_path=first)
+    os.unlink(first)  # Nova's cache manager removed its file; the base copy stays
+
+    nova_conf.set_override("endpoint_override", dead_endpoint(), "glance")
+    service_auth.reset_globals()
+    again = nova_cache_path(nova_conf, image.id) + ".part"
+    nova_glance.GlanceImageServiceV2().download(context, image.id, dst_path=again)
+
+    assert sha512_of(again) == image.record["os_hash_value"]
+    # Another project, and an image this host never verified: typed errors naming it.
+    other = nova_context.RequestContext(
+        user_id="other", project_id="other-project", auth_token="noauth", is_admin=True
+    )
+    with pytest.raises(nova_exception.CouldNotFetchImage, match=image.id):
+        nova_glance.GlanceImageServiceV2().download(other, image.id, dst_path=again + "-other")
+    with pytest.raises(nova_exception.CouldNotFetchImage, match=never_cached.id):
+        nova_glance.GlanceImageServiceV2().download(
+            context, never_cached.id, dst_path=nova_cache_path(nova_conf, never_cached.id)
+        )
+    assert not os.path.exists(again + "-other")

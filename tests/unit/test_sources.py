@@ -1,0 +1,198 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Sources: the Glance stream and the swarm, each into a store slot, failures typed."""
+
+import hashlib
+import os
+
+import pytest
+
+from nova_torrent_images import exception
+from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.image import parse_image
+from nova_torrent_images.magnet import build_magnet
+from nova_torrent_images.sources import GlanceSource, SwarmSource
+from nova_torrent_images.stores.base import Slot
+from nova_torrent_images.stores.filesystem import FilesystemStore
+from nova_torrent_images.swarm import transfer
+from nova_torrent_images.swarm.torrent import make_torrent
+from nova_torrent_images.swarm.transfer import SwarmStats, TransferSettings
+from nova_torrent_images.testing.swarm import SimulatedHost
+
+MiB = 1024 * 1024
+DATA = os.urandom(MiB)
+MAGNET = build_magnet(info_hash_v2="ab" * 32, peers=[("127.0.0.1", 6881)])
+
+
+class StubGlance(GlanceClient):
+    """Serves fixed bytes in chunks, the way glanceclient's iterator does."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(client=None)
+        self.body = body
+        self.calls = 0
+
+    def iter_data(self, image_id):
+        self.calls += 1
+        return (self.body[i : i + 65536] for i in range(0, len(self.body), 65536))
+
+
+def image(data=DATA, **props):
+    return parse_image(
+        {
+            "id": "img-1",
+            "status": "active",
+            "size": len(data),
+            "disk_format": "raw",
+            "os_hash_algo": "sha512",
+            "os_hash_value": hashlib.sha512(data).hexdigest(),
+            **props,
+        }
+    )
+
+
+def settings(tmp_path, **overrides):
+    values = {
+        "metadata_timeout": 10,
+        "stall_timeout": 10,
+        "overall_timeout": 30,
+        "progress_interval": 30,
+        "trackers": (),
+        "scratch_root": str(tmp_path / "scratch"),
+    }
+    values.update(overrides)
+    return TransferSettings(**values)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return FilesystemStore(str(tmp_path / "images"))
+
+
+# -- Glance ----------------------------------------------------------------------------
+
+
+def test_glance_into_a_slot(store):
+    img = image()
+    slot = store.begin_download(img.id, img.size)
+    glance = StubGlance(DATA)
+    result = GlanceSource(glance, verify_hash=True).fetch_into(img, slot)
+    assert result.source == "glance" and result.bytes_from_glance == len(DATA)
+    assert result.destination == slot.path and glance.calls == 1
+    with open(slot.path, "rb") as f:
+        assert hashlib.sha512(f.read()).hexdigest() == img.hash_value
+
+
+def test_glance_corruption_into_a_new_slot_leaves_nothing(store):
+    img = image()
+    slot = store.begin_download(img.id, img.size)
+    bad = DATA[:-1] + bytes([DATA[-1] ^ 1])
+    with pytest.raises(exception.IntegrityError, match="img-1"):
+        GlanceSource(StubGlance(bad), verify_hash=True).fetch_into(img, slot)
+    assert os.listdir(store.directory) == []
+
+
+def test_glance_into_a_preallocated_slot_writes_in_place(tmp_path):
+    device = tmp_path / "xvdb"
+    device.write_bytes(b"\0" * (2 * MiB))  # a VDI rounded up to its SR's allocation unit
+    img = image()
+    slot = Slot(image_id=img.id, size=img.size, path=str(device), preallocated=True)
+    GlanceSource(StubGlance(DATA), verify_hash=True).fetch_into(img, slot)
+    content = device.read_bytes()
+    assert len(content) == 2 * MiB and content[: len(DATA)] == DATA
+
+    with pytest.raises(exception.IntegrityError):
+        GlanceSource(StubGlance(DATA[:-5]), verify_hash=True).fetch_into(img, slot)
+    assert device.exists()  # the store's to clean up, never removed by the source
+
+
+# -- the swarm -------------------------------------------------------------------------
+
+
+class BrokenEngine:
+    def add_torrent(self, params, label):
+        raise RuntimeError("libtorrent said no")
+
+
+def test_swarm_wraps_an_unexpected_error_naming_the_image(tmp_path, store):
+    img = image(is_torrentable="true", torrent_magnet=MAGNET)
+    slot = store.begin_download(img.id, img.size)
+    source = SwarmSource(BrokenEngine, settings(tmp_path), verify_hash=True)
+    with pytest.raises(exception.TorrentFetchError, match="img-1") as excinfo:
+        source.fetch_into(img, slot)
+    assert "unexpected RuntimeError: libtorrent said no" in str(excinfo.value)
+    assert isinstance(excinfo.value.__cause__, RuntimeError)
+    assert os.listdir(tmp_path / "scratch") == []  # the transfer's scratch dir is gone
+
+
+def test_swarm_wraps_our_own_errors(tmp_path, store):
+    img = image()  # no magnet
+    slot = store.begin_download(img.id, img.size)
+    source = SwarmSource(BrokenEngine, settings(tmp_path), verify_hash=True)
+    with pytest.raises(exception.TorrentFetchError, match="img-1") as excinfo:
+        source.fetch_into(img, slot)
+    assert isinstance(excinfo.value.__cause__, exception.NotTorrentable)
+
+
+@pytest.mark.parametrize("verify_hash", [True, False])
+def test_swarm_bytes_are_verified_against_glance(tmp_path, store, monkeypatch, verify_hash):
+    img = image(is_torrentable="true", torrent_magnet=MAGNET)
+    slot = store.begin_download(img.id, img.size)
+
+    def lying_swarm(self):  # pieces that pass their hashes, bytes that are not the image
+        with open(self.destination, "wb") as f:
+            f.write(os.urandom(len(DATA)))
+        return SwarmStats(bytes_total=len(DATA))
+
+    monkeypatch.setattr(transfer.Transfer, "run", lying_swarm)
+    source = SwarmSource(BrokenEngine, settings(tmp_path), verify_hash=verify_hash)
+    if verify_hash:
+        with pytest.raises(exception.TorrentFetchError, match="img-1") as excinfo:
+            source.fetch_into(img, slot)
+        assert isinstance(excinfo.value.__cause__, exception.IntegrityError)
+    else:
+        assert source.fetch_into(img, slot).source == "torrent"
+
+
+def test_swarm_passes_its_typed_errors_through(tmp_path, store, monkeypatch):
+    img = image(is_torrentable="true", torrent_magnet=MAGNET)
+    slot = store.begin_download(img.id, img.size)
+    stalled = exception.TorrentStalled(image_id="img-1", timeout=1, percent=50.0, peers=0)
+
+    def stall(self):
+        raise stalled
+
+    monkeypatch.setattr(transfer.Transfer, "run", stall)
+    source = SwarmSource(BrokenEngine, settings(tmp_path), verify_hash=True)
+    with pytest.raises(exception.TorrentStalled) as excinfo:
+        source.fetch_into(img, slot)
+    assert excinfo.value is stalled
+
+
+def test_swarm_into_a_slot_from_a_real_seeder(tmp_path, store):
+    src = tmp_path / "origin" / "img-1"
+    src.parent.mkdir()
+    src.write_bytes(DATA)
+    torrent = make_torrent(str(src))
+    with SimulatedHost("origin") as seeder, SimulatedHost("compute") as compute:
+        seeder.seed(torrent.data, str(src))
+        magnet = torrent.magnet(peers=[seeder.endpoint])
+        img = image(is_torrentable="true", torrent_magnet=magnet)
+        slot = store.begin_download(img.id, img.size)
+        source = SwarmSource(lambda: compute.engine, settings(tmp_path), verify_hash=True)
+        result = source.fetch_into(img, slot)
+    assert result.source == "torrent" and result.resume_data
+    assert result.bytes_from_origin == len(DATA) and result.bytes_from_peers == 0
+    with open(slot.path, "rb") as f:
+        assert hashlib.sha512(f.read()).hexdigest() == img.hash_value
+    assert os.listdir(tmp_path / "scratch") == []
