@@ -46,12 +46,15 @@ def write(state_dir: str, store_name: str, statuses: Iterable[SeedStatus]) -> No
 
 
 def read_live(state_dir: str) -> dict[str, dict[str, Any]]:
-    """Image id -> live numbers, when the process that wrote them still runs."""
+    """Image id -> live numbers, when the process that wrote them still runs.
+
+    Anything unreadable reads as no live numbers: ``status`` still lists the store.
+    """
     try:
         with open(os.path.join(state_dir, FILE_NAME)) as f:
             status = json.load(f)
         if not utils.pid_alive(int(status["pid"])):
             return {}
-    except (OSError, ValueError, KeyError, TypeError):
+        return {entry["image_id"]: dict(entry) for entry in status.get("images", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
-    return {entry["image_id"]: entry for entry in status.get("images", [])}

@@ -37,7 +37,7 @@ import libtorrent as lt
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception, utils
+from nova_torrent_images import exception, utils, verify
 from nova_torrent_images.image import ImageInfo
 from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
@@ -85,6 +85,7 @@ class SwarmStats:
     bytes_from_peers: int = 0  # every other peer: other compute hosts
     peers_seen: int = 0
     hash_failures: int = 0
+    peers_banned: int = 0  # peers libtorrent banned or refused (peer_ban/blocked)
     seconds: float = 0.0
     per_peer: dict[str, int] = field(default_factory=dict)
 
@@ -210,6 +211,9 @@ class Transfer:
         start = time.monotonic()
         peers = resolve_peers(self.magnet.peers, min(RESOLVE_TIMEOUT, self.opts.metadata_timeout))
         self._origin_hosts = {host for host, _ in peers}
+        # A destination this transfer creates is removed again if it fails: libtorrent may
+        # create it (empty) when a hostile torrent's zero-length file comes first.
+        created = not os.path.lexists(self.destination)
         os.makedirs(self.opts.scratch_root, exist_ok=True)
         scratch = os.path.join(self.opts.scratch_root, f"{os.getpid()}-{time.monotonic_ns()}")
         os.mkdir(scratch, 0o700)
@@ -231,6 +235,10 @@ class Transfer:
             finally:
                 self.stats.seconds = time.monotonic() - start
                 self.engine.remove_torrent(self._watch)
+        except BaseException:
+            if created:
+                verify.discard(self.destination)
+            raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return self.stats
@@ -306,6 +314,7 @@ class Transfer:
                 image_id=self.image.id, path=self.destination, reason=alert.message
             )
         elif alert.is_a(lt.peer_ban_alert, lt.peer_blocked_alert):
+            self.stats.peers_banned += 1
             LOG.warning("Image %s: %s", self.image.id, alert.message)
         elif alert.is_a(lt.tracker_error_alert):
             LOG.warning("Image %s: tracker: %s", self.image.id, alert.message)

@@ -67,16 +67,17 @@ def test_read_live_without_a_file(tmp_path):
 @pytest.mark.parametrize(
     "content",
     [
-        "",
-        "{not json",
-        "[]",
-        "null",
-        '{"images": []}',
-        '{"pid": "abc", "images": []}',
-        '{"pid": null, "images": []}',
-        '{"pid": %(pid)d, "images": 5}',
-        '{"pid": %(pid)d, "images": [1, 2]}',
-        '{"pid": %(pid)d, "images": [{"seeding": true}]}',
+        pytest.param("", id="empty"),
+        pytest.param("{not json", id="not-json"),
+        pytest.param("[]", id="a-list"),
+        pytest.param("null", id="null"),
+        pytest.param('{"images": []}', id="no-pid"),
+        pytest.param('{"pid": "abc", "images": []}', id="pid-not-a-number"),
+        pytest.param('{"pid": null, "images": []}', id="pid-null"),
+        # A live writer's pid, with images that are not what write() puts there.
+        pytest.param('{"pid": %(pid)d, "images": 5}', id="images-not-a-list"),
+        pytest.param('{"pid": %(pid)d, "images": [1, 2]}', id="image-entries-not-objects"),
+        pytest.param('{"pid": %(pid)d, "images": [{"seeding": true}]}', id="entry-without-id"),
     ],
 )
 def test_read_live_ignores_garbage(tmp_path, content):

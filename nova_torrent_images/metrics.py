@@ -1,0 +1,338 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+"""Prometheus metrics of a compute host and of an origin seeder (``doc/source/metrics.rst``).
+
+Each :class:`Metrics` (compute side) and :class:`OriginMetrics` (origin side) owns a
+``CollectorRegistry`` of its own, never prometheus_client's global one, so tests and
+several simulated hosts in one process keep their numbers apart. A process uses
+:func:`get_metrics` unless it is given another.
+
+Exposition:
+
+* a compute host runs inside nova-compute, which serves no HTTP: the pipeline writes
+  ``[torrent_images] metrics_textfile`` for node_exporter's textfile collector
+  (:meth:`Metrics.write_textfile`, atomic: written beside it, then renamed);
+* the origin seeder serves ``/metrics`` on ``[torrent_images] origin_metrics_listen``
+  (:meth:`OriginMetrics.serve`), its numbers read from the seeder at each scrape.
+
+Label values are bounded: sources and outcomes are fixed words, error labels are class
+names of :mod:`nova_torrent_images.exception` (anything else is ``other``), never a
+message, image id or peer address.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from oslo_log import log as logging
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+    write_to_textfile,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from nova_torrent_images import exception, utils
+
+if TYPE_CHECKING:
+    from nova_torrent_images.seeding.seeds import SeedManager
+    from nova_torrent_images.sources import FetchResult
+    from nova_torrent_images.stores.base import BaseCopyStore
+
+LOG = logging.getLogger(__name__)
+
+#: Fetch durations: a small image from a warm swarm takes about a second, a large one from
+#: a cold swarm or a slow Glance up to ``overall_timeout`` (30 minutes by default).
+FETCH_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1200, 1800)
+
+BYTE_SOURCES = ("peers", "origin", "glance")
+FETCH_SOURCES = ("torrent", "glance")
+OUTCOMES = ("ok", "error")
+# Why a swarm download fails; exported at 0 from the start so rates work from the first one.
+FALLBACK_REASONS = (
+    "MetadataTimeout",
+    "TorrentStalled",
+    "TorrentTimeout",
+    "TorrentMismatch",
+    "TorrentStorageError",
+    "IntegrityError",
+    "TorrentFetchError",
+)
+
+
+def error_label(exc: BaseException) -> str:
+    """The bounded label of a failure: its class name in our exception module, or ``other``.
+
+    A swarm source wraps what it does not raise itself (a hash mismatch found by the final
+    check, a store error) in a plain ``TorrentFetchError``; the wrapped class says more.
+    """
+    cause = exc.__cause__
+    if type(exc) is exception.TorrentFetchError and isinstance(
+        cause, exception.TorrentImagesError
+    ):
+        exc = cause
+    if isinstance(exc, exception.TorrentImagesError):
+        return type(exc).__name__
+    return "other"
+
+
+class Metrics:
+    """The compute host's metrics: downloads, fallbacks, base copies, seeds and the store."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.image_bytes = Counter(
+            "nti_image_bytes",
+            "Image bytes delivered to this host, by where they came from (peers: other "
+            "compute hosts; origin: origin seeders and web seeds; glance: Glance over HTTP).",
+            ["source"],
+            registry=r,
+        )
+        self.fetch_seconds = Histogram(
+            "nti_fetch_seconds",
+            "Duration of successful image downloads into the store, by source.",
+            ["source"],
+            buckets=FETCH_BUCKETS,
+            registry=r,
+        )
+        self.fetches = Counter(
+            "nti_fetches",
+            "Image downloads by source (torrent, glance) and outcome (ok, error).",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.fetch_errors = Counter(
+            "nti_fetch_errors",
+            "Failed image downloads by source and error class.",
+            ["source", "error"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "nti_fallbacks",
+            "Swarm downloads that failed and fell back to Glance, by error class.",
+            ["reason"],
+            registry=r,
+        )
+        self.hash_failures = Counter(
+            "nti_hash_failures",
+            "Pieces of completed swarm downloads that failed their hash check.",
+            registry=r,
+        )
+        self.peers_banned = Counter(
+            "nti_peers_banned",
+            "Peers libtorrent banned or refused during completed swarm downloads.",
+            registry=r,
+        )
+        self.base_copy_hits = Counter(
+            "nti_base_copy_hits",
+            "Requests served by a base copy already in the store (nothing downloaded).",
+            registry=r,
+        )
+        self.seeds = Gauge("nti_seeds", "Base copies this host seeds now.", registry=r)
+        self.seed_uploaded = Gauge(
+            "nti_seed_uploaded_bytes",
+            "Payload bytes uploaded by the current seeds, over their lifetime.",
+            registry=r,
+        )
+        self.store_bytes = Gauge(
+            "nti_store_bytes",
+            "The store: bytes held by base copies (ours), free and total.",
+            ["kind"],
+            registry=r,
+        )
+        self.base_copies = Gauge("nti_base_copies", "Base copies in the store.", registry=r)
+        self._textfile_lock = threading.Lock()
+        for source in BYTE_SOURCES:
+            self.image_bytes.labels(source=source)
+        for source in FETCH_SOURCES:
+            self.fetch_seconds.labels(source=source)
+            for outcome in OUTCOMES:
+                self.fetches.labels(source=source, outcome=outcome)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason=reason)
+
+    # -- events --------------------------------------------------------------------------
+    def fetch_succeeded(self, result: FetchResult) -> None:
+        """Count a download that reached a base copy."""
+        self.fetches.labels(source=result.source, outcome="ok").inc()
+        self.fetch_seconds.labels(source=result.source).observe(result.seconds)
+        for source, value in (
+            ("peers", result.bytes_from_peers),
+            ("origin", result.bytes_from_origin),
+            ("glance", result.bytes_from_glance),
+        ):
+            if value:
+                self.image_bytes.labels(source=source).inc(value)
+        swarm = result.swarm
+        if swarm is not None:
+            self.hash_failures.inc(getattr(swarm, "hash_failures", 0))
+            self.peers_banned.inc(getattr(swarm, "peers_banned", 0))
+
+    def fetch_failed(self, source: str, exc: BaseException) -> None:
+        """Count a download of ``source`` (torrent or glance) that raised ``exc``."""
+        self.fetches.labels(source=source, outcome="error").inc()
+        self.fetch_errors.labels(source=source, error=error_label(exc)).inc()
+
+    def fallback(self, exc: BaseException) -> None:
+        """Count a swarm failure that leads to a Glance download."""
+        self.fallbacks.labels(reason=error_label(exc)).inc()
+
+    def base_copy_hit(self) -> None:
+        self.base_copy_hits.inc()
+
+    # -- state ---------------------------------------------------------------------------
+    def observe_store(self, store: BaseCopyStore, seeds: SeedManager | None) -> None:
+        """Set the store and seed gauges from ``store`` and ``seeds`` now."""
+        capacity = store.capacity()
+        self.store_bytes.labels(kind="ours").set(capacity.ours)
+        self.store_bytes.labels(kind="free").set(capacity.free)
+        self.store_bytes.labels(kind="total").set(capacity.total)
+        if seeds is None:
+            self.base_copies.set(len(store.list()))
+            self.seeds.set(0)
+            self.seed_uploaded.set(0)
+            return
+        statuses = seeds.status()  # one entry per base copy of the store
+        self.base_copies.set(len(statuses))
+        seeding = [s for s in statuses if s.seeding]
+        self.seeds.set(len(seeding))
+        self.seed_uploaded.set(sum(s.bytes_up for s in seeding))
+
+    # -- exposition ----------------------------------------------------------------------
+    def write_textfile(self, path: str) -> None:
+        """Write every metric to ``path`` for node_exporter's textfile collector, atomically.
+
+        The text goes to ``<path>.<pid>.<thread>`` first and is renamed over ``path``, so
+        the collector reads the old file or the new one, never half of one (and does not
+        read the temporary one: it takes only ``*.prom`` files).
+        """
+        with self._textfile_lock:
+            write_to_textfile(path, self.registry)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0 when it does not exist yet), for tests and tools."""
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+_DEFAULT: Metrics | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def get_metrics() -> Metrics:
+    """This process's compute metrics (created on first use)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = Metrics()
+        return _DEFAULT
+
+
+# -- origin side ---------------------------------------------------------------------------
+def parse_listen(value: str, option: str = "origin_metrics_listen") -> tuple[str, int]:
+    """``host:port`` of a metrics endpoint (port 0: any free port), or a ConfigError."""
+    text = (value or "").strip()
+    # parse_host_port() wants a real port; 0 (tests) is checked with a stand-in.
+    checked = text[:-1] + "1" if text.endswith(":0") else text
+    try:
+        host, port = utils.parse_host_port(checked)
+    except ValueError as exc:
+        raise exception.ConfigError(option=option, reason=str(exc)) from exc
+    return host, 0 if checked != text else port
+
+
+class _OriginCollector:
+    """Reads the seeder's statistics at each scrape (nothing to keep up to date)."""
+
+    def __init__(self, seeder: Any) -> None:
+        self.seeder = seeder  # origin.seeder.OriginSeeder: stats(), uploaded_bytes()
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(uploaded=0, images=0, peers=0))
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.seeder.stats()
+        return list(
+            self._families(
+                uploaded=self.seeder.uploaded_bytes(),
+                images=len(stats),
+                peers=sum(s.peers for s in stats),
+            )
+        )
+
+    @staticmethod
+    def _families(*, uploaded: int, images: int, peers: int) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "nti_origin_uploaded_bytes",
+            "Payload bytes the origin seeder uploaded since it started (all images).",
+            value=uploaded,
+        )
+        yield GaugeMetricFamily(
+            "nti_origin_images",
+            "Published images the origin seeder serves (seeding, or re-downloading "
+            "through its web seed).",
+            value=images,
+        )
+        yield GaugeMetricFamily(
+            "nti_origin_peers",
+            "Peer connections of the origin seeder, summed over its images.",
+            value=peers,
+        )
+
+
+class OriginMetrics:
+    """The origin seeder's metrics, served over HTTP while the seeder runs."""
+
+    def __init__(self, seeder: Any, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(_OriginCollector(seeder))
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, listen: str) -> tuple[str, int]:
+        """Serve ``/metrics`` on ``listen`` (host:port, that address only) in a thread.
+
+        Returns the bound address. A bad value or an address that cannot be bound is a
+        :class:`~nova_torrent_images.exception.ConfigError` naming the option.
+        """
+        host, port = parse_listen(listen)
+        try:
+            self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise exception.ConfigError(
+                option="origin_metrics_listen", reason=f"cannot listen on {listen}: {exc}"
+            ) from exc
+        bound = self.endpoint
+        LOG.info("Origin metrics served on http://%s/metrics", utils.format_host_port(*bound))
+        return bound
+
+    @property
+    def endpoint(self) -> tuple[str, int] | None:
+        if self._server is None:
+            return None
+        address = self._server.server_address
+        return address[0], address[1]
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (idempotent)."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)

@@ -1,0 +1,177 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""swarm.transfer: bounded peer lookups, scratch clean-up, refusing a multi-file torrent."""
+
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import libtorrent as lt
+import pytest
+
+from nova_torrent_images import exception
+from nova_torrent_images.image import parse_image
+from nova_torrent_images.magnet import build_magnet
+from nova_torrent_images.swarm import transfer
+from nova_torrent_images.swarm.transfer import Transfer, TransferSettings
+from nova_torrent_images.testing.swarm import SimulatedHost
+
+MiB = 1024 * 1024
+
+
+# -- resolve_peers ---------------------------------------------------------------------
+
+
+def test_ip_literals_pass_unchanged_without_a_lookup(monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise AssertionError("an IP literal was looked up")
+
+    monkeypatch.setattr(transfer.socket, "getaddrinfo", no_dns)
+    peers = (("127.0.0.5", 6881), ("::1", 6882), ("10.1.2.3", 1))
+    assert transfer.resolve_peers(peers, timeout=1) == list(peers)
+
+
+@pytest.fixture
+def slow_dns(monkeypatch):
+    """getaddrinfo that hangs for names starting with "slow", answers others at once."""
+    release = threading.Event()
+    asked = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        asked.append(host)
+        if host.startswith("slow"):
+            release.wait(10)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.9.9.9", port))]
+        if host.startswith("bad"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", port))]
+
+    monkeypatch.setattr(transfer.socket, "getaddrinfo", getaddrinfo)
+    yield asked
+    release.set()  # let the abandoned lookup threads end
+
+
+def test_a_hanging_lookup_never_holds_the_caller_past_the_timeout(slow_dns, caplog):
+    caplog.set_level(logging.WARNING)
+    peers = (("slow.example", 1), ("127.0.0.5", 2), ("fast.example", 3), ("slow2.example", 4))
+    timeout = 0.3
+    start = time.monotonic()
+    resolved = transfer.resolve_peers(peers, timeout=timeout)
+    elapsed = time.monotonic() - start
+    assert elapsed < timeout + 0.5
+    assert resolved == [("127.0.0.5", 2), ("10.0.0.7", 3)]  # in the order given
+    assert {"slow.example", "slow2.example", "fast.example"} <= set(slow_dns)
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    assert "slow.example:1" in skipped and "slow2.example:4" in skipped
+
+
+def test_a_name_that_does_not_resolve_is_skipped(slow_dns, caplog):
+    caplog.set_level(logging.WARNING)
+    resolved = transfer.resolve_peers((("bad.example", 1), ("ok.example", 2)), timeout=1)
+    assert resolved == [("10.0.0.7", 2)]
+    assert any("bad.example:1" in r.getMessage() for r in caplog.records)
+
+
+# -- scratch directories ---------------------------------------------------------------
+
+
+def test_remove_stale_scratch_removes_only_dead_processes_dirs(tmp_path):
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = tmp_path / f"{proc.pid}-123"
+    live = tmp_path / f"{os.getpid()}-456"
+    other = tmp_path / "not-a-transfer"
+    for d in (dead, live, other):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "file").write_bytes(b"x")
+    assert transfer.remove_stale_scratch(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
+    assert (live / "sub" / "file").exists()
+
+
+def test_remove_stale_scratch_without_a_root(tmp_path):
+    assert transfer.remove_stale_scratch(str(tmp_path / "missing")) == 0
+
+
+# -- a torrent that is not an image ----------------------------------------------------
+
+
+def multi_file_torrent(root, empty_name):
+    """A hybrid torrent of a directory: a 1 MiB file, a zero-length one, one in a subdir."""
+    files = {"a.bin": os.urandom(MiB), empty_name: b"", "sub/b.bin": os.urandom(64 * 1024)}
+    for name, data in files.items():
+        path = root / "img-dir" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    entries = [lt.create_file_entry(f"img-dir/{n}", len(d)) for n, d in files.items()]
+    creator = lt.create_torrent(entries, 256 * 1024, 0)
+    lt.set_piece_hashes(creator, str(root))
+    return lt.torrent_info(lt.bencode(creator.generate()))
+
+
+@pytest.mark.parametrize(
+    ("empty_name", "first"),
+    [("0-empty", "img-dir/0-empty"), ("z-empty", "img-dir/a.bin")],
+    ids=["zero-length-file-first", "zero-length-file-last"],
+)
+def test_a_multi_file_torrent_is_refused_and_leaves_nothing(tmp_path, empty_name, first):
+    origin = tmp_path / "origin"
+    info = multi_file_torrent(origin, empty_name)
+    assert info.layout().file_path(0) == first  # libtorrent sorts a hybrid's files by path
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "other.base").write_bytes(b"a base copy already here")
+    scratch_root = tmp_path / "scratch"
+
+    with SimulatedHost("origin") as seeder, SimulatedHost("compute") as compute:
+        params = lt.add_torrent_params()
+        params.ti = info
+        params.save_path = str(origin)
+        flags = lt.torrent_flags.default_flags | lt.torrent_flags.seed_mode
+        params.flags = flags & ~lt.torrent_flags.auto_managed & ~lt.torrent_flags.paused
+        seeder.engine.add_torrent(params, label="multi-file seed")
+        hashes = info.info_hashes()
+        magnet = build_magnet(
+            info_hash_v1=str(hashes.v1), info_hash_v2=str(hashes.v2), peers=[seeder.endpoint]
+        )
+        image = parse_image(
+            {
+                "id": "img-1",
+                "status": "active",
+                "size": info.total_size(),
+                "disk_format": "raw",
+                "os_hash_algo": "sha512",
+                "os_hash_value": "0" * 128,
+                "is_torrentable": "true",
+                "torrent_magnet": magnet,
+            }
+        )
+        settings = TransferSettings(
+            metadata_timeout=10,
+            stall_timeout=10,
+            overall_timeout=30,
+            progress_interval=30,
+            trackers=(),
+            scratch_root=str(scratch_root),
+        )
+        job = Transfer(compute.engine, image, str(cache / "img.part"), settings)
+        with pytest.raises(exception.TorrentMismatch, match="img-1.*files"):
+            job.run()
+        assert compute.engine.session.get_torrents() == []  # removed from the session
+
+    assert sorted(os.listdir(cache)) == ["other.base"]
+    assert (cache / "other.base").read_bytes() == b"a base copy already here"
+    assert os.listdir(scratch_root) == []
