@@ -81,9 +81,7 @@ def error_label(exc: BaseException) -> str:
     check, a store error) in a plain ``TorrentFetchError``; the wrapped class says more.
     """
     cause = exc.__cause__
-    if type(exc) is exception.TorrentFetchError and isinstance(
-        cause, exception.TorrentImagesError
-    ):
+    if type(exc) is exception.TorrentFetchError and isinstance(cause, exception.TorrentImagesError):
         exc = cause
     if isinstance(exc, exception.TorrentImagesError):
         return type(exc).__name__

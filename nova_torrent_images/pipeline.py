@@ -50,6 +50,7 @@ from nova_torrent_images import exception, policy
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.image import ImageInfo, parse_image
 from nova_torrent_images.locks import ImageLocks
+from nova_torrent_images.metrics import Metrics, get_metrics
 from nova_torrent_images.seeding import status as status_file
 from nova_torrent_images.seeding.eviction import EvictionPolicy, EvictionSettings
 from nova_torrent_images.seeding.maintenance import Maintenance
@@ -83,8 +84,13 @@ class ImagePipeline:
         engine: Any = None,
         queue: DownloadQueue | None = None,
         seeding: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
-        """``engine`` is a started SwarmEngine (default: the process's, on first use)."""
+        """``engine`` is a started SwarmEngine (default: the process's, on first use).
+
+        ``metrics`` default to the process's; only a seeding (long-running) pipeline writes
+        ``[torrent_images] metrics_textfile``, the command line tools do not.
+        """
         opts = conf.torrent_images
         self.conf = conf
         self.store = store
@@ -93,6 +99,8 @@ class ImagePipeline:
         self.fallback_to_glance = opts.fallback_to_glance
         self.offline_boot_max_age = opts.offline_boot_max_age
         self.verify_hash = opts.verify_image_hash
+        self.metrics = metrics if metrics is not None else get_metrics()
+        self.metrics_textfile = opts.metrics_textfile if seeding else None
         self.queue = queue or DownloadQueue(opts.max_concurrent_downloads)
         self.locks = ImageLocks.in_state_dir(opts.state_dir)
         self.resume = ResumeFiles.in_state_dir(opts.state_dir)
@@ -115,6 +123,7 @@ class ImagePipeline:
             tasks.append(self.eviction.prune)
         if self.seeds is not None:
             tasks += [self.seeds.resume_all, self.write_status]
+        tasks.append(self.write_metrics)
         self.maintenance = Maintenance(opts.prune_interval if self.seeds else 0, tasks)
         # The most recent download of each image by this object (for reports and demos).
         self.fetches: dict[str, FetchResult] = {}
@@ -156,6 +165,24 @@ class ImagePipeline:
         """Publish this process's seeds for ``nova-torrent-images status``."""
         if self.seeds is not None:
             status_file.write(self.state_dir, self.store.name, self.seeds.status())
+
+    def write_metrics(self) -> None:
+        """Refresh the store and seed gauges, then write ``metrics_textfile`` if set."""
+        if self.store.capabilities.keeps_base_copies:
+            self.metrics.observe_store(self.store, self.seeds)
+        if self.metrics_textfile:
+            self.metrics.write_textfile(self.metrics_textfile)
+
+    def _export_metrics(self) -> None:
+        """After a request: the textfile, if any, never failing the request."""
+        if not self.metrics_textfile:
+            return
+        try:
+            self.write_metrics()
+        except Exception as exc:  # noqa: BLE001  metrics must never fail a boot
+            LOG.warning(
+                "Cannot write [torrent_images] metrics_textfile %s: %s", self.metrics_textfile, exc
+            )
 
     # -- the pipeline ------------------------------------------------------------------
     def ensure_base(
@@ -200,11 +227,16 @@ class ImagePipeline:
                     self.store.add_project(base, project_id)
                 if self.seeds is not None:
                     self.seeds.start(base)
+                self.metrics.base_copy_hit()
+                self._export_metrics()
                 return Delivery(base, False, used=use(base) if use else None)
-            with self.queue.slot(image.id):
-                base, fetched = self._download(
-                    image, glance, decision if use_torrent else None, progress, project_id
-                )
+            try:
+                with self.queue.slot(image.id):
+                    base, fetched = self._download(
+                        image, glance, decision if use_torrent else None, progress, project_id
+                    )
+            finally:
+                self._export_metrics()
             self.fetches[image.id] = fetched
             return Delivery(base, True, fetched, used=use(base) if use else None)
 
@@ -305,6 +337,7 @@ class ImagePipeline:
                             image_id=image.id,
                             reason=f"{exc}; [torrent_images] fallback_to_glance is off",
                         ) from exc
+                    self.metrics.fallback(exc)
                     if glance is None:
                         raise  # the caller falls back itself
                     LOG.warning(
@@ -342,9 +375,12 @@ class ImagePipeline:
         try:
             result = source.fetch_into(image, slot, progress)
             base = self.store.commit(slot, commit)
-        except BaseException:
+        except BaseException as exc:
             self.store.abort(slot)
+            if isinstance(exc, Exception):
+                self.metrics.fetch_failed(source.name, exc)
             raise
+        self.metrics.fetch_succeeded(result)
         result.destination = base.ref  # the slot is gone; the base copy is where it went
         if result.resume_data and self.store.capabilities.seeds:
             # Saved whether or not this process seeds: the long-running one adopts it.

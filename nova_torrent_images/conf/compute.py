@@ -188,6 +188,16 @@ seeding_opts = [
         help="Directory of the filesystem store (base copies and their sidecar files). "
         "Put it on the filesystem of Nova's image cache so links and reflinks work.",
     ),
+    cfg.StrOpt(
+        "metrics_textfile",
+        help="File the compute host's Prometheus metrics are written to, in the text "
+        "format, for node_exporter's textfile collector: a path ending in .prom in its "
+        "--collector.textfile.directory, e.g. "
+        "/var/lib/prometheus/node-exporter/nova_torrent_images.prom. Written atomically by "
+        "the long-running process (nova-compute) after every image request and at every "
+        "prune_interval; the nova user must be able to write the directory. Unset: no file "
+        "is written.",
+    ),
 ]
 
 ALL_OPTS = policy_opts + fetch_opts + seeding_opts

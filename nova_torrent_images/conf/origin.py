@@ -107,6 +107,13 @@ seeder_opts = [
         help="Seconds between the origin seeder's statistics log lines (images seeded, "
         "peers, upload rate and totals). 0 disables them.",
     ),
+    cfg.StrOpt(
+        "origin_metrics_listen",
+        help="host:port on which the origin seeder serves its Prometheus metrics at "
+        "/metrics, e.g. 10.20.0.5:9471. Only that address is bound: use the node's "
+        "management address, not 0.0.0.0, unless every network may read it. Unset: no "
+        "metrics endpoint.",
+    ),
 ]
 
 tracker_opts = [

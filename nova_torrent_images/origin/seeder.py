@@ -40,6 +40,7 @@ from oslo_log import log as logging
 
 from nova_torrent_images import exception, verify
 from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.metrics import OriginMetrics
 from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.registry import PublishedImage, Registry
 from nova_torrent_images.swarm import recipes, torrent
@@ -110,11 +111,15 @@ class OriginSeeder:
         self._signature: tuple | None = None
         self._listener = None
         self._started_at = time.monotonic()
+        # Read from stats() and uploaded_bytes() at each scrape of origin_metrics_listen.
+        self.metrics = OriginMetrics(self)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> OriginSeeder:
         """Start the session and seed what the registry holds; does not block."""
         self.registry.ensure()
+        if self.opts.origin_metrics_listen:
+            self.metrics.serve(self.opts.origin_metrics_listen)  # a bad value fails here
         self.engine.start()
         # The engine's own limit is the compute-side upload_rate_limit; the origin has its own.
         self.engine.set_rate_limits(upload_kib=self.opts.origin_upload_rate_limit)
@@ -196,6 +201,7 @@ class OriginSeeder:
             except Exception:  # noqa: BLE001
                 LOG.exception("Stopping the notification listener failed")
             self._listener = None
+        self.metrics.stop()  # before the session goes: a scrape reads it
         with self._lock:
             uploaded = self.uploaded_bytes()
             self._seeds.clear()

@@ -92,7 +92,11 @@ def build_settings(opts: cfg.ConfigOpts.GroupAttr, listen: list[str] | None = No
         "connections_limit": opts.connections_limit,
         "min_announce_interval": opts.min_announce_interval,
         "stop_tracker_timeout": 1,  # shutdown must not wait on a dead tracker
-        "allow_multiple_connections_per_ip": False,
+        # A host that seeded a hybrid torrent and later joins it again by a v1-only magnet
+        # is refused by a peer that still counts the old connection from its address: the
+        # join then times out. In a datacenter one address is one host, so allowing a
+        # second connection per address costs nothing; duplicates are caught by peer id.
+        "allow_multiple_connections_per_ip": True,
         # Keep "redundant" connections. A download joins in upload mode until its metadata
         # is checked, so for its first second a host is upload-only; by default libtorrent
         # then drops its connections to seeds and to other hosts in the same state, and

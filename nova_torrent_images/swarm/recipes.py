@@ -69,7 +69,10 @@ def download_params(
     params.trackers = trackers
     params.peers = peers
     # Upload mode: nothing is requested until the metadata is checked against Glance.
-    params.flags = _flags(lt.torrent_flags.upload_mode)
+    # duplicate_is_error: without it libtorrent hands back the handle of a torrent the
+    # session already has (this process seeding the same image, or a v1-only magnet of a
+    # hybrid torrent it seeds), and the transfer would treat that seed as its download.
+    params.flags = _flags(lt.torrent_flags.upload_mode | lt.torrent_flags.duplicate_is_error)
     return params
 
 

@@ -219,7 +219,14 @@ class Transfer:
         os.mkdir(scratch, 0o700)
         try:
             params = self._params(scratch, peers)
-            self._watch = self.engine.add_torrent(params, label=f"image {self.image.id}")
+            try:
+                self._watch = self.engine.add_torrent(params, label=f"image {self.image.id}")
+            except RuntimeError as exc:
+                raise exception.TorrentFetchError(
+                    image_id=self.image.id,
+                    reason=f"libtorrent refused the torrent {self.magnet.best_hash} ({exc}); "
+                    "this process may already seed it",
+                ) from exc
             LOG.info(
                 "Image %s: joining swarm %s (%d trackers, %d peer hints)",
                 self.image.id,

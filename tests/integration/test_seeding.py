@@ -202,3 +202,42 @@ def test_host_keeps_serving_after_the_origin_stops(make_image, hosts, glance, tm
     assert sha512_of(dest) == image.record["os_hash_value"]
     assert set(result.swarm.per_peer) == {f"{host_a.address}:{host_a.engine.listen_port}"}
     local_a.shutdown()
+
+
+def test_rejoining_a_hybrid_torrent_by_btih_after_seeding_it(make_image, hosts, glance, tmp_path):
+    """A v1-only magnet of a hybrid torrent works again on a host that seeded it.
+
+    Regression: the origin refused the host's second connection while it still counted
+    the first, and the join timed out; and a download of a torrent the process seeds took
+    over (then removed) the seed.
+    """
+    from nova_torrent_images import exception
+    from nova_torrent_images.image import parse_image
+
+    image = make_image(8 * MiB)
+    origin = hosts("origin")
+    origin.seed(image.torrent.data, image.path)
+    btih_only = image.torrent.magnet(peers=[origin.endpoint], max_length=None).replace(
+        f"&xt=urn:btmh:1220{image.torrent.info_hash_v2}", ""
+    )
+    assert "btmh" not in btih_only
+    record = {**glance.get_image(image.id), "torrent_magnet": btih_only, "is_torrentable": "true"}
+    info = parse_image(record)
+    host, local = local_host(hosts, tmp_path, "host", metadata_timeout=10)
+    assert local.ensure_base(info, None).fetch.source == "torrent"
+    assert local.seeds.seeding() == [image.id]
+
+    # The same process cannot download what it seeds; the seed must survive the attempt.
+    with pytest.raises(exception.TorrentFetchError, match="already"):
+        fetch_to_file(
+            info, str(tmp_path / "dup.raw"), conf=host.conf, glance=None, engine=host.engine
+        )
+    assert local.seeds.seeding() == [image.id]
+
+    local.shutdown()  # seeding stops; the base copy stays
+    started = time.monotonic()
+    result = fetch_to_file(
+        info, str(tmp_path / "again.raw"), conf=host.conf, glance=None, engine=host.engine
+    )
+    assert result.source == "torrent" and time.monotonic() - started < 5
+    assert sha512_of(str(tmp_path / "again.raw")) == image.record["os_hash_value"]

@@ -8,6 +8,7 @@ import pytest
 from nova_torrent_images import exception
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.image import parse_image
+from nova_torrent_images.metrics import get_metrics
 from nova_torrent_images.pipeline import fetch_to_file
 from nova_torrent_images.testing.swarm import make_conf
 
@@ -76,3 +77,14 @@ def test_no_glance_and_no_torrent_is_a_clear_error(tmp_path):
     with pytest.raises(exception.NotTorrentable, match="img-1"):
         fetch_to_file(image(), str(tmp_path / "img"), conf=make_conf(), glance=None)
     assert os.listdir(tmp_path) == []
+
+
+def test_glance_fetch_is_counted_in_the_process_metrics(tmp_path):
+    m = get_metrics()
+    glance_bytes = {"source": "glance"}
+    ok = {"source": "glance", "outcome": "ok"}
+    before = m.value("nti_image_bytes_total", glance_bytes), m.value("nti_fetches_total", ok)
+    conf = make_conf(mode="none")
+    fetch_to_file(image(), str(tmp_path / "img"), conf=conf, glance=StubGlance(DATA))
+    assert m.value("nti_image_bytes_total", glance_bytes) == before[0] + len(DATA)
+    assert m.value("nti_fetches_total", ok) == before[1] + 1

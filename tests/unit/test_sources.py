@@ -124,14 +124,31 @@ class BrokenEngine:
         raise RuntimeError("libtorrent said no")
 
 
-def test_swarm_wraps_an_unexpected_error_naming_the_image(tmp_path, store):
+class BrokenLaterEngine:
+    def add_torrent(self, params, label):
+        raise ValueError("something else broke")
+
+
+def test_swarm_names_a_refused_torrent(tmp_path, store):
     img = image(is_torrentable="true", torrent_magnet=MAGNET)
     slot = store.begin_download(img.id, img.size)
     source = SwarmSource(BrokenEngine, settings(tmp_path), verify_hash=True)
     with pytest.raises(exception.TorrentFetchError, match="img-1") as excinfo:
         source.fetch_into(img, slot)
-    assert "unexpected RuntimeError: libtorrent said no" in str(excinfo.value)
+    assert "libtorrent refused the torrent" in str(excinfo.value)
+    assert "libtorrent said no" in str(excinfo.value)
     assert isinstance(excinfo.value.__cause__, RuntimeError)
+    assert os.listdir(tmp_path / "scratch") == []  # the transfer's scratch dir is gone
+
+
+def test_swarm_wraps_an_unexpected_error_naming_the_image(tmp_path, store):
+    img = image(is_torrentable="true", torrent_magnet=MAGNET)
+    slot = store.begin_download(img.id, img.size)
+    source = SwarmSource(BrokenLaterEngine, settings(tmp_path), verify_hash=True)
+    with pytest.raises(exception.TorrentFetchError, match="img-1") as excinfo:
+        source.fetch_into(img, slot)
+    assert "unexpected ValueError: something else broke" in str(excinfo.value)
+    assert isinstance(excinfo.value.__cause__, ValueError)
     assert os.listdir(tmp_path / "scratch") == []  # the transfer's scratch dir is gone
 
 
