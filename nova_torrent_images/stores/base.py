@@ -163,7 +163,7 @@ class CommitInfo:
 
 
 class BaseCopyStore(abc.ABC):
-    """The operations of DESIGN section 4; optional ones follow the capabilities."""
+    """The store operations (doc/source/architecture.rst); optional ones follow capabilities."""
 
     capabilities = StoreCapabilities()
 

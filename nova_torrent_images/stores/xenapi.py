@@ -12,11 +12,12 @@
 
 """XenServer store: downloads land in a VDI of the SR, base copies are VDI snapshots.
 
-Write path (DESIGN section 4): ``VDI.create`` in the SR, a read-write VBD on the VM that
-runs nova-compute, ``VBD.plug``; the device (``/dev/xvdX``) is where libtorrent writes with
-the posix disk backend. After verification the VBD goes away, ``VDI.snapshot`` makes the
-base copy, tagged in ``other_config``, and the download VDI is destroyed. Base copies are
-only ever attached read-only; instances get ``VDI.clone`` of them.
+Write path (doc/source/architecture.rst, "Disk I/O and block devices"): ``VDI.create`` in
+the SR, a read-write VBD on the VM that runs nova-compute, ``VBD.plug``; the device
+(``/dev/xvdX``) is where libtorrent writes with the posix disk backend. After verification
+the VBD goes away, ``VDI.snapshot`` makes the base copy, tagged in ``other_config``, and the
+download VDI is destroyed. Base copies are only ever attached read-only; instances get
+``VDI.clone`` of them.
 
 Tags (``other_config``, all strings) are the registry:
 ``nti_role`` = ``slot`` (a download in progress), ``base`` or ``instance``;

@@ -19,7 +19,7 @@
   fetching it again through a web seed when its data is missing.
 
 None of them is auto-managed or paused: libtorrent's queue would otherwise park a seed or
-a download behind others (DESIGN section 5).
+a download behind others.
 """
 
 from __future__ import annotations

@@ -587,3 +587,65 @@ def test_clones_are_copy_on_write_and_outlive_their_parent(fake, xapi):
         assert fake.vdi_path(clone).read_bytes() == payload
     for clone in clones:
         xapi.VDI.destroy(clone)
+
+
+# ----------------------------------------------------------------------- crash tests
+
+KILL_CHILD = """
+import sys, XenAPI
+session = XenAPI.Session(sys.argv[1])
+sys.stdin.readline()  # "go": the parent has armed the kill
+session.login_with_password("root", "pw", "1.0", "kill-test")
+x = session.xenapi
+sr = x.pool.get_default_SR(x.pool.get_all()[0])
+for n in range(5):
+    x.VDI.create({"name_label": f"vdi-{n}", "name_description": "", "SR": sr,
+                  "virtual_size": "1048576", "type": "user", "sharable": False,
+                  "read_only": False, "other_config": {}})
+    x.SR.get_record(sr)
+print("survived", flush=True)
+"""
+
+
+def test_call_log_counts_every_call(fake, xapi):
+    fake.clear_calls()
+    sr = default_sr(xapi)
+    with pytest.raises(XenAPI.Failure):
+        xapi.VDI.get_record("OpaqueRef:nothing")
+    create_vdi(xapi, sr, MiB)
+    assert fake.calls == ("pool.get_all", "pool.get_default_SR", "VDI.get_record", "VDI.create")
+    fake.clear_calls()
+    assert fake.calls == ()
+
+
+def test_kill_after_the_nth_call_of_interest(fake):
+    import signal
+    import sys
+
+    url = fake.start_server()
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    fake.clear_calls()
+    trigger = fake.kill_after(child.pid, 3, methods={"VDI.create"})
+    out, _ = child.communicate(b"go\n", timeout=60)
+
+    assert child.returncode == -signal.SIGKILL and b"survived" not in out
+    assert trigger.fired.is_set()
+    # Killed right after its third VDI.create was carried out, before the answer came:
+    # the VDI exists, and no later call of the child reached the fake.
+    index, method = trigger.call
+    assert method == "VDI.create" and index == len(fake.calls) - 1
+    assert fake.calls.count("VDI.create") == 3 and fake.calls.count("SR.get_record") == 2
+    labels = sorted(fake.get_record("VDI", r)["name_label"] for r in fake.leaks().vdis)
+    assert labels == ["vdi-0", "vdi-1", "vdi-2"]
+    # The fake answers others as before, and a disarmed trigger does nothing.
+    fake.kill_after(child.pid, 1)
+    fake.cancel_kill()
+    session = login(url)
+    session.xenapi.session.logout()
+    with pytest.raises(ValueError):
+        fake.kill_after(child.pid, 0)

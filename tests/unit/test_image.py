@@ -98,6 +98,10 @@ def test_custom_property_names():
         ({"os_hash_algo": "sha512", "os_hash_value": None}, "os_hash_algo/os_hash_value"),
         ({"os_hash_algo": "rot13"}, "os_hash_algo"),
         ({"os_hash_value": "abc"}, "os_hash_value"),
+        # A malformed legacy checksum fails here, not at every download later.
+        ({"os_hash_algo": None, "os_hash_value": None, "checksum": "not-md5"}, "checksum"),
+        ({"os_hash_algo": None, "os_hash_value": None, "checksum": 12345}, "checksum"),
+        ({"os_hash_value": 12345}, "os_hash_value"),
     ],
 )
 def test_bad_size_or_hash_raises(props, prop):

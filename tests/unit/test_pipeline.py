@@ -88,3 +88,53 @@ def test_glance_fetch_is_counted_in_the_process_metrics(tmp_path):
     fetch_to_file(image(), str(tmp_path / "img"), conf=conf, glance=StubGlance(DATA))
     assert m.value("nti_image_bytes_total", glance_bytes) == before[0] + len(DATA)
     assert m.value("nti_fetches_total", ok) == before[1] + 1
+
+
+def test_a_base_copy_is_not_evicted_between_finding_and_using_it(tmp_path):
+    """Two images, room for one: a boot cloning image A while image B downloads."""
+    import threading
+
+    from nova_torrent_images.pipeline import ImagePipeline
+    from nova_torrent_images.stores.filesystem import FilesystemStore
+
+    data_a, data_b = os.urandom(600_000), os.urandom(600_000)
+
+    def record(image_id, data):
+        return parse_image(
+            {
+                "id": image_id,
+                "status": "active",
+                "size": len(data),
+                "disk_format": "raw",
+                "os_hash_algo": "sha512",
+                "os_hash_value": hashlib.sha512(data).hexdigest(),
+            }
+        )
+
+    conf = make_conf(state_dir=str(tmp_path / "state"), mode="none", store_quota=1)
+    store = FilesystemStore(str(tmp_path / "images"))
+    pipeline = ImagePipeline(conf, store, seeding=False)
+    pipeline.ensure_base(record("img-a", data_a), StubGlance(data_a))
+    cloning, release = threading.Event(), threading.Event()
+
+    def slow_clone(base):
+        cloning.set()
+        release.wait(10)  # the boot is between finding the base copy and cloning it
+        return store.clone(base, "vm-a")
+
+    booted = {}
+    boot_a = threading.Thread(
+        target=lambda: booted.update(
+            a=pipeline.ensure_base(record("img-a", data_a), StubGlance(b""), use=slow_clone).used
+        )
+    )
+    boot_a.start()
+    assert cloning.wait(10)
+    # Image B needs room; the quota (1 MiB) holds one image: A is the LRU candidate.
+    pipeline.ensure_base(record("img-b", data_b), StubGlance(data_b))
+    release.set()
+    boot_a.join(10)
+
+    with open(booted["a"], "rb") as f:
+        assert hashlib.sha512(f.read()).hexdigest() == hashlib.sha512(data_a).hexdigest()
+    assert store.lookup("img-a") is not None  # kept: a boot held it
