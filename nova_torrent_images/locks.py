@@ -21,14 +21,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 from oslo_concurrency import lockutils
+
+# oslo.concurrency pairs each file lock with an in-process semaphore found by the lock's
+# name alone. Simulated hosts in one process (tests, benchmarks, the demo's origin) have
+# their own state_dir but the same lock names; one semaphore table per lock directory
+# keeps them apart, as separate processes are.
+_SEMAPHORES: dict[str, lockutils.Semaphores] = {}
+_SEMAPHORES_LOCK = threading.Lock()
+
+
+def _semaphores(lock_path: str) -> lockutils.Semaphores:
+    with _SEMAPHORES_LOCK:
+        return _SEMAPHORES.setdefault(os.path.abspath(lock_path), lockutils.Semaphores())
 
 
 class ImageLocks:
     def __init__(self, lock_path: str) -> None:
         self.lock_path = lock_path
+        self._semaphores = _semaphores(lock_path)
 
     @classmethod
     def in_state_dir(cls, state_dir: str) -> ImageLocks:
@@ -41,7 +55,12 @@ class ImageLocks:
     @contextlib.contextmanager
     def hold(self, image_id: str) -> Iterator[None]:
         """Wait for the image's lock and hold it for the context."""
-        with lockutils.lock(self._name(image_id), external=True, lock_path=self.lock_path):
+        with lockutils.lock(
+            self._name(image_id),
+            external=True,
+            lock_path=self.lock_path,
+            semaphores=self._semaphores,
+        ):
             yield
 
     @contextlib.contextmanager
@@ -52,6 +71,7 @@ class ImageLocks:
                 self._name(image_id),
                 external=True,
                 lock_path=self.lock_path,
+                semaphores=self._semaphores,
                 blocking=False,
                 do_log=False,
             ):

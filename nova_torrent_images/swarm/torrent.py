@@ -140,16 +140,31 @@ class TorrentMeta:
     info_hash_v2: str | None
 
 
+def content_file_sizes(info: lt.torrent_info) -> list[int]:
+    """Sizes of a torrent's real files, without the pad files libtorrent adds.
+
+    A v2-only torrent of one file carries a tail pad file up to a whole piece; it is not
+    content and never lands on disk.
+    """
+    files = info.layout()
+    return [
+        files.file_size(i)
+        for i in range(files.num_files())
+        if not files.file_flags(i) & lt.file_storage.flag_pad_file
+    ]
+
+
 def describe(data: bytes) -> TorrentMeta:
     """Read .torrent bytes; raise ``ValueError`` when libtorrent cannot parse them."""
     try:
         info = load_torrent(data)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:  # TypeError: bencoded data, not a dict
         raise ValueError(f"not a valid torrent: {exc}") from exc
     hashes = info.info_hashes()
+    sizes = content_file_sizes(info)
     return TorrentMeta(
-        num_files=info.num_files(),
-        total_size=info.total_size(),
+        num_files=len(sizes),
+        total_size=sum(sizes),
         piece_length=info.piece_length(),
         num_pieces=info.num_pieces(),
         info_hash_v1=str(hashes.v1) if hashes.has_v1() else None,

@@ -41,6 +41,7 @@ from nova_torrent_images import exception, utils, verify
 from nova_torrent_images.image import ImageInfo
 from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
+from nova_torrent_images.swarm.torrent import content_file_sizes
 
 LOG = logging.getLogger(__name__)
 
@@ -185,16 +186,17 @@ class Transfer:
 
     def _check_metadata(self) -> None:
         info = self._watch.handle.torrent_file()
-        files = info.layout()
-        if info.num_files() != 1:
+        sizes = content_file_sizes(info)  # a v2 torrent's tail pad file is no content
+        first_is_content = not info.layout().file_flags(0) & lt.file_storage.flag_pad_file
+        if len(sizes) != 1 or not first_is_content:
             raise exception.TorrentMismatch(
                 image_id=self.image.id,
-                reason=f"it has {info.num_files()} files, an image torrent has exactly one",
+                reason=f"it has {len(sizes)} files, an image torrent has exactly one",
             )
-        if files.file_size(0) != self.image.size:
+        if sizes[0] != self.image.size:
             raise exception.TorrentMismatch(
                 image_id=self.image.id,
-                reason=f"its file is {files.file_size(0)} bytes, Glance says the image is "
+                reason=f"its file is {sizes[0]} bytes, Glance says the image is "
                 f"{self.image.size} bytes",
             )
         LOG.info(
