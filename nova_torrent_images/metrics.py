@@ -243,14 +243,10 @@ def get_metrics() -> Metrics:
 # -- origin side ---------------------------------------------------------------------------
 def parse_listen(value: str, option: str = "origin_metrics_listen") -> tuple[str, int]:
     """``host:port`` of a metrics endpoint (port 0: any free port), or a ConfigError."""
-    text = (value or "").strip()
-    # parse_host_port() wants a real port; 0 (tests) is checked with a stand-in.
-    checked = text[:-1] + "1" if text.endswith(":0") else text
     try:
-        host, port = utils.parse_host_port(checked)
+        return utils.parse_listen_address(value)
     except ValueError as exc:
         raise exception.ConfigError(option=option, reason=str(exc)) from exc
-    return host, 0 if checked != text else port
 
 
 class _OriginCollector:

@@ -94,6 +94,19 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """A ``host:port`` to listen on: as :func:`parse_host_port`, and port 0 (any free port)."""
+    text = value.strip() if isinstance(value, str) else ""
+    # parse_host_port wants a port in 1..65535; 0 is checked with a stand-in.
+    any_port = text.endswith(":0")
+    try:
+        host, port = parse_host_port(text[:-1] + "1" if any_port else text)
+    except ValueError as exc:
+        # Name what the operator wrote, not the stand-in.
+        raise ValueError(str(exc).replace(repr(text[:-1] + "1"), repr(value))) from None
+    return host, 0 if any_port else port
+
+
 def is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import os
 import stat
+import threading
 import time
 
 from oslo_log import log as logging
@@ -46,13 +47,14 @@ def discard(path: str) -> None:
         pass
 
 
-def _hash_prefix(path: str, hasher, size: int) -> int:
-    """Feed the first ``size`` bytes of ``path`` to ``hasher``; return how many there were.
+def _hash_prefix(path: str, hasher, size: int, start: int = 0) -> int:
+    """Feed bytes ``start``..``size`` of ``path`` to ``hasher``; return where it stopped.
 
     A device may be larger than the image, so reading stops at ``size``.
     """
-    left = size
+    left = size - start
     with open(path, "rb", buffering=0) as f:
+        f.seek(start)
         while left > 0:
             chunk = f.read(min(CHUNK, left))
             if not chunk:
@@ -94,8 +96,40 @@ def verify_file(image: ImageInfo, path: str, *, exact_size: bool = True) -> None
     ``exact_size=False`` checks only the first ``image.size`` bytes: a store slot (a VDI
     rounded up to its SR's allocation unit) may be larger than the image.
     """
-    hasher = image.new_hasher()
-    length = _hash_prefix(path, hasher, image.size)
-    if exact_size and not is_block_device(path):
-        length = os.path.getsize(path)
-    check_digest(image, length, hasher.hexdigest())
+    StreamingCheck(image).finish(path, exact_size=exact_size)
+
+
+class StreamingCheck:
+    """The image hash over bytes as they arrive in order, then the rest from disk.
+
+    A download that sees its bytes in order (the origin's stripes to a single host) offers
+    them here and the whole-image check reads nothing back; whatever did not arrive in
+    order is read from ``path`` at :meth:`finish`. Offered bytes are the very bytes written
+    to the destination (libtorrent's piece check sits between them and the disk).
+    """
+
+    def __init__(self, image: ImageInfo) -> None:
+        self.image = image
+        self._hasher = image.new_hasher()
+        self._offset = 0
+        self._lock = threading.Lock()
+
+    @property
+    def streamed(self) -> int:
+        """Bytes hashed as they arrived, none read back."""
+        return self._offset
+
+    def offer(self, offset: int, data: bytes) -> None:
+        """Hash ``data`` if it continues the in-order prefix; otherwise ignore it."""
+        with self._lock:
+            if offset == self._offset and self._offset + len(data) <= self.image.size:
+                self._hasher.update(data)
+                self._offset += len(data)
+
+    def finish(self, path: str, *, exact_size: bool = True) -> None:
+        """Hash the rest from ``path`` and raise :class:`IntegrityError` on any mismatch."""
+        with self._lock:
+            length = _hash_prefix(path, self._hasher, self.image.size, self._offset)
+            if exact_size and not is_block_device(path):
+                length = os.path.getsize(path)
+            check_digest(self.image, length, self._hasher.hexdigest())

@@ -85,15 +85,11 @@ def check(conf: cfg.ConfigOpts) -> None:
         except ValueError as exc:
             raise exception.ConfigError(option="allowed_peer_cidrs", reason=str(exc)) from exc
     for entry in opts.listen_interfaces:
-        text = entry.strip()
-        # Port 0 asks libtorrent for any free port (simulated hosts and tests use it);
-        # parse_host_port() wants a real one, so the rest is checked with a stand-in.
-        checked = text[:-1] + "1" if text.endswith(":0") else text
+        # Port 0 asks libtorrent for any free port (simulated hosts and tests use it).
         try:
-            utils.parse_host_port(checked)
+            utils.parse_listen_address(entry)
         except ValueError as exc:
-            reason = str(exc) if checked == text else f"{entry!r} is not host:port"
-            raise exception.ConfigError(option="listen_interfaces", reason=reason) from exc
+            raise exception.ConfigError(option="listen_interfaces", reason=str(exc)) from exc
     for url in opts.trackers:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https", "udp"):
             raise exception.ConfigError(

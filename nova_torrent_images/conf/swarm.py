@@ -93,6 +93,24 @@ swarm_opts = [
     ),
 ]
 
+swarm_opts += [
+    cfg.BoolOpt(
+        "use_origin_stripes",
+        default=True,
+        help="Fetch this host's share of an image's pieces from the origin nodes over HTTP "
+        "(the stripes the image's stripes property names) and the rest from other hosts: "
+        "the origin sends each piece about once and a fleet finishes at the origin's "
+        "uplink floor. Off: the origin is a BitTorrent peer like any other.",
+    ),
+    cfg.StrOpt(
+        "stripes_property",
+        default="torrent_stripes",
+        help="Glance image property listing the origin nodes' stripe URLs "
+        "(comma-separated http URLs with IP addresses inside allowed_peer_cidrs), as "
+        "'nova-torrent-images publish' writes it.",
+    ),
+]
+
 ALL_OPTS = swarm_opts
 
 

@@ -43,6 +43,7 @@ from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.metrics import OriginMetrics
 from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.registry import PublishedImage, Registry
+from nova_torrent_images.origin.stripes import StripeDispenser, StripeServer
 from nova_torrent_images.swarm import recipes, torrent
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
 
@@ -113,6 +114,8 @@ class OriginSeeder:
         self._started_at = time.monotonic()
         # Read from stats() and uploaded_bytes() at each scrape of origin_metrics_listen.
         self.metrics = OriginMetrics(self)
+        self.stripes: StripeServer | None = None
+        self._stripes_served_before_stop = 0
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> OriginSeeder:
@@ -123,6 +126,20 @@ class OriginSeeder:
         self.engine.start()
         # The engine's own limit is the compute-side upload_rate_limit; the origin has its own.
         self.engine.set_rate_limits(upload_kib=self.opts.origin_upload_rate_limit)
+        if self.opts.origin_stripe_listen and self.stripes is None:
+            self.stripes = StripeServer(
+                self.opts.origin_stripe_listen,
+                StripeDispenser(
+                    self.registry,
+                    batch_bytes=self.opts.origin_stripe_batch * 1024,
+                    reissue_after=self.opts.origin_stripe_reissue_after,
+                ),
+                rate_limit=(
+                    self.opts.origin_stripe_rate_limit or self.opts.origin_upload_rate_limit
+                )
+                * 1024,
+                allowed_cidrs=list(self.opts.allowed_peer_cidrs),
+            ).start()
         self._started_at = time.monotonic()
         self._stop.clear()
         self.sync()
@@ -202,6 +219,10 @@ class OriginSeeder:
                 LOG.exception("Stopping the notification listener failed")
             self._listener = None
         self.metrics.stop()  # before the session goes: a scrape reads it
+        if self.stripes is not None:
+            self._stripes_served_before_stop = self.stripes.bytes_served
+            self.stripes.stop()
+            self.stripes = None
         with self._lock:
             uploaded = self.uploaded_bytes()
             self._seeds.clear()
@@ -421,12 +442,21 @@ class OriginSeeder:
             return seeded.uploaded_earlier
 
     def uploaded_bytes(self, image_id: str | None = None) -> int:
-        """Payload bytes uploaded since start (one image, or all, removed ones included)."""
+        """Payload bytes uploaded since start (one image, or all, removed ones included).
+
+        Stripes served over HTTP count too: both are the origin's egress.
+        """
         with self._lock:
             if image_id is not None:
                 seeded = self._seeds.get(image_id)
                 return self._uploaded(seeded) if seeded else 0
-            return self._uploaded_gone + sum(self._uploaded(s) for s in self._seeds.values())
+            stripes = self.stripes.bytes_served if self.stripes is not None else 0
+            return (
+                self._uploaded_gone
+                + sum(self._uploaded(s) for s in self._seeds.values())
+                + stripes
+                + self._stripes_served_before_stop
+            )
 
     def seeded(self) -> list[str]:
         with self._lock:

@@ -281,6 +281,7 @@ class SwarmEngine:
         self._lock = threading.Lock()
         self._pump: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._excluded: dict[str, int] = {}  # address -> transfers that exclude it
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> SwarmEngine:
@@ -361,6 +362,38 @@ class SwarmEngine:
         if download_kib is not None:
             pack["download_rate_limit"] = download_kib * KiB
         self.session.apply_settings(pack)
+
+    # -- peers -------------------------------------------------------------------------
+    def exclude_peers(self, addresses: Iterable[str]) -> list[str]:
+        """Keep the session off ``addresses`` (an origin serving stripes) until included.
+
+        Counted per address: concurrent transfers of images from the same origin each
+        exclude and include it. Returns what to give :meth:`include_peers`.
+        """
+        added = [a for a in dict.fromkeys(addresses) if a]
+        with self._lock:
+            for address in added:
+                self._excluded[address] = self._excluded.get(address, 0) + 1
+            self._apply_ip_filter()
+        return added
+
+    def include_peers(self, addresses: list[str]) -> None:
+        with self._lock:
+            for address in addresses:
+                left = self._excluded.get(address, 0) - 1
+                if left > 0:
+                    self._excluded[address] = left
+                else:
+                    self._excluded.pop(address, None)
+            self._apply_ip_filter()
+
+    def _apply_ip_filter(self) -> None:
+        if self._session is None:
+            return
+        ip_filter = build_ip_filter(self.opts.allowed_peer_cidrs) or lt.ip_filter()
+        for address in self._excluded:
+            ip_filter.add_rule(address, address, 1)  # 1 = blocked
+        self._session.set_ip_filter(ip_filter)
 
     # -- torrents ----------------------------------------------------------------------
     def add_torrent(self, params: lt.add_torrent_params, label: str) -> TorrentWatch:

@@ -53,8 +53,12 @@ def download_params(
     scratch_dir: str,
     trackers: list[str],
     peers: list[tuple[str, int]],
+    torrent: bytes | None = None,
 ) -> lt.add_torrent_params:
     """Join a swarm by magnet; the torrent's one file is ``destination`` itself.
+
+    ``torrent``: the .torrent, already checked against the magnet's info-hashes (the
+    origin's stripes serve it), so no peer has to send the metadata first.
 
     ``scratch_dir`` is the save path: a directory of its own that the caller removes
     afterwards. libtorrent creates the zero-length files of a torrent (and their
@@ -62,7 +66,10 @@ def download_params(
     refuse it; they must never land next to the destination (``/dev``, the image cache).
     """
     params = lt.add_torrent_params()
-    params.info_hashes = info_hashes(magnet)
+    if torrent is not None:
+        params.ti = load_torrent(torrent)
+    else:
+        params.info_hashes = info_hashes(magnet)
     params.name = name
     params.save_path = scratch_dir
     params.renamed_files = {0: destination}

@@ -30,6 +30,7 @@ import os
 import shutil
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,7 +42,13 @@ from nova_torrent_images import exception, utils, verify
 from nova_torrent_images.image import ImageInfo
 from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
-from nova_torrent_images.swarm.torrent import content_file_sizes
+from nova_torrent_images.swarm.stripes import (
+    StripeClient,
+    StripeError,
+    StripeWorker,
+    parse_stripe_urls,
+)
+from nova_torrent_images.swarm.torrent import content_file_sizes, describe
 
 LOG = logging.getLogger(__name__)
 
@@ -63,6 +70,9 @@ class TransferSettings:
     progress_interval: float
     trackers: tuple[str, ...]
     scratch_root: str  # transfers' scratch directories live under it
+    use_origin_stripes: bool = True
+    stripes_property: str = "torrent_stripes"
+    allowed_peer_cidrs: tuple[str, ...] = ()
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> TransferSettings:
@@ -74,6 +84,9 @@ class TransferSettings:
             progress_interval=opts.progress_interval,
             trackers=tuple(opts.trackers),
             scratch_root=os.path.join(opts.state_dir, "scratch"),
+            use_origin_stripes=opts.use_origin_stripes,
+            stripes_property=opts.stripes_property,
+            allowed_peer_cidrs=tuple(opts.allowed_peer_cidrs),
         )
 
 
@@ -84,6 +97,7 @@ class SwarmStats:
     bytes_total: int = 0
     bytes_from_origin: int = 0  # origin seeders named by x.pe, and web seeds
     bytes_from_peers: int = 0  # every other peer: other compute hosts
+    bytes_from_stripes: int = 0  # of bytes_from_origin: the origin's stripes over HTTP
     peers_seen: int = 0
     hash_failures: int = 0
     peers_banned: int = 0  # peers libtorrent banned or refused (peer_ban/blocked)
@@ -158,7 +172,9 @@ class Transfer:
         destination: str,
         settings: TransferSettings,
         progress: ProgressCallback | None = None,
+        check: verify.StreamingCheck | None = None,
     ) -> None:
+        """``check`` gets every byte that arrives in order (the origin's stripes)."""
         if image.magnet is None:
             raise exception.NotTorrentable(image_id=image.id, reason="it has no magnet")
         image.require_verifiable()
@@ -172,9 +188,16 @@ class Transfer:
         self._origin_hosts: set[str] = set()
         self._watch: TorrentWatch | None = None
         self.resume_data: bytes | None = None
+        self.check = check
+        self._stripes: StripeWorker | None = None
+        self._pending_stripes: StripeClient | None = None
+        self._excluded: list[str] = []
+        self._peers: list[tuple[str, int]] = []
 
     # -- setup -------------------------------------------------------------------------
-    def _params(self, scratch_dir: str, peers: list[tuple[str, int]]) -> lt.add_torrent_params:
+    def _params(
+        self, scratch_dir: str, peers: list[tuple[str, int]], torrent: bytes | None
+    ) -> lt.add_torrent_params:
         return recipes.download_params(
             self.magnet,
             name=self.image.id,
@@ -182,7 +205,79 @@ class Transfer:
             scratch_dir=scratch_dir,
             trackers=list(dict.fromkeys([*self.magnet.trackers, *self.opts.trackers])),
             peers=peers,
+            torrent=torrent,
         )
+
+    def _stripe_client(self) -> tuple[StripeClient, bytes] | None:
+        """The origin's stripes for this image and its .torrent, when they can be used."""
+        if not self.opts.use_origin_stripes:
+            return None
+        value = self.image.properties.get(self.opts.stripes_property)
+        if not value:
+            return None
+        try:
+            urls = parse_stripe_urls(value, self.opts.allowed_peer_cidrs)
+        except ValueError as exc:
+            LOG.warning(
+                "Image %s: property %s is not usable (%s); fetching by BitTorrent alone",
+                self.image.id,
+                self.opts.stripes_property,
+                exc,
+            )
+            return None
+        listen = f"{self.engine.listen_host()}:{self.engine.listen_port}"
+        client = StripeClient(self.image.id, urls, self.magnet.best_hash, listen)
+        try:
+            torrent = client.fetch_torrent()
+            meta = describe(torrent)
+        except (StripeError, ValueError) as exc:
+            LOG.warning("Image %s: no torrent from the origin's stripes (%s)", self.image.id, exc)
+            return None
+        for ours, theirs in (
+            (self.magnet.info_hash_v1, meta.info_hash_v1),
+            (self.magnet.info_hash_v2, meta.info_hash_v2),
+        ):
+            if ours and ours != theirs:
+                LOG.warning(
+                    "Image %s: the origin's torrent is not the magnet's (%s, not %s); "
+                    "stripes not used",
+                    self.image.id,
+                    theirs,
+                    ours,
+                )
+                return None
+        return client, torrent
+
+    def _start_stripes(self, client: StripeClient) -> None:
+        handle = self._watch.handle
+        info = handle.torrent_file()
+
+        def missing() -> list[int]:
+            pieces = handle.status(lt.torrent_handle.query_pieces).pieces
+            return [i for i, have in enumerate(pieces) if not have]
+
+        self._stripes = StripeWorker(
+            client,
+            piece_length=info.piece_length(),
+            size=self.image.size,
+            add_piece=lambda piece, data: handle.add_piece(piece, data, 0),
+            missing=missing,
+            progress=lambda: handle.status().total_wanted_done,
+            offer=self.check.offer if self.check is not None else None,
+        ).start()
+        LOG.info(
+            "Image %s: fetching this host's stripes from %s; the origin's BitTorrent port "
+            "is left to other clients",
+            self.image.id,
+            ", ".join(client.urls),
+        )
+
+    def _stripes_failed(self) -> None:
+        """The stripes broke: the origin's BitTorrent port is welcome again."""
+        self.engine.include_peers(self._excluded)
+        self._excluded = []
+        for endpoint in self._peers:
+            self._watch.handle.connect_peer(endpoint)
 
     def _check_metadata(self) -> None:
         info = self._watch.handle.torrent_file()
@@ -207,6 +302,8 @@ class Transfer:
             self.destination,
         )
         self._watch.handle.unset_flags(lt.torrent_flags.upload_mode)
+        if self._pending_stripes is not None:
+            self._start_stripes(self._pending_stripes)
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> SwarmStats:
@@ -219,8 +316,17 @@ class Transfer:
         os.makedirs(self.opts.scratch_root, exist_ok=True)
         scratch = os.path.join(self.opts.scratch_root, f"{os.getpid()}-{time.monotonic_ns()}")
         os.mkdir(scratch, 0o700)
+        self._peers = peers
+        stripes = self._stripe_client()
+        self._pending_stripes = stripes[0] if stripes else None
+        if stripes is not None:
+            # This host takes its share from the origin over HTTP and the rest from other
+            # hosts; the origin's BitTorrent port would only send duplicates.
+            self._excluded = self.engine.exclude_peers(
+                urllib.parse.urlsplit(url).hostname for url in stripes[0].urls
+            )
         try:
-            params = self._params(scratch, peers)
+            params = self._params(scratch, peers, stripes[1] if stripes else None)
             try:
                 self._watch = self.engine.add_torrent(params, label=f"image {self.image.id}")
             except RuntimeError as exc:
@@ -243,12 +349,20 @@ class Transfer:
                 self._collect_block_stats()
             finally:
                 self.stats.seconds = time.monotonic() - start
+                if self._stripes is not None:
+                    self._stripes.stop()
+                    self.stats.bytes_from_origin += self._stripes.bytes_fetched
+                    self.stats.bytes_total += self._stripes.bytes_fetched
+                    self.stats.bytes_from_stripes = self._stripes.bytes_fetched
                 self.engine.remove_torrent(self._watch)
         except BaseException:
             if created:
                 verify.discard(self.destination)
             raise
         finally:
+            if self._excluded:
+                self.engine.include_peers(self._excluded)
+                self._excluded = []
             shutil.rmtree(scratch, ignore_errors=True)
         return self.stats
 
@@ -273,6 +387,8 @@ class Transfer:
                         peers=f"{status.num_peers} connected, {status.list_peers} known",
                     )
                 continue
+            if self._excluded and self._stripes is not None and self._stripes.failed:
+                self._stripes_failed()
             if status.total_wanted_done > last_done:
                 last_done, last_progress = status.total_wanted_done, now
             if self.progress is not None:

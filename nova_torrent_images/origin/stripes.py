@@ -1,0 +1,379 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The stripe dispenser: the origin sends each piece about once, and the fleet the rest.
+
+Why (measured, doc/source/origin.rst): libtorrent 2.1's super-seeding starts a swarm ten
+seconds late, and without it no setting keeps an origin from sending duplicates. Here the
+origin hands out *disjoint stripes* instead: every compute host asks for the next batch of
+pieces nobody has been given yet, fetches exactly those bytes over HTTP ranges and gives
+them to libtorrent (``add_piece``: hash-checked like any piece), and the swarm trades
+everything else. Origin egress stays at one copy and the fleet finishes at the floor
+(image size / origin uplink).
+
+Faults it survives:
+
+* a host that takes a stripe and dies or stalls: a host missing pieces after the swarm
+  went quiet asks again naming them (``want``), and pieces whose last hand-out is older
+  than ``origin_stripe_reissue_after`` are served again;
+* an origin restart: the dispenser starts empty, so some pieces leave it twice;
+* hosts joining late: they find nothing left to take and fetch from the swarm;
+* several origin nodes behind one image: the image property lists every node's URL and a
+  host asks node *i* of *n* for the pieces ``p % n == i`` (``part``/``parts``); re-issue
+  requests go to any node.
+
+Endpoints (HTTP/1.1, read-only, only published images, only ``allowed_peer_cidrs``)::
+
+    GET  /v1/torrents/<info-hash>            the .torrent (hosts skip the metadata phase)
+    GET  /v1/torrents/<info-hash>/data       image bytes, Range required and bounded
+    POST /v1/torrents/<info-hash>/stripes    {"peer", "part", "parts", "want"?} -> pieces
+
+The torrent and data answers are content-addressed by the info-hash: they carry an ETag and
+``Cache-Control: public, max-age=31536000, immutable``, so a caching proxy in front of the
+origin serves a zone's other hosts. Standard BitTorrent clients still use the origin
+seeder's BitTorrent port; the stripes are an addition for this project's hosts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from oslo_log import log as logging
+
+from nova_torrent_images import exception, utils
+from nova_torrent_images.origin.registry import PublishedImage, Registry
+from nova_torrent_images.swarm.torrent import describe
+
+LOG = logging.getLogger(__name__)
+
+MAX_RANGE = 64 * 1024 * 1024  # bytes one data request may ask for
+MAX_BODY = 256 * 1024  # a stripe request (its want list included)
+MAX_WANT = 100_000
+CHUNK = 256 * 1024
+IMMUTABLE = "public, max-age=31536000, immutable"
+_PATH = re.compile(r"^/v1/torrents/([0-9a-f]{40}|[0-9a-f]{64})(/data|/stripes)?$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
+
+
+class RateLimiter:
+    """One token bucket for every stripe the node serves: its share of the uplink."""
+
+    def __init__(self, bytes_per_second: int) -> None:
+        self.rate = bytes_per_second
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + n / self.rate
+            wait = start - now
+        if wait > 0:
+            time.sleep(wait)
+
+
+@dataclass
+class ImageStripes:
+    """Who was given which piece of one image, and when."""
+
+    entry: PublishedImage
+    torrent: bytes
+    piece_length: int
+    num_pieces: int
+    given_at: dict[int, float] = field(default_factory=dict)  # piece -> last hand-out
+    served: int = 0  # payload bytes sent
+
+
+class StripeDispenser:
+    """Hands out disjoint batches of pieces per image; re-issues what went missing."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        batch_bytes: int,
+        reissue_after: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.batch_bytes = batch_bytes
+        self.reissue_after = reissue_after
+        self._clock = clock
+        self._images: dict[str, ImageStripes] = {}
+        self._lock = threading.Lock()
+
+    def image(self, info_hash: str) -> ImageStripes | None:
+        """The published image with this v1 or v2 info-hash (hex), if any."""
+        with self._lock:
+            known = self._images.get(info_hash)
+            if known is not None and self.registry.get(known.entry.image_id) is not None:
+                return known
+        for entry in self.registry.list():
+            if info_hash not in (entry.info_hash_v1, entry.info_hash_v2) or not entry.has_data():
+                continue
+            torrent = self.registry.read_torrent(entry)
+            meta = describe(torrent)
+            stripes = ImageStripes(entry, torrent, meta.piece_length, meta.num_pieces)
+            with self._lock:
+                for key in (entry.info_hash_v1, entry.info_hash_v2):
+                    if key:
+                        self._images[key] = stripes
+            return stripes
+        return None
+
+    def assign(
+        self,
+        stripes: ImageStripes,
+        *,
+        part: int,
+        parts: int,
+        want: list[int] | None = None,
+    ) -> tuple[list[int], bool]:
+        """The next pieces for a host, and whether this node has none left to give.
+
+        Without ``want``: pieces of this node's part nobody was given yet. With ``want``
+        (a host whose swarm went quiet lists what it lacks): those of them last given out
+        more than ``reissue_after`` seconds ago, from any part.
+        """
+        per_batch = max(1, self.batch_bytes // stripes.piece_length)
+        now = self._clock()
+        with self._lock:
+            given = stripes.given_at
+            if want is None:
+                pieces = [p for p in range(part, stripes.num_pieces, parts) if p not in given][
+                    :per_batch
+                ]
+                done = len(pieces) < per_batch
+            else:
+                pieces = [
+                    p
+                    for p in dict.fromkeys(want)
+                    if 0 <= p < stripes.num_pieces
+                    and now - given.get(p, -1e18) > self.reissue_after
+                ][:per_batch]
+                done = False
+            for p in pieces:
+                given[p] = now
+        return pieces, done
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: StripeServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        LOG.debug("stripe server: " + format, *args)
+
+    def _refuse(self, status: HTTPStatus, why: str) -> None:
+        LOG.warning(
+            "Stripe request %s %s from %s refused: %s",
+            self.command,
+            self.path,
+            self.client_address[0],
+            why,
+        )
+        body = json.dumps({"error": why}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _route(self) -> tuple[ImageStripes, str] | None:
+        if not self.server.allowed(self.client_address[0]):
+            self._refuse(HTTPStatus.FORBIDDEN, "address outside allowed_peer_cidrs")
+            return None
+        match = _PATH.match(self.path.split("?", 1)[0])
+        if match is None:
+            self._refuse(HTTPStatus.NOT_FOUND, "no such endpoint")
+            return None
+        stripes = self.server.dispenser.image(match.group(1))
+        if stripes is None:
+            self._refuse(HTTPStatus.NOT_FOUND, "not a published image")
+            return None
+        return stripes, match.group(2) or ""
+
+    def do_GET(self) -> None:  # noqa: N802
+        routed = self._route()
+        if routed is None:
+            return
+        stripes, what = routed
+        etag = f'"{stripes.entry.info_hash_v2 or stripes.entry.info_hash_v1}"'
+        if what == "":
+            self._send(HTTPStatus.OK, stripes.torrent, "application/x-bittorrent", etag)
+        elif what == "/data":
+            self._send_range(stripes, etag)
+        else:
+            self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, "stripes are asked for with POST")
+
+    def _send(self, status: HTTPStatus, body: bytes, kind: str, etag: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", etag)
+        self.send_header("Cache-Control", IMMUTABLE)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_range(self, stripes: ImageStripes, etag: str) -> None:
+        size = stripes.entry.size
+        match = _RANGE.match(self.headers.get("Range", ""))
+        if match is None:
+            self._refuse(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "a single bytes=a-b Range is required")
+            return
+        start, end = int(match.group(1)), int(match.group(2))
+        if start > end or end >= size or end - start + 1 > MAX_RANGE:
+            self._refuse(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"range {start}-{end} of {size}")
+            return
+        length = end - start + 1
+        self.send_response(HTTPStatus.PARTIAL_CONTENT)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("Cache-Control", IMMUTABLE)
+        self.end_headers()
+        with open(stripes.entry.data_path, "rb") as f:
+            f.seek(start)
+            left = length
+            while left:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{stripes.entry.data_path} is shorter than {size} bytes")
+                self.server.limiter.take(len(chunk))
+                self.wfile.write(chunk)
+                left -= len(chunk)
+                stripes.served += len(chunk)
+                self.server.count(len(chunk))
+
+    def do_POST(self) -> None:  # noqa: N802
+        routed = self._route()
+        if routed is None:
+            return
+        stripes, what = routed
+        if what != "/stripes":
+            self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, "only stripes are asked for with POST")
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            if not 0 < length <= MAX_BODY:
+                raise ValueError(f"body of {length} bytes")
+            request = json.loads(self.rfile.read(length))
+            part, parts = int(request.get("part", 0)), int(request.get("parts", 1))
+            want = request.get("want")
+            if not 0 <= part < parts <= 64:
+                raise ValueError(f"part {part} of {parts}")
+            if want is not None:
+                if not isinstance(want, list) or len(want) > MAX_WANT:
+                    raise ValueError("want must be a list of piece indices")
+                want = [int(p) for p in want]
+        except (ValueError, TypeError, AttributeError) as exc:
+            self._refuse(HTTPStatus.BAD_REQUEST, f"malformed stripe request: {exc}")
+            return
+        pieces, done = self.server.dispenser.assign(stripes, part=part, parts=parts, want=want)
+        body = json.dumps(
+            {
+                "pieces": pieces,
+                "done": done,
+                "piece_length": stripes.piece_length,
+                "num_pieces": stripes.num_pieces,
+            }
+        ).encode()
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class StripeServer(ThreadingHTTPServer):
+    """The dispenser's HTTP endpoints on one address of the origin node."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        listen: str,
+        dispenser: StripeDispenser,
+        *,
+        rate_limit: int,
+        allowed_cidrs: list[str],
+    ) -> None:
+        try:
+            host, port = utils.parse_listen_address(listen)
+        except ValueError as exc:
+            raise exception.ConfigError(option="origin_stripe_listen", reason=str(exc)) from exc
+        self.dispenser = dispenser
+        self.limiter = RateLimiter(rate_limit)
+        self._networks = [
+            ipaddress.ip_network(c.strip(), strict=False) for c in allowed_cidrs if c.strip()
+        ]
+        self.bytes_served = 0
+        self._count_lock = threading.Lock()
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as exc:
+            raise exception.ConfigError(
+                option="origin_stripe_listen", reason=f"cannot listen on {listen}: {exc}"
+            ) from exc
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{utils.format_host_port(host, port)}"
+
+    def allowed(self, address: str) -> bool:
+        if not self._networks:
+            return True
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self._networks)
+
+    def count(self, n: int) -> None:
+        with self._count_lock:
+            self.bytes_served += n
+
+    def start(self) -> StripeServer:
+        self._thread = threading.Thread(
+            target=self.serve_forever, name="origin-stripes", daemon=True
+        )
+        self._thread.start()
+        LOG.info("Origin stripes served at %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def data_path_exists(entry: PublishedImage) -> bool:
+    return os.path.exists(entry.data_path)

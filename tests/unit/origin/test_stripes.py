@@ -1,0 +1,215 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The stripe dispenser and its HTTP endpoints, with the compute host's client."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from nova_torrent_images.origin.publisher import Publisher
+from nova_torrent_images.origin.stripes import StripeDispenser, StripeServer
+from nova_torrent_images.swarm.stripes import StripeClient, StripeError, parse_stripe_urls
+from nova_torrent_images.swarm.torrent import describe
+from nova_torrent_images.testing.swarm import make_conf
+from tests.unit.origin.fakes import IMAGE_ID, FakeGlance
+
+SIZE = 3 * 1024 * 1024 + 4321  # 256 KiB pieces: 13 of them, the last one short
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def published(tmp_path):
+    glance = FakeGlance()
+    glance.add(size=SIZE)
+    conf = make_conf(
+        origin_state_dir=str(tmp_path / "origin"), origin_advertise_addresses=["10.0.0.2:6881"]
+    )
+    publisher = Publisher(conf, glance)
+    publisher.publish(IMAGE_ID)
+    entry = publisher.registry.get(IMAGE_ID)
+    return publisher.registry, entry, glance.data[IMAGE_ID]
+
+
+def dispenser(registry, clock=None, batch=512 * 1024, reissue_after=5.0):
+    return StripeDispenser(
+        registry, batch_bytes=batch, reissue_after=reissue_after, clock=clock or Clock()
+    )
+
+
+def test_batches_are_disjoint_and_cover_every_piece_once(published):
+    registry, entry, _ = published
+    d = dispenser(registry)
+    stripes = d.image(entry.info_hash_v2)
+    assert stripes.num_pieces == 13
+    for info_hash in (entry.info_hash_v1, entry.info_hash_v2):
+        assert info_hash is None or d.image(info_hash) is stripes
+    given, done = [], False
+    while not done:
+        pieces, done = d.assign(stripes, part=0, parts=1)
+        assert len(pieces) <= 2  # 512 KiB of 256 KiB pieces
+        given += pieces
+    assert sorted(given) == list(range(13)) and len(given) == 13
+    assert d.assign(stripes, part=0, parts=1) == ([], True)  # late joiners: the swarm
+
+
+def test_parts_split_the_pieces_between_origin_nodes(published):
+    registry, entry, _ = published
+    d = dispenser(registry, batch=64 * 1024 * 1024)
+    stripes = d.image(entry.info_hash_v2)
+    first, _ = d.assign(stripes, part=0, parts=3)
+    second, _ = d.assign(stripes, part=1, parts=3)
+    assert first == [0, 3, 6, 9, 12] and second == [1, 4, 7, 10]
+
+
+def test_missing_pieces_are_reissued_only_after_the_lease(published):
+    registry, entry, _ = published
+    clock = Clock()
+    d = dispenser(registry, clock=clock, batch=64 * 1024 * 1024, reissue_after=5.0)
+    stripes = d.image(entry.info_hash_v2)
+    d.assign(stripes, part=0, parts=1)  # one host took every piece, then died
+    assert d.assign(stripes, part=0, parts=1, want=[3, 4]) == ([], False)
+    clock.now += 6
+    assert d.assign(stripes, part=0, parts=1, want=[3, 4, 99, -1]) == ([3, 4], False)
+    assert d.assign(stripes, part=0, parts=1, want=[3]) == ([], False)  # given again just now
+
+
+def test_unpublished_hashes_are_unknown(published):
+    registry, _, _ = published
+    assert dispenser(registry).image("ab" * 32) is None
+
+
+@pytest.fixture
+def server(published):
+    registry, entry, data = published
+    srv = StripeServer(
+        "127.0.0.1:0",
+        dispenser(registry),
+        rate_limit=0,
+        allowed_cidrs=["127.0.0.0/8"],
+    ).start()
+    yield srv, entry, data
+    srv.stop()
+
+
+def get(url, headers=None):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
+        return r.status, dict(r.headers), r.read()
+
+
+def test_torrent_and_ranges_are_served_cacheable(server):
+    srv, entry, data = server
+    base = f"{srv.url}/v1/torrents/{entry.info_hash_v2}"
+    status, headers, torrent = get(base)
+    assert status == 200 and describe(torrent).info_hash_v2 == entry.info_hash_v2
+    assert "immutable" in headers["Cache-Control"] and headers["ETag"]
+    status, headers, body = get(base + "/data", {"Range": "bytes=100-299"})
+    assert status == 206 and body == data[100:300]
+    assert headers["Content-Range"] == f"bytes 100-299/{SIZE}"
+    assert srv.bytes_served == 200
+
+
+@pytest.mark.parametrize(
+    "range_header", ["", "bytes=5-1", f"bytes=0-{SIZE}", "bytes=0-10,20-30", "items=0-1"]
+)
+def test_bad_ranges_are_refused(server, range_header):
+    srv, entry, _ = server
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get(f"{srv.url}/v1/torrents/{entry.info_hash_v2}/data", {"Range": range_header})
+    assert refused.value.code == 416
+
+
+def test_unknown_images_and_paths_are_404(server):
+    srv, _, _ = server
+    for path in ("/v1/torrents/" + "ab" * 20, "/v1/torrents/x", "/etc/passwd"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get(srv.url + path)
+        assert refused.value.code == 404
+
+
+def test_addresses_outside_allowed_cidrs_are_refused(published):
+    registry, entry, _ = published
+    srv = StripeServer(
+        "127.0.0.1:0", dispenser(registry), rate_limit=0, allowed_cidrs=["10.0.0.0/8"]
+    ).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get(f"{srv.url}/v1/torrents/{entry.info_hash_v2}")
+        assert refused.value.code == 403
+    finally:
+        srv.stop()
+
+
+def test_malformed_stripe_requests_are_400(server):
+    srv, entry, _ = server
+    url = f"{srv.url}/v1/torrents/{entry.info_hash_v2}/stripes"
+    for body in (
+        b"not json",
+        json.dumps({"part": 3, "parts": 2}).encode(),
+        json.dumps({"want": "all"}).encode(),
+    ):
+        request = urllib.request.Request(url, data=body)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request)
+        assert refused.value.code == 400
+
+
+def test_client_fetches_torrent_batches_and_ranges(server):
+    srv, entry, data = server
+    client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+    assert describe(client.fetch_torrent()).info_hash_v2 == entry.info_hash_v2
+    seen = []
+    while (batch := client.next_batch()) is not None:
+        part, pieces = batch
+        seen += pieces
+    assert sorted(seen) == list(range(13))
+    assert client.fetch_range(0, SIZE - 10, SIZE - 1) == data[-10:]
+
+
+def test_client_errors_are_typed_and_name_the_image():
+    client = StripeClient(IMAGE_ID, ("http://127.0.0.1:9",), "ab" * 32, "127.0.0.9:6881")
+    with pytest.raises(StripeError, match=IMAGE_ID):
+        client.fetch_torrent()
+
+
+@pytest.mark.parametrize(
+    "value,ok",
+    [
+        ("http://10.0.0.5:8080", True),
+        ("http://10.0.0.5:8080/, http://10.0.0.6:8080", True),
+        ("http://10.0.0.5", False),  # no port
+        ("https://10.0.0.5:8080", False),
+        ("http://origin.example:8080", False),  # names are never resolved
+        ("http://8.8.8.8:80", False),  # outside allowed_peer_cidrs
+        ("http://10.0.0.5:8080/elsewhere", False),
+        ("", False),
+        (",".join(f"http://10.0.0.{i}:80" for i in range(9)), False),
+        (42, False),
+    ],
+)
+def test_stripe_urls_are_parsed_strictly(value, ok):
+    if ok:
+        assert parse_stripe_urls(value, ("10.0.0.0/8",))
+    else:
+        with pytest.raises(ValueError):
+            parse_stripe_urls(value, ("10.0.0.0/8",))
