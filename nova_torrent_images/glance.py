@@ -375,6 +375,7 @@ class GlanceClient:
             kwargs = {
                 "torrentable_property": self.conf.torrent_images.torrentable_property,
                 "magnet_property": self.conf.torrent_images.magnet_property,
+                "bound_hash_property": self.conf.torrent_images.bound_hash_property,
             }
         return parse_image(self.get_image(image_id), **kwargs)
 

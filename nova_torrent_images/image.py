@@ -3,7 +3,9 @@
 Glance custom properties are free-form strings set by users, so every property this library
 acts on is validated here, once. A bad torrent property never raises out of
 :func:`parse_image`: it is kept in ``ImageInfo.torrent_error`` so policy can log it and send
-the image down the plain Glance path, which needs none of those properties.
+the image down the plain Glance path, which needs none of those properties. A bad bound
+hash (the publisher's binding of Glance's hash to a v2 torrent) is kept in
+``ImageInfo.bound_hash_error`` in the same way: it only means the image is verified as usual.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ _MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
 
 DEFAULT_TORRENTABLE_PROPERTY = "is_torrentable"
 DEFAULT_MAGNET_PROPERTY = "torrent_magnet"
+DEFAULT_BOUND_HASH_PROPERTY = "torrent_bound_hash"
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+# Too weak to vouch for the bytes in place of reading them (collisions are practical).
+WEAK_HASH_ALGOS = frozenset({"md5", "sha1"})
 
 # Glance's core attributes; everything else in a v2 record is a custom property.
 _CORE_FIELDS = frozenset(
@@ -57,6 +63,19 @@ _CORE_FIELDS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class BoundHash:
+    """The publisher's statement: the v2 torrent ``info_hash_v2`` holds exactly the bytes
+    whose Glance hash is ``algo``:``value`` (checked by the publisher in one download)."""
+
+    algo: str
+    value: str  # lowercase hex
+    info_hash_v2: str  # 64 lowercase hex digits
+
+    def __str__(self) -> str:
+        return f"{self.algo}:{self.value}:{self.info_hash_v2}"
+
+
 @dataclass
 class ImageInfo:
     """A Glance image as far as delivery is concerned."""
@@ -78,6 +97,9 @@ class ImageInfo:
     offline: bool = False
     # The first problem found in the torrent properties, if any.
     torrent_error: exception.InvalidImageMetadata | None = None
+    # The bound hash property (see BoundHash), and a problem found in it, if any.
+    bound_hash: BoundHash | None = None
+    bound_hash_error: exception.InvalidImageMetadata | None = None
 
     def require_verifiable(self) -> None:
         """Raise unless the image has the size and hash that verification needs."""
@@ -150,17 +172,43 @@ def _parse_hash(image_id: str, record: Mapping[str, Any]) -> tuple[str | None, s
     return None, None
 
 
+def parse_bound_hash(image_id: str, prop: str, value: Any) -> BoundHash:
+    """Parse ``<algo>:<hex digest>:<64 hex v2 info-hash>``; raise InvalidImageMetadata."""
+
+    def bad(reason: str) -> exception.InvalidImageMetadata:
+        return exception.InvalidImageMetadata(image_id=image_id, prop=prop, reason=reason)
+
+    if not isinstance(value, str):
+        raise bad(f"it is a {type(value).__name__}, not a string")
+    parts = value.split(":")
+    if len(parts) != 3:
+        raise bad("it is not <os_hash_algo>:<os_hash_value>:<v2 info-hash>")
+    algo, digest, info_hash_v2 = parts
+    if algo in WEAK_HASH_ALGOS:
+        raise bad(f"{algo} is too weak to bind a torrent to")
+    if algo not in hashlib.algorithms_available:
+        raise bad(f"{algo!r} is not a hash algorithm this host knows")
+    expected_len = hashlib.new(algo).digest_size * 2
+    if not _HEX.fullmatch(digest) or len(digest) != expected_len:
+        raise bad(f"its digest is not {expected_len} hex digits of {algo}")
+    if not _HEX64.fullmatch(info_hash_v2):
+        raise bad("its v2 info-hash is not 64 hex digits")
+    return BoundHash(algo, digest.lower(), info_hash_v2.lower())
+
+
 def parse_image(
     record: Mapping[str, Any],
     *,
     torrentable_property: str = DEFAULT_TORRENTABLE_PROPERTY,
     magnet_property: str = DEFAULT_MAGNET_PROPERTY,
+    bound_hash_property: str = DEFAULT_BOUND_HASH_PROPERTY,
 ) -> ImageInfo:
     """Parse a Glance v2 image record (a dict, or glanceclient's model).
 
     Raises :class:`~nova_torrent_images.exception.InvalidImageMetadata` only for problems
     that also stop a plain Glance download from being verified (size, hash); torrent
-    property problems are recorded in ``torrent_error``.
+    property problems are recorded in ``torrent_error``, and a bad bound hash in
+    ``bound_hash_error``.
     """
     image_id = str(record.get("id") or "<unknown>")
     size = _parse_size(image_id, record.get("size"))
@@ -190,6 +238,15 @@ def parse_image(
                 image_id=image_id, prop=magnet_property, reason=str(exc)
             )
 
+    bound_hash: BoundHash | None = None
+    bound_hash_error: exception.InvalidImageMetadata | None = None
+    raw_bound = record.get(bound_hash_property)
+    if raw_bound is not None:
+        try:
+            bound_hash = parse_bound_hash(image_id, bound_hash_property, raw_bound)
+        except exception.InvalidImageMetadata as exc:
+            bound_hash_error = exc
+
     return ImageInfo(
         id=image_id,
         name=record.get("name"),
@@ -205,4 +262,6 @@ def parse_image(
         properties=properties,
         record=dict(record),
         torrent_error=torrent_error,
+        bound_hash=bound_hash,
+        bound_hash_error=bound_hash_error,
     )

@@ -142,7 +142,12 @@ class ImagePipeline:
             from nova_torrent_images.swarm.transfer import TransferSettings
 
             self._transfer_settings = TransferSettings.from_conf(self.conf)
-        return SwarmSource(self._engine, self._transfer_settings, verify_hash=self.verify_hash)
+        return SwarmSource(
+            self._engine,
+            self._transfer_settings,
+            verify_hash=self.verify_hash,
+            trust_torrent_root=self.conf.torrent_images.trust_torrent_root,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:

@@ -19,6 +19,7 @@ the pipeline's job, in one place.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,11 +59,46 @@ class SwarmSource:
     name = "torrent"
 
     def __init__(
-        self, engine_factory: Callable[[], object], settings: object, *, verify_hash: bool
+        self,
+        engine_factory: Callable[[], object],
+        settings: object,
+        *,
+        verify_hash: bool,
+        trust_torrent_root: bool = False,
     ):
         self._engine_factory = engine_factory
         self.settings = settings  # swarm.transfer.TransferSettings
         self.verify_hash = verify_hash
+        self.trust_torrent_root = trust_torrent_root  # [torrent_images] trust_torrent_root
+
+    def untrusted_root(self, image: ImageInfo) -> str | None:
+        """Why the whole-image hash check must run after a swarm download; None: it need not.
+
+        It need not when libtorrent's piece checks already prove the bytes are Glance's:
+        the magnet names a v2 torrent only (so libtorrent accepted only metadata hashing to
+        that SHA-256 info-hash, and passed every piece on its Merkle tree), and the bound
+        hash says the publisher built exactly that torrent from bytes it verified against
+        the very hash Glance has for the image now. A v1 (SHA-1) hash never counts, and
+        neither does a hybrid torrent: libtorrent passes a hybrid piece on its SHA-1 alone
+        while the piece's v2 hashes are still unknown.
+        """
+        if not self.trust_torrent_root:
+            return "trust_torrent_root is off"
+        bound = image.bound_hash
+        if bound is None:
+            if image.bound_hash_error is not None:
+                return str(image.bound_hash_error)
+            return "the image has no bound hash property"
+        if (bound.algo, bound.value) != (image.hash_algo, (image.hash_value or "").lower()):
+            return f"the bound hash is not Glance's {image.hash_algo} of the image"
+        v2 = image.magnet.info_hash_v2 if image.magnet is not None else None
+        if v2 is None:
+            return "the magnet names no v2 torrent (a v1 SHA-1 info-hash is never trusted)"
+        if image.magnet.info_hash_v1 is not None:
+            return "the magnet names a hybrid torrent (its pieces may pass on SHA-1 alone)"
+        if bound.info_hash_v2 != v2:
+            return "the bound hash names another v2 torrent than the magnet"
+        return None
 
     def fetch_into(
         self, image: ImageInfo, slot: Slot, progress: ProgressCallback | None = None
@@ -72,10 +108,39 @@ class SwarmSource:
 
         start = time.monotonic()
         try:
-            transfer = Transfer(self._engine_factory(), image, slot.path, self.settings, progress)
+            # Bytes that arrive in order (the origin's stripes) are hashed as they come and
+            # never read back; only the rest is read for the whole-image check.
+            needed = self.verify_hash and self.untrusted_root(image) is not None
+            check = verify.StreamingCheck(image) if needed else None
+            transfer = Transfer(
+                self._engine_factory(), image, slot.path, self.settings, progress, check
+            )
             stats = transfer.run()
+            checked = "unverified"
             if self.verify_hash:
-                verify.verify_file(image, slot.path, exact_size=not slot.preallocated)
+                untrusted = self.untrusted_root(image)
+                if untrusted is None:
+                    # The torrent's size was checked against Glance before any piece; a
+                    # new file's length is a stat, not a read.
+                    if not slot.preallocated and not verify.is_block_device(slot.path):
+                        verify.check_digest(image, os.path.getsize(slot.path), None)
+                    checked = "trusted torrent root"
+                    LOG.info(
+                        "Image %s: whole-image %s read skipped (trust_torrent_root): "
+                        "libtorrent checked every piece of the v2 torrent %s, which the "
+                        "publisher bound to Glance's %s of the image (bound hash property)",
+                        image.id,
+                        image.hash_algo,
+                        image.magnet.info_hash_v2,
+                        image.hash_algo,
+                    )
+                else:
+                    if self.trust_torrent_root:
+                        LOG.info("Image %s: verifying the whole image: %s", image.id, untrusted)
+                    check.finish(slot.path, exact_size=not slot.preallocated)
+                    checked = "verified"
+                    if check.streamed:
+                        checked += f" ({check.streamed >> 20} MiB hashed as they arrived)"
         except exception.TorrentFetchError:
             raise
         except exception.TorrentImagesError as exc:
@@ -88,7 +153,7 @@ class SwarmSource:
         seconds = time.monotonic() - start
         LOG.info(
             "Image %s: %d MiB from the swarm in %.1fs (%d MiB from peers, %d MiB from "
-            "origin seeders, %d peers, %d failed pieces)%s",
+            "origin seeders, %d peers, %d failed pieces), %s",
             image.id,
             image.size >> 20,
             seconds,
@@ -96,7 +161,7 @@ class SwarmSource:
             stats.bytes_from_origin >> 20,
             stats.peers_seen,
             stats.hash_failures,
-            ", verified" if self.verify_hash else "",
+            checked,
         )
         return FetchResult(
             image_id=image.id,

@@ -40,7 +40,8 @@ def atomic_write(path: str, data: bytes | str, *, mode: int = 0o644) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    # The pid in the name lets a restart tell a dead writer's leftover from a live write.
+    fd, tmp = tempfile.mkstemp(prefix=atomic_tmp_prefix(path), dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -52,6 +53,22 @@ def atomic_write(path: str, data: bytes | str, *, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+ATOMIC_TMP = ".tmp-"
+
+
+def atomic_tmp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}{ATOMIC_TMP}{os.getpid()}-"
+
+
+def atomic_tmp_owner(name: str) -> int | None:
+    """The pid of the writer of an :func:`atomic_write` temporary file name, if it is one."""
+    if not name.startswith("."):
+        return None
+    _, sep, rest = name.rpartition(ATOMIC_TMP)
+    pid = rest.partition("-")[0]
+    return int(pid) if sep and pid.isdigit() else None
 
 
 def fsync_dir(path: str) -> None:

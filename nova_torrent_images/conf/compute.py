@@ -52,6 +52,15 @@ policy_opts = [
         default="torrent_magnet",
         help="Glance image property holding the magnet URI of the image's torrent.",
     ),
+    cfg.StrOpt(
+        "bound_hash_property",
+        default="torrent_bound_hash",
+        help="Glance image property in which the publisher binds Glance's hash to the v2 "
+        "info-hash of the torrent it built from the same verified bytes, as "
+        "<os_hash_algo>:<os_hash_value>:<v2 info-hash>. Written by 'nova-torrent-images "
+        "publish' for v2 torrents (not v1 or hybrid ones); used by compute hosts only when "
+        "trust_torrent_root is on.",
+    ),
     cfg.IntOpt(
         "min_torrent_image_size",
         default=0,
@@ -99,6 +108,20 @@ fetch_opts = [
         help="Check downloaded bytes against Glance's os_hash_value (or checksum) before "
         "handing the image on. Torrent piece hashes are always checked by libtorrent; "
         "turn this off only to save the extra read of the image.",
+    ),
+    cfg.BoolOpt(
+        "trust_torrent_root",
+        default=False,
+        help="Skip the whole-image hash check after a swarm download when it proves "
+        "nothing new: the magnet names a v2 torrent and nothing else (libtorrent passed "
+        "every piece on its SHA-256 Merkle tree) and the image's bound_hash_property says "
+        "the publisher built exactly that torrent from bytes it verified against the "
+        "os_hash_value Glance has now. This trusts whoever may write the torrent "
+        "properties (magnet_property, bound_hash_property): turn it on only when Glance "
+        "property protections restrict them to the publisher's role. v1 and hybrid "
+        "torrents (whose pieces may pass on SHA-1) are never trusted; they, and any image "
+        "whose properties do not match, are verified as usual. Glance downloads are "
+        "always verified.",
     ),
     cfg.IntOpt(
         "offline_boot_max_age",

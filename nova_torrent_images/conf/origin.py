@@ -14,6 +14,7 @@
 
 * ``publish_opts`` -- the registry of published images and what their magnets say;
 * ``seeder_opts`` -- the origin seeder: rate, super-seeding, web seed, checks, statistics;
+* ``stripe_opts`` -- the stripes the origin hands out over HTTP (one copy per piece);
 * ``tracker_opts`` -- the opentracker whitelist and its reload;
 * ``promotion_opts`` -- automatic publication of popular images.
 
@@ -59,6 +60,35 @@ publish_opts = [
         "'nova-torrent-images seed', with the same value on all of them, so every node "
         "publishes the same magnet. Empty: the seeder's listen_interfaces address, when "
         "it is one specific address.",
+    ),
+    cfg.StrOpt(
+        "origin_torrent_format",
+        default="v2",
+        choices=[
+            (
+                "v1",
+                "BitTorrent v1 (SHA-1 pieces): every client joins, including aria2 and "
+                "transmission 3.x; compute hosts always re-read the image to verify it.",
+            ),
+            (
+                "v2",
+                "BitTorrent v2 (SHA-256 Merkle trees): libtorrent 2.x only; lets hosts "
+                "with trust_torrent_root skip the whole-image re-read.",
+            ),
+            (
+                "hybrid",
+                "Both in one torrent: libtorrent 2.x joins by either hash, but every "
+                "piece is hashed twice, hosts always re-read the image (a piece may pass "
+                "on its SHA-1 alone), and aria2 and transmission 3.x cannot use it.",
+            ),
+        ],
+        help="Format of the torrents 'nova-torrent-images publish' builds. v2, the "
+        "default, is as fast as v1 when hosts verify the whole image and the fastest when "
+        "they may trust the torrent root; choose v1 only if clients other than libtorrent "
+        "2.x must join the swarms. Changing it "
+        "makes the next publish of an image build and advertise a new torrent (the image "
+        "is read from Glance again). See the origin documentation for measurements and "
+        "which clients read which format.",
     ),
 ]
 
@@ -113,6 +143,43 @@ seeder_opts = [
         "/metrics, e.g. 10.20.0.5:9471. Only that address is bound: use the node's "
         "management address, not 0.0.0.0, unless every network may read it. Unset: no "
         "metrics endpoint.",
+    ),
+]
+
+stripe_opts = [
+    cfg.StrOpt(
+        "origin_stripe_listen",
+        help="host:port where the origin seeder serves stripes over HTTP: the .torrent, "
+        "byte ranges of published images, and the dispenser that gives each compute host "
+        "pieces nobody else has yet, so each piece leaves the origin about once. Only "
+        "allowed_peer_cidrs may connect. Unset: no stripes; hosts use BitTorrent alone.",
+    ),
+    cfg.ListOpt(
+        "origin_stripe_advertise",
+        default=[],
+        help="Stripe URLs (http://address:port) of every origin node, written into the "
+        "stripes property of published images, in the same order on every node. Empty: "
+        "this node's origin_stripe_listen address, when it is a specific address.",
+    ),
+    cfg.IntOpt(
+        "origin_stripe_batch",
+        default=1024,
+        min=16,
+        help="KiB of pieces one stripe request hands out (whole pieces, at least one).",
+    ),
+    cfg.FloatOpt(
+        "origin_stripe_reissue_after",
+        default=5.0,
+        min=0.0,
+        help="Seconds after which a piece handed out may be handed out again to a host "
+        "that still lacks it once its swarm went quiet (the first host died or stalls).",
+    ),
+    cfg.IntOpt(
+        "origin_stripe_rate_limit",
+        default=0,
+        min=0,
+        help="Upload limit of the stripe server in KiB/s; 0 means origin_upload_rate_limit "
+        "(the stripes and the BitTorrent port each keep to it).",
     ),
 ]
 
@@ -196,7 +263,7 @@ promotion_opts = [
     ),
 ]
 
-ALL_OPTS = publish_opts + seeder_opts + tracker_opts + promotion_opts
+ALL_OPTS = publish_opts + seeder_opts + stripe_opts + tracker_opts + promotion_opts
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

@@ -173,7 +173,8 @@ def _publish(glance_url: str, root: str, image_id: str, tracker):
     )
     magnet = node.publish(image_id)
     if tracker is not None:
-        tracker.wait_allowed(node.publisher.published()[0].info_hash_v1 or "", timeout=5)
+        # The first hash the tracker sees (v1, or the truncated v2 of a v2 torrent).
+        tracker.wait_allowed(node.publisher.published()[0].tracker_hashes[0], timeout=5)
     return node.seeder, magnet
 
 

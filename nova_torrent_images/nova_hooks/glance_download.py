@@ -112,6 +112,7 @@ def image_from_nova(meta: Mapping[str, Any], conf: cfg.ConfigOpts) -> ImageInfo:
         record,
         torrentable_property=opts.torrentable_property,
         magnet_property=opts.magnet_property,
+        bound_hash_property=opts.bound_hash_property,
     )
 
 

@@ -48,9 +48,10 @@ def fit_magnet(
     until the magnet fits, least useful first:
 
     1. ``dn`` (the name: hosts name the torrent after the image id anyway);
-    2. the v1 info-hash (``urn:btih``): the v2 hash alone identifies the hybrid torrent,
-       is the stronger hash (SHA-256), and libtorrent 2.x hosts fetch a hybrid torrent
-       from it; the tracker whitelist carries the truncated v2 hash for such hosts;
+    2. the v1 info-hash (``urn:btih``) of a hybrid torrent: the v2 hash alone identifies
+       it, is the stronger hash (SHA-256), and libtorrent 2.x hosts fetch a hybrid torrent
+       from it; the tracker whitelist carries the truncated v2 hash for such hosts. A v1
+       or v2 torrent has one hash (the other is ``None``) and always keeps it;
     3. peer hints (``x.pe``) after the first, last first: peer exchange spreads the rest;
     4. trackers after the first, last first;
     5. the last peer hint, when a tracker remains (the origin seeder announces to it).

@@ -12,22 +12,32 @@
 
 """Publishing: a Glance image becomes a torrent the origin seeder serves.
 
-``publish`` reads the image from Glance once (a verified download), builds a hybrid v1+v2
-torrent of it named by the image id, keeps both in the registry (:mod:`.registry`), adds
-the info-hashes to the tracker whitelist (:mod:`.tracker`) and only then sets
-``torrent_magnet`` (fitted by :mod:`.magnets`) and ``is_torrentable=true`` on the image, so
-a host that sees the magnet finds a registry entry the seeder picks up within a second.
-The magnet names the trackers (``tr=``) and the origin seeders (``x.pe=``) and never a web
-seed: compute hosts must not pull from Glance over HTTP through the swarm.
+``publish`` reads the image from Glance once (a verified download), builds a torrent of
+it in ``origin_torrent_format`` (v1, v2 or hybrid) named by the image id, keeps both in the
+registry (:mod:`.registry`), adds the info-hashes to the tracker whitelist (:mod:`.tracker`)
+and only then sets ``torrent_magnet`` (fitted by :mod:`.magnets`), ``is_torrentable=true``
+and, for v2 torrents, ``torrent_bound_hash`` on the image, so a host that sees the magnet
+finds a registry entry the seeder picks up within a second. The magnet names
+the trackers (``tr=``) and the origin seeders (``x.pe=``) and never a web seed: compute
+hosts must not pull from Glance over HTTP through the swarm.
+
+``torrent_bound_hash`` (``<os_hash_algo>:<os_hash_value>:<v2 info-hash>``) states that the
+v2 torrent holds exactly the bytes Glance's hash names: compute hosts with
+``trust_torrent_root`` then skip their whole-image re-read (see the security docs). Hybrid
+torrents are not bound: libtorrent passes a hybrid piece on its SHA-1 alone while the
+piece's v2 hashes are still unknown (``torrent::on_piece_verified``), so "every piece
+passed" would not prove the SHA-256 Merkle root.
 
 Publishing is idempotent: when the registry entry matches Glance's record (same size and
-``os_hash_value``) and the image already carries the same magnet and
-``is_torrentable=true``, nothing is written anywhere and Glance is not updated.
+``os_hash_value``) and the configured torrent format, and the image already carries the
+same magnet, bound hash and ``is_torrentable=true``, nothing is written anywhere and Glance
+is not updated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,9 +47,9 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception
+from nova_torrent_images import exception, utils
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.image import ImageInfo, parse_image
+from nova_torrent_images.image import WEAK_HASH_ALGOS, ImageInfo, parse_image
 from nova_torrent_images.magnet import MAGNET_MAX_LENGTH
 from nova_torrent_images.origin.magnets import fit_magnet
 from nova_torrent_images.origin.registry import PublishedImage, Registry, validate_image_id
@@ -178,7 +188,21 @@ class Publisher:
             record,
             torrentable_property=self.opts.torrentable_property,
             magnet_property=self.opts.magnet_property,
+            bound_hash_property=self.opts.bound_hash_property,
         )
+
+    @staticmethod
+    def bound_hash_for(entry: PublishedImage) -> str | None:
+        """The bound hash property of ``entry``: None unless a v2 torrent and a strong hash.
+
+        Only v2-only torrents: the v2 info-hash commits to an info dictionary without v1
+        piece hashes, so libtorrent can pass a piece only on the v2 Merkle tree.
+        """
+        if entry.torrent_format != "v2" or not entry.hash_value:
+            return None
+        if entry.hash_algo in WEAK_HASH_ALGOS:  # an image older than Glance multihash (md5)
+            return None
+        return f"{entry.hash_algo}:{entry.hash_value}:{entry.info_hash_v2}"
 
     def publish(self, image_id: str) -> PublishResult:
         """Publish ``image_id``; a no-op when it is published and unchanged.
@@ -217,12 +241,25 @@ class Publisher:
                 )
                 self.registry.remove(image_id)
                 entry = None
+            elif entry is not None and entry.torrent_format != self.opts.origin_torrent_format:
+                LOG.warning(
+                    "Image %s was published as a %s torrent, origin_torrent_format is now %s; "
+                    "publishing it again",
+                    image_id,
+                    entry.torrent_format,
+                    self.opts.origin_torrent_format,
+                )
+                self.registry.remove(image_id)
+                entry = None
             created = entry is None
             read = 0
             if created:
                 # Settings problems (no tracker nor hint, a magnet that cannot fit) show
                 # before the image is read: the hashes' lengths are all that matter.
-                self.magnet_for(PublishedImage(image_id, 0, "", "", "0" * 40, "0" * 64, 0, 0))
+                fmt = self.opts.origin_torrent_format
+                v1 = "0" * 40 if fmt != "v2" else None
+                v2 = "0" * 64 if fmt != "v1" else None
+                self.magnet_for(PublishedImage(image_id, 0, "", "", v1, v2, 0, 0))
                 entry = self._create(image, record)
                 read = entry.size
             try:
@@ -240,8 +277,15 @@ class Publisher:
             LOG.info(
                 "Image %s: reading %d MiB from Glance to publish it", image.id, image.size >> 20
             )
+            # Two reads of the same staged bytes: the download checks them against Glance's
+            # os_hash_value as it writes them, then make_torrent hashes the file for its
+            # pieces. Nothing writes the staging file in between (a private directory of
+            # the registry, under the image lock), so the torrent, and the bound hash
+            # written in _advertise, describe exactly the bytes Glance's hash names.
             self.glance.download(image, staging.data_path)
-            torrent = make_torrent(staging.data_path, name=image.id)
+            torrent = make_torrent(
+                staging.data_path, name=image.id, version=self.opts.origin_torrent_format
+            )
             if torrent.size != image.size:
                 raise exception.PublishError(
                     image_id=image.id,
@@ -268,6 +312,18 @@ class Publisher:
             self.registry.abort(staging)
             raise
 
+    def stripe_urls(self) -> list[str]:
+        """The origin nodes' stripe URLs for the stripes property (empty: no stripes)."""
+        if self.opts.origin_stripe_advertise:
+            return list(self.opts.origin_stripe_advertise)
+        listen = self.opts.origin_stripe_listen
+        if not listen:
+            return []
+        host, port = utils.parse_listen_address(listen)
+        if port == 0 or utils.is_ip_literal(host) and ipaddress.ip_address(host).is_unspecified:
+            return []  # no address hosts could use: set origin_stripe_advertise
+        return [f"http://{utils.format_host_port(host, port)}"]
+
     def _advertise(
         self, image: ImageInfo, entry: PublishedImage, created: bool, read: int, start: float
     ) -> PublishResult:
@@ -288,9 +344,26 @@ class Publisher:
         if image.is_torrentable is not True:
             props[self.opts.torrentable_property] = "true"
             set_torrentable = True
+        bound = self.bound_hash_for(entry)
+        current_bound = image.properties.get(self.opts.bound_hash_property)
+        if bound is not None and current_bound != bound:
+            props[self.opts.bound_hash_property] = bound
+        remove = [self.opts.bound_hash_property] if bound is None and current_bound else []
+        stripes = ",".join(self.stripe_urls())
+        current_stripes = image.properties.get(self.opts.stripes_property)
+        if stripes and current_stripes != stripes:
+            props[self.opts.stripes_property] = stripes
+        elif not stripes and current_stripes:
+            remove.append(self.opts.stripes_property)
         if props:
+            # One update: a host never sees the new magnet with an old bound hash.
             self.glance.set_properties(image.id, **props)
             LOG.info("Image %s: set %s in Glance", image.id, ", ".join(sorted(props)))
+        if remove:
+            # After the update: a bound hash left over names another torrent than the new
+            # magnet (no v2 torrent at all), so no host trusted it in between.
+            self.glance.remove_properties(image.id, remove)
+            LOG.info("Image %s: removed %s from Glance", image.id, ", ".join(remove))
         if (entry.magnet, entry.set_torrentable, entry.dropped_from_magnet) != (
             magnet,
             set_torrentable,
@@ -300,16 +373,17 @@ class Publisher:
                 entry, magnet=magnet, set_torrentable=set_torrentable, dropped_from_magnet=dropped
             )
             self.registry.save(entry)
-        status = "published" if created else ("updated" if props else "unchanged")
+        status = "published" if created else ("updated" if props or remove else "unchanged")
         seconds = time.monotonic() - start
         LOG.info(
-            "Image %s: %s (%d MiB, %d pieces of %d KiB, v2 %s) in %.1fs: %s",
+            "Image %s: %s (%d MiB, %s torrent, %d pieces of %d KiB, %s) in %.1fs: %s",
             image.id,
             status,
             entry.size >> 20,
+            entry.torrent_format,
             entry.num_pieces,
             entry.piece_length >> 10,
-            entry.info_hash_v2,
+            f"v2 {entry.info_hash_v2}" if entry.info_hash_v2 else f"v1 {entry.info_hash_v1}",
             seconds,
             magnet,
         )
@@ -363,6 +437,14 @@ class Publisher:
             remove.append(self.opts.magnet_property)
         if entry is not None and entry.set_torrentable and image.is_torrentable is True:
             remove.append(self.opts.torrentable_property)
+        if self.opts.stripes_property in image.properties:
+            remove.append(self.opts.stripes_property)
+        if self.opts.bound_hash_property in image.properties and (
+            entry is None
+            or image.bound_hash is None  # unparsable: of no use to anyone
+            or image.bound_hash.info_hash_v2 == entry.info_hash_v2
+        ):
+            remove.append(self.opts.bound_hash_property)
         if not remove:
             return False
         self.glance.remove_properties(image_id, remove)

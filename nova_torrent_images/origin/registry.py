@@ -113,6 +113,13 @@ class PublishedImage:
         return os.path.join(self.directory, TORRENT_FILE)
 
     @property
+    def torrent_format(self) -> str:
+        """``v1``, ``v2`` or ``hybrid``: which info-hashes the published torrent has."""
+        if self.info_hash_v1 and self.info_hash_v2:
+            return "hybrid"
+        return "v2" if self.info_hash_v2 else "v1"
+
+    @property
     def tracker_hashes(self) -> list[str]:
         return tracker_hashes(self.info_hash_v1, self.info_hash_v2)
 

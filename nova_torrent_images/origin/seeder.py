@@ -250,7 +250,10 @@ class OriginSeeder:
             for image_id in list(self._seeds):
                 seeded = self._seeds[image_id]
                 entry = entries.get(image_id)
-                if entry is None or entry.info_hash_v2 != seeded.entry.info_hash_v2:
+                if entry is None or (entry.info_hash_v1, entry.info_hash_v2) != (
+                    seeded.entry.info_hash_v1,
+                    seeded.entry.info_hash_v2,
+                ):
                     self._remove(image_id, "unpublished" if entry is None else "republished")
             for image_id in set(self._retry_at) - set(entries):
                 del self._retry_at[image_id]

@@ -35,7 +35,12 @@ Endpoints (HTTP/1.1, read-only, only published images, only ``allowed_peer_cidrs
 
     GET  /v1/torrents/<info-hash>            the .torrent (hosts skip the metadata phase)
     GET  /v1/torrents/<info-hash>/data       image bytes, Range required and bounded
-    POST /v1/torrents/<info-hash>/stripes    {"peer", "part", "parts", "want"?} -> pieces
+    POST /v1/torrents/<info-hash>/stripes    {"peer", "part", "parts", "want"?}
+                                             -> {"pieces", "done", "peers", ...}
+
+Hosts fetching stripes keep off the origin's BitTorrent port (it would only send them
+duplicates), so the origin cannot introduce them to each other through peer exchange
+there: each answer names the other hosts that asked lately (``peers``), a tracker of sorts.
 
 The torrent and data answers are content-addressed by the info-hash: they carry an ETag and
 ``Cache-Control: public, max-age=31536000, immutable``, so a caching proxy in front of the
@@ -68,6 +73,8 @@ LOG = logging.getLogger(__name__)
 MAX_RANGE = 64 * 1024 * 1024  # bytes one data request may ask for
 MAX_BODY = 256 * 1024  # a stripe request (its want list included)
 MAX_WANT = 100_000
+MAX_PEERS = 50  # other hosts named in one answer
+PEER_TTL = 3600.0  # a host that asked within this long is still worth naming
 CHUNK = 256 * 1024
 IMMUTABLE = "public, max-age=31536000, immutable"
 _PATH = re.compile(r"^/v1/torrents/([0-9a-f]{40}|[0-9a-f]{64})(/data|/stripes)?$")
@@ -104,6 +111,9 @@ class ImageStripes:
     num_pieces: int
     given_at: dict[int, float] = field(default_factory=dict)  # piece -> last hand-out
     served: int = 0  # payload bytes sent
+    # Hosts that asked for stripes (their BitTorrent endpoints) -> when: they keep off the
+    # origin's BitTorrent port, so the origin cannot introduce them to each other there.
+    peers: dict[str, float] = field(default_factory=dict)
 
 
 class StripeDispenser:
@@ -142,6 +152,20 @@ class StripeDispenser:
                         self._images[key] = stripes
             return stripes
         return None
+
+    def peers(self, stripes: ImageStripes, peer: str | None) -> list[str]:
+        """Other hosts that asked for this image's stripes lately; records ``peer``."""
+        now = self._clock()
+        with self._lock:
+            if peer:
+                stripes.peers[peer] = now
+            recent = sorted(
+                (p for p, t in stripes.peers.items() if p != peer and now - t < PEER_TTL),
+                key=lambda p: -stripes.peers[p],
+            )
+            for stale in [p for p, t in stripes.peers.items() if now - t >= PEER_TTL]:
+                del stripes.peers[stale]
+        return recent[:MAX_PEERS]
 
     def assign(
         self,
@@ -242,11 +266,15 @@ class _Handler(BaseHTTPRequestHandler):
         size = stripes.entry.size
         match = _RANGE.match(self.headers.get("Range", ""))
         if match is None:
-            self._refuse(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "a single bytes=a-b Range is required")
+            self._refuse(
+                HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "a single bytes=a-b Range is required"
+            )
             return
         start, end = int(match.group(1)), int(match.group(2))
         if start > end or end >= size or end - start + 1 > MAX_RANGE:
-            self._refuse(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"range {start}-{end} of {size}")
+            self._refuse(
+                HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"range {start}-{end} of {size}"
+            )
             return
         length = end - start + 1
         self.send_response(HTTPStatus.PARTIAL_CONTENT)
@@ -285,6 +313,14 @@ class _Handler(BaseHTTPRequestHandler):
             request = json.loads(self.rfile.read(length))
             part, parts = int(request.get("part", 0)), int(request.get("parts", 1))
             want = request.get("want")
+            peer = request.get("peer")
+            if peer is not None:
+                host, port = utils.parse_host_port(str(peer))
+                # A host names its BitTorrent endpoint (its HTTP source address may be
+                # another of its addresses); only addresses the origin serves are passed on.
+                if not utils.is_ip_literal(host) or not self.server.allowed(host):
+                    raise ValueError(f"peer {peer} is outside allowed_peer_cidrs")
+                peer = utils.format_host_port(host, port)
             if not 0 <= part < parts <= 64:
                 raise ValueError(f"part {part} of {parts}")
             if want is not None:
@@ -295,10 +331,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(HTTPStatus.BAD_REQUEST, f"malformed stripe request: {exc}")
             return
         pieces, done = self.server.dispenser.assign(stripes, part=part, parts=parts, want=want)
+        peers = self.server.dispenser.peers(stripes, peer)
         body = json.dumps(
             {
                 "pieces": pieces,
                 "done": done,
+                "peers": peers,
                 "piece_length": stripes.piece_length,
                 "num_pieces": stripes.num_pieces,
             }

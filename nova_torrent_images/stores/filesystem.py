@@ -159,7 +159,7 @@ class FilesystemStore(BaseCopyStore):
         now = time.time()
         for entry in os.listdir(self.directory):
             path = os.path.join(self.directory, entry)
-            pid = part_owner_pid(entry)
+            pid = part_owner_pid(entry) or utils.atomic_tmp_owner(entry)
             if pid is not None:
                 stale = not utils.pid_alive(pid)
             elif entry.endswith(".base"):

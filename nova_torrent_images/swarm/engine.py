@@ -387,6 +387,19 @@ class SwarmEngine:
                     self._excluded.pop(address, None)
             self._apply_ip_filter()
 
+    def allows_peer(self, address: str) -> bool:
+        """Whether the session would talk to ``address`` (allowed_peer_cidrs, exclusions)."""
+        if address in self._excluded:
+            return False
+        cidrs = [c for c in self.opts.allowed_peer_cidrs if c.strip()]
+        if not cidrs:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(c.strip(), strict=False) for c in cidrs)
+
     def _apply_ip_filter(self) -> None:
         if self._session is None:
             return

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from oslo_log import log as logging
 
 from nova_torrent_images import exception
+from nova_torrent_images.utils import parse_host_port
 
 LOG = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class StripeClient:
         self.peer = peer
         self._next_part = 0
         self._dry: set[int] = set()  # parts whose node has nothing new left
+        self.on_peers: Callable[[list[tuple[str, int]]], None] | None = None
+        self._known_peers: set[str] = set()
 
     def _open(self, url: str, *, data: bytes | None = None, headers=None) -> bytes:
         request = urllib.request.Request(url, data=data, headers=headers or {})
@@ -131,12 +134,28 @@ class StripeClient:
                     headers={"Content-Type": "application/json"},
                 )
             )
+            self._introduce(answer.get("peers") or [])
             pieces = [int(p) for p in answer.get("pieces", [])]
             if want is None and answer.get("done"):
                 self._dry.add(part)
             if pieces:
                 return part, pieces
         return None
+
+    def _introduce(self, peers: list[str]) -> None:
+        """Tell the torrent about hosts it has not heard of (the origin names them)."""
+        new = []
+        for text in peers[:100]:
+            if text in self._known_peers or text == self.peer:
+                continue
+            try:
+                new.append(parse_host_port(str(text)))
+            except ValueError:
+                LOG.debug("Ignoring peer %r named by the origin", text)
+                continue
+            self._known_peers.add(text)
+        if new and self.on_peers is not None:
+            self.on_peers(new)
 
     def fetch_range(self, part: int, start: int, end: int) -> bytes:
         data = self._open(self._base(part) + "/data", headers={"Range": f"bytes={start}-{end}"})

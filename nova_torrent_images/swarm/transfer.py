@@ -256,6 +256,14 @@ class Transfer:
             pieces = handle.status(lt.torrent_handle.query_pieces).pieces
             return [i for i, have in enumerate(pieces) if not have]
 
+        allowed = self.engine.allows_peer
+
+        def introduce(peers: list[tuple[str, int]]) -> None:
+            for endpoint in peers:
+                if allowed(endpoint[0]):
+                    handle.connect_peer(endpoint)
+
+        client.on_peers = introduce
         self._stripes = StripeWorker(
             client,
             piece_length=info.piece_length(),

@@ -42,9 +42,20 @@ class OriginNode:
 
 
 def start_origin_node(
-    glance_url: str, state_dir: str, *, upload_kib: int, tracker=None, super_seeding: bool = True
+    glance_url: str,
+    state_dir: str,
+    *,
+    upload_kib: int,
+    tracker=None,
+    super_seeding: bool = True,
+    stripes: bool = True,
 ) -> OriginNode:
-    """Start an origin seeder (uplink capped at ``upload_kib``) advertising itself."""
+    """Start an origin seeder (uplink capped at ``upload_kib``) advertising itself.
+
+    With ``stripes`` it also serves stripes on the same address (the uplink cap applies
+    to each of the two), and ``publish`` names them in the image.
+    """
+    address = next_loopback_address()
     settings = {
         "glance_endpoint": glance_url,
         "glance_noauth": True,
@@ -52,8 +63,10 @@ def start_origin_node(
         "origin_upload_rate_limit": upload_kib,
         "origin_super_seeding": super_seeding,
         "origin_check_interval": 0,
-        "listen_interfaces": [f"{next_loopback_address()}:0"],
+        "listen_interfaces": [f"{address}:0"],
     }
+    if stripes:
+        settings["origin_stripe_listen"] = f"{address}:0"
     if tracker is not None:
         settings.update(
             origin_trackers=[tracker.announce_url],
@@ -67,4 +80,6 @@ def start_origin_node(
     host, port = seeder.endpoint
     # The seeder's own address goes into every magnet as the x.pe hint.
     conf.set_override("origin_advertise_addresses", [f"{host}:{port}"], group="torrent_images")
+    if seeder.stripes is not None:
+        conf.set_override("origin_stripe_advertise", [seeder.stripes.url], group="torrent_images")
     return OriginNode(conf, glance, publisher, seeder)

@@ -5,7 +5,7 @@ import hashlib
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.image import parse_image
+from nova_torrent_images.image import BoundHash, parse_image
 from tests.unit.test_magnet import BAD_MAGNETS
 
 V1 = "c12fe1c06bba254a9dc9f519b335aa7c1367a88a"
@@ -128,3 +128,57 @@ def test_md5_checksum_is_the_fallback_hash():
     image = parse_image(record(os_hash_algo=None, os_hash_value=None))
     assert image.hash_algo == "md5"
     assert image.hash_value == hashlib.md5(DATA).hexdigest()  # noqa: S324
+
+
+# -- the bound hash ---------------------------------------------------------------------
+
+SHA512 = hashlib.sha512(DATA).hexdigest()
+
+
+def test_bound_hash_is_parsed():
+    image = parse_image(record(torrent_bound_hash=f"sha512:{SHA512.upper()}:{V2.upper()}"))
+    assert image.bound_hash == BoundHash("sha512", SHA512, V2)
+    assert str(image.bound_hash) == f"sha512:{SHA512}:{V2}"
+    assert image.bound_hash_error is None and image.torrent_error is None
+    assert len(str(image.bound_hash)) <= 255
+
+
+def test_no_bound_hash():
+    image = parse_image(record())
+    assert image.bound_hash is None and image.bound_hash_error is None
+
+
+def test_bound_hash_under_a_custom_property_name():
+    image = parse_image(record(nti_bound=f"sha512:{SHA512}:{V2}"), bound_hash_property="nti_bound")
+    assert image.bound_hash.info_hash_v2 == V2
+    assert parse_image(record(nti_bound="x"), bound_hash_property="nti_bound").bound_hash_error
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("", "is not <os_hash_algo>"),
+        (f"sha512:{SHA512}", "is not <os_hash_algo>"),
+        (f"sha512:{SHA512}:{V2}:extra", "is not <os_hash_algo>"),
+        (f"sha512:{SHA512}:{V2[:-1]}", "v2 info-hash is not 64 hex digits"),
+        (f"sha512:{SHA512}:{V2[:-1]}g", "v2 info-hash is not 64 hex digits"),
+        (f"sha512:{SHA512}:{'ab' * 20}", "v2 info-hash is not 64 hex digits"),  # a v1 hash
+        (f"sha512:{SHA512[:-2]}:{V2}", "is not 128 hex digits of sha512"),
+        (f"sha512: {SHA512[1:]}:{V2}", "is not 128 hex digits of sha512"),
+        (f"sha256:{SHA512}:{V2}", "is not 64 hex digits of sha256"),
+        (f"nosuchhash:{SHA512}:{V2}", "not a hash algorithm"),
+        (f"md5:{hashlib.md5(DATA).hexdigest()}:{V2}", "too weak"),  # noqa: S324
+        (f"sha1:{hashlib.sha1(DATA).hexdigest()}:{V2}", "too weak"),  # noqa: S324
+        (42, "not a string"),
+    ],
+)
+def test_bad_bound_hash_is_a_typed_error_and_never_breaks_the_image(value, reason):
+    image = parse_image(record(torrent_bound_hash=value))
+    assert image.bound_hash is None
+    error = image.bound_hash_error
+    assert isinstance(error, exception.InvalidImageMetadata)
+    assert "torrent_bound_hash" in str(error) and "6d0f-image" in str(error)
+    assert reason in str(error)
+    # The torrent properties and the plain download are unaffected.
+    assert image.torrent_error is None and image.magnet.info_hash_v1 == V1
+    image.require_verifiable()

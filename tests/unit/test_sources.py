@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from nova_torrent_images import exception
+from nova_torrent_images import exception, verify
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.image import parse_image
 from nova_torrent_images.magnet import build_magnet
@@ -213,3 +213,156 @@ def test_swarm_into_a_slot_from_a_real_seeder(tmp_path, store):
     with open(slot.path, "rb") as f:
         assert hashlib.sha512(f.read()).hexdigest() == img.hash_value
     assert os.listdir(tmp_path / "scratch") == []
+
+
+# -- trusting the torrent root -----------------------------------------------------------
+
+V2 = "ab" * 32
+SHA512 = hashlib.sha512(DATA).hexdigest()
+BOUND = f"sha512:{SHA512}:{V2}"
+
+
+def swarm_writes(monkeypatch, data):
+    """Transfer.run writes ``data`` (pieces that passed their hashes, as far as we know)."""
+
+    def run(self):
+        with open(self.destination, "wb") as f:
+            f.write(data)
+        return SwarmStats(bytes_total=len(data))
+
+    monkeypatch.setattr(transfer.Transfer, "run", run)
+
+
+@pytest.fixture
+def full_reads(monkeypatch):
+    """Every whole-image hash check the source makes."""
+    calls = []
+    real = verify.StreamingCheck.finish
+
+    def spy(self, path, **kwargs):
+        calls.append(path)
+        return real(self, path, **kwargs)
+
+    monkeypatch.setattr(verify.StreamingCheck, "finish", spy)
+    return calls
+
+
+def trusting(tmp_path, trust=True, verify_hash=True):
+    return SwarmSource(
+        BrokenEngine, settings(tmp_path), verify_hash=verify_hash, trust_torrent_root=trust
+    )
+
+
+def test_trusted_root_skips_the_whole_image_read(tmp_path, store, monkeypatch, full_reads, caplog):
+    img = image(is_torrentable="true", torrent_magnet=MAGNET, torrent_bound_hash=BOUND)
+    slot = store.begin_download(img.id, img.size)
+    swarm_writes(monkeypatch, DATA)
+    caplog.set_level("INFO", logger="nova_torrent_images.sources")
+
+    result = trusting(tmp_path).fetch_into(img, slot)
+
+    assert result.source == "torrent" and full_reads == []
+    assert "whole-image sha512 read skipped (trust_torrent_root)" in caplog.text
+    assert V2 in caplog.text and "trusted torrent root" in caplog.text
+
+
+OTHER_SHA512 = hashlib.sha512(b"other bytes").hexdigest()
+V1_MAGNET = build_magnet(info_hash_v1="cd" * 20, peers=[("127.0.0.1", 6881)])
+# libtorrent passes a hybrid torrent's piece on SHA-1 while its v2 hashes are unknown.
+HYBRID_MAGNET = build_magnet(info_hash_v1="cd" * 20, info_hash_v2=V2, peers=[("127.0.0.1", 1)])
+
+
+@pytest.mark.parametrize(
+    ("trust", "props", "why"),
+    [
+        (False, {"torrent_bound_hash": BOUND}, "trust_torrent_root is off"),
+        (True, {}, "no bound hash"),
+        (True, {"torrent_bound_hash": f"sha512:{SHA512}"}, "torrent_bound_hash is invalid"),
+        (True, {"torrent_bound_hash": f"sha512:{OTHER_SHA512}:{V2}"}, "not Glance's sha512"),
+        (
+            True,
+            {"torrent_bound_hash": f"sha3_512:{OTHER_SHA512}:{V2}"},
+            "not Glance's sha512",
+        ),
+        (True, {"torrent_bound_hash": f"sha512:{SHA512}:{'ef' * 32}"}, "another v2 torrent"),
+        (True, {"torrent_bound_hash": BOUND, "torrent_magnet": V1_MAGNET}, "names no v2"),
+        (True, {"torrent_bound_hash": BOUND, "torrent_magnet": HYBRID_MAGNET}, "hybrid"),
+    ],
+)
+def test_each_failed_condition_reads_the_whole_image(
+    tmp_path, store, monkeypatch, full_reads, caplog, trust, props, why
+):
+    img = image(**{"is_torrentable": "true", "torrent_magnet": MAGNET, **props})
+    slot = store.begin_download(img.id, img.size)
+    swarm_writes(monkeypatch, DATA)
+    caplog.set_level("INFO", logger="nova_torrent_images.sources")
+
+    result = trusting(tmp_path, trust=trust).fetch_into(img, slot)
+
+    assert result.source == "torrent" and full_reads == [slot.path]
+    assert "read skipped" not in caplog.text and ", verified" in caplog.text
+    source = trusting(tmp_path, trust=trust)
+    assert why in source.untrusted_root(img)
+    if trust:
+        assert f"verifying the whole image: {source.untrusted_root(img)}" in caplog.text
+
+
+def test_verify_image_hash_off_reads_nothing_whatever_the_trust(
+    tmp_path, store, monkeypatch, full_reads
+):
+    img = image(is_torrentable="true", torrent_magnet=MAGNET)
+    swarm_writes(monkeypatch, DATA)
+    source = trusting(tmp_path, trust=True, verify_hash=False)
+    assert source.fetch_into(img, store.begin_download(img.id, img.size)).source == "torrent"
+    assert full_reads == []
+
+
+def test_a_corrupt_byte_is_caught_when_the_bound_hash_does_not_match(
+    tmp_path, store, monkeypatch, full_reads
+):
+    other = f"sha512:{OTHER_SHA512}:{V2}"  # bound to other bytes than Glance's
+    img = image(is_torrentable="true", torrent_magnet=MAGNET, torrent_bound_hash=other)
+    slot = store.begin_download(img.id, img.size)
+    swarm_writes(monkeypatch, DATA[:-1] + bytes([DATA[-1] ^ 1]))
+
+    with pytest.raises(exception.TorrentFetchError, match="img-1") as excinfo:
+        trusting(tmp_path).fetch_into(img, slot)
+
+    assert isinstance(excinfo.value.__cause__, exception.IntegrityError)
+    assert full_reads == [slot.path]
+
+
+def test_a_trusted_download_still_checks_the_length(tmp_path, store, monkeypatch, full_reads):
+    img = image(is_torrentable="true", torrent_magnet=MAGNET, torrent_bound_hash=BOUND)
+    slot = store.begin_download(img.id, img.size)
+    swarm_writes(monkeypatch, DATA[:-1])
+
+    with pytest.raises(exception.TorrentFetchError, match="img-1") as excinfo:
+        trusting(tmp_path).fetch_into(img, slot)
+
+    assert isinstance(excinfo.value.__cause__, exception.IntegrityError)
+    assert full_reads == []
+
+
+def test_trusted_v2_torrent_from_a_real_seeder(tmp_path, store, caplog):
+    src = tmp_path / "origin" / "img-1"
+    src.parent.mkdir()
+    src.write_bytes(DATA)
+    torrent = make_torrent(str(src), version="v2")
+    caplog.set_level("INFO", logger="nova_torrent_images.sources")
+    with SimulatedHost("origin") as seeder, SimulatedHost("compute") as compute:
+        seeder.seed(torrent.data, str(src))
+        magnet = torrent.magnet(peers=[seeder.endpoint])
+        bound = f"sha512:{SHA512}:{torrent.info_hash_v2}"
+        img = image(is_torrentable="true", torrent_magnet=magnet, torrent_bound_hash=bound)
+        slot = store.begin_download(img.id, img.size)
+        source = SwarmSource(
+            lambda: compute.engine,
+            settings(tmp_path),
+            verify_hash=True,
+            trust_torrent_root=True,
+        )
+        result = source.fetch_into(img, slot)
+    assert result.source == "torrent" and "read skipped" in caplog.text
+    with open(slot.path, "rb") as f:
+        assert f.read() == DATA

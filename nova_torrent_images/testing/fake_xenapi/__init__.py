@@ -62,13 +62,25 @@ on ``VBD.plug`` applies to control domains too (the nova-compute VM is a domU in
 references, sizes, attachment state), which answer ``MESSAGE_METHOD_UNKNOWN``; no ``Async.``
 calls, events, ``VDI.copy`` into an existing VDI, or ``VDI.resize_online``.
 
+Crash tests: the fake logs the method of every call it carries out (``fake.calls``,
+``fake.clear_calls()``), so a test can count the calls of an operation, and
+``fake.kill_after(pid, n, methods=None)`` sends SIGKILL to a process right after the
+``n``-th call of interest (counted from then on) is carried out, before its answer is sent,
+and holds every further call until that process is dead: the state a ``kill -9`` of
+nova-compute at exactly that point leaves behind, for the restart to clean up::
+
+    child = subprocess.Popen([...], stdin=subprocess.PIPE)  # waits for "go" on stdin
+    trigger = fake.kill_after(child.pid, 7)                # after its 7th XAPI call
+    child.communicate(b"go\n")
+    assert trigger.fired.is_set() and child.returncode == -signal.SIGKILL
+
 Layout: ``_schema`` (fields, wire encoding, errors, query language), ``_devices`` (sparse
 files, loop devices), ``_server`` (in-process transport, HTTP server), ``_fake`` (the state
 and the calls).
 """
 
 from ._devices import loop_devices_available
-from ._fake import COMPUTE_VM_KEY, FakeState, FakeXenAPI, LeakReport
+from ._fake import COMPUTE_VM_KEY, FakeState, FakeXenAPI, KillTrigger, LeakReport, process_dead
 from ._schema import NULL_REF, GiB, MiB
 
 __all__ = [
@@ -77,7 +89,9 @@ __all__ = [
     "FakeState",
     "FakeXenAPI",
     "GiB",
+    "KillTrigger",
     "LeakReport",
     "MiB",
     "loop_devices_available",
+    "process_dead",
 ]

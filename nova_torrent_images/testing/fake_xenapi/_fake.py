@@ -8,11 +8,13 @@ import functools
 import inspect
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,6 +47,8 @@ from ._server import InProcessTransport, RequestHandler, ServerDispatch, XMLRPCS
 
 #: ``other_config`` key marking the VM that stands for the nova-compute VM.
 COMPUTE_VM_KEY = "nova_torrent_images_compute_vm"
+#: How long :meth:`FakeXenAPI.kill_after` waits for the killed process to be dead.
+KILL_WAIT = 10.0
 
 
 def _url(server: XMLRPCServer) -> str:
@@ -57,6 +61,44 @@ class FakeState:
     """The refs of every object at one moment: a baseline for :meth:`FakeXenAPI.leaks`."""
 
     refs: Mapping[str, frozenset[str]]
+
+
+def process_dead(pid: int) -> bool:
+    """True when ``pid`` is gone or a zombie (dead, not yet reaped by its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel (a zombie counts as alive here)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the
+    # last closing parenthesis.
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X")
+
+
+@dataclasses.dataclass
+class KillTrigger:
+    """A kill armed by :meth:`FakeXenAPI.kill_after`; ``fired`` is set when it strikes
+    (just before the signal is sent: wait for the process itself to see it dead)."""
+
+    pid: int
+    n: int
+    methods: frozenset[str] | None
+    sig: int = signal.SIGKILL
+    seen: int = 0  # calls of interest carried out since it was armed
+    #: ``(index in FakeXenAPI.calls, method)`` of the call after which it killed.
+    call: tuple[int, str] | None = None
+    fired: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def matches(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +185,8 @@ class FakeXenAPI:
         self._server: XMLRPCServer | None = None
         self._server_thread: threading.Thread | None = None
         self._closed = False
+        self._calls: list[str] = []  # the method of every call carried out, in order
+        self._kill: KillTrigger | None = None
         self.host_ref = self.pool_ref = self.sr_ref = self.compute_vm_ref = NULL_REF
         self._baseline = self.snapshot_state()
 
@@ -316,6 +360,49 @@ class FakeXenAPI:
         if report:
             raise AssertionError(f"fake XAPI leaks: {report}")
 
+    @property
+    def calls(self) -> tuple[str, ...]:
+        """The method (``"VDI.create"``, ``"session.login_with_password"``) of every call
+        carried out since :meth:`create` or the last :meth:`clear_calls`, failed ones
+        included, in the order the fake ran them."""
+        with self._lock:
+            return tuple(self._calls)
+
+    def clear_calls(self) -> None:
+        """Start :attr:`calls` afresh (e.g. to count the calls of one operation)."""
+        with self._lock:
+            self._calls.clear()
+
+    def kill_after(
+        self,
+        pid: int,
+        n: int,
+        methods: Collection[str] | None = None,
+        *,
+        sig: int = signal.SIGKILL,
+    ) -> KillTrigger:
+        """Kill process ``pid`` right after the ``n``-th call (1-based, counted from now)
+        whose method is in ``methods`` (None: every call) has been carried out.
+
+        The call's effect on the state is done, its answer is not sent yet: the client
+        dies not knowing whether its call happened, as a ``kill -9`` of nova-compute
+        would leave it. The fake's lock is held from the kill until the process is dead
+        (a zombie counts as dead), so no later call of that process, from any of its
+        threads, reaches the state. One kill at a time: arming replaces an earlier one.
+        Returns the trigger; its ``fired`` event is set when it strikes.
+        """
+        if n < 1:
+            raise ValueError("n counts calls from 1")
+        trigger = KillTrigger(pid, n, None if methods is None else frozenset(methods), sig)
+        with self._lock:
+            self._kill = trigger
+        return trigger
+
+    def cancel_kill(self) -> None:
+        """Disarm the trigger of :meth:`kill_after`, if it has not struck yet."""
+        with self._lock:
+            self._kill = None
+
     def session(
         self, username: str = "root", password: str = "", originator: str = "fake-xapi"
     ) -> XenAPI.Session:
@@ -397,14 +484,39 @@ class FakeXenAPI:
     def call(self, method: str, params: tuple[Any, ...] | list[Any]) -> dict[str, Any]:
         """Run one XAPI call, e.g. ``call("VDI.get_record", [session, ref])``, and return
         the wire answer: ``{"Status": "Success", "Value": ...}`` or a Failure."""
-        try:
-            with self._lock:
+        with self._lock:
+            try:
                 if self._closed:
                     raise failure("INTERNAL_ERROR", "fake XAPI is closed")
                 value = self._invoke(method, list(params))
-        except XenAPI.Failure as exc:
-            return {"Status": "Failure", "ErrorDescription": [str(d) for d in exc.details]}
-        return {"Status": "Success", "Value": to_wire(value)}
+                answer = {"Status": "Success", "Value": to_wire(value)}
+            except XenAPI.Failure as exc:
+                answer = {"Status": "Failure", "ErrorDescription": [str(d) for d in exc.details]}
+            if not self._closed:
+                self._calls.append(method)
+                self._maybe_kill(method)
+        return answer
+
+    def _maybe_kill(self, method: str) -> None:
+        """Carry out an armed :meth:`kill_after` if ``method`` is its ``n``-th call."""
+        trigger = self._kill
+        if trigger is None or not trigger.matches(method):
+            return
+        trigger.seen += 1
+        if trigger.seen < trigger.n:
+            return
+        self._kill = None
+        trigger.call = (len(self._calls) - 1, method)
+        trigger.fired.set()  # before the kill: whoever waits for the process sees it set
+        try:
+            os.kill(trigger.pid, trigger.sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + KILL_WAIT
+        while trigger.sig == signal.SIGKILL and not process_dead(trigger.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"process {trigger.pid} still alive after SIGKILL")
+            time.sleep(0.001)
 
     def _invoke(self, method: str, params: list[Any]) -> Any:
         cls_name, _, name = method.partition(".")

@@ -22,7 +22,7 @@ from nova_torrent_images import exception
 from nova_torrent_images.magnet import parse_magnet
 from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.tracker import read_whitelist
-from nova_torrent_images.swarm.torrent import load_torrent
+from nova_torrent_images.swarm.torrent import describe, load_torrent
 from nova_torrent_images.testing.swarm import make_conf
 from nova_torrent_images.utils import parse_host_port
 from tests.unit.origin.fakes import IMAGE_ID, FakeGlance
@@ -70,12 +70,22 @@ def test_publish_writes_registry_whitelist_and_glance(publisher, glance, tmp_pat
     with open(entry.data_path, "rb") as f:
         assert f.read() == glance.data[IMAGE_ID]
     info = load_torrent(open(entry.torrent_path, "rb").read())
-    assert info.name() == IMAGE_ID and info.total_size() == record["size"]
-    assert info.info_hashes().has_v1() and info.info_hashes().has_v2()  # hybrid
+    assert info.name() == IMAGE_ID
+    assert describe(open(entry.torrent_path, "rb").read()).total_size == record["size"]
+    assert not info.info_hashes().has_v1() and info.info_hashes().has_v2()  # v2 by default
     assert str(info.info_hashes().v2) == entry.info_hash_v2 == result.info_hash_v2
+    assert entry.torrent_format == "v2"
     assert read_whitelist(str(tmp_path / "whitelist.txt")) == set(entry.tracker_hashes)
+    bound = f"sha512:{record['os_hash_value']}:{entry.info_hash_v2}"
     assert glance.updates == [
-        (IMAGE_ID, {"torrent_magnet": result.magnet, "is_torrentable": "true"})
+        (
+            IMAGE_ID,
+            {
+                "torrent_magnet": result.magnet,
+                "is_torrentable": "true",
+                "torrent_bound_hash": bound,
+            },
+        )
     ]
     magnet = parse_magnet(result.magnet)
     assert magnet.trackers == ("http://10.0.0.1:6969/announce",)
@@ -213,7 +223,10 @@ def test_unpublish_removes_what_publish_set(publisher, glance, tmp_path):
     result = publisher.unpublish(IMAGE_ID)
 
     assert result.was_published and result.glance_updated
-    assert glance.removals == [(IMAGE_ID, ["torrent_magnet", "is_torrentable"])]
+    assert glance.removals == [
+        (IMAGE_ID, ["torrent_magnet", "is_torrentable", "torrent_bound_hash"])
+    ]
+    assert "torrent_bound_hash" not in glance.records[IMAGE_ID]
     assert publisher.registry.list() == [] and not os.path.exists(entry.directory)
     assert read_whitelist(str(tmp_path / "whitelist.txt")) == set()
     again = publisher.unpublish(IMAGE_ID)
@@ -224,7 +237,7 @@ def test_unpublish_keeps_a_torrentable_flag_the_operator_set(publisher, glance):
     glance.add(is_torrentable="true")
     publisher.publish(IMAGE_ID)
     publisher.unpublish(IMAGE_ID)
-    assert glance.removals == [(IMAGE_ID, ["torrent_magnet"])]
+    assert glance.removals == [(IMAGE_ID, ["torrent_magnet", "torrent_bound_hash"])]
     assert glance.records[IMAGE_ID]["is_torrentable"] == "true"
 
 
@@ -303,3 +316,140 @@ def test_too_many_hints_are_dropped_not_refused(conf, glance):
     assert len(result.magnet) <= 255
     assert parse_magnet(result.magnet).peers[0] == ("10.0.1.1", 6881)
     assert "x.pe=10.0.1.20:6881" in result.dropped_from_magnet
+
+
+# -- torrent formats and the bound hash --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "v1", "v2"), [("v1", True, False), ("v2", False, True), ("hybrid", True, True)]
+)
+def test_format_option_decides_the_torrent_and_the_magnet(conf, glance, fmt, v1, v2):
+    conf.set_override("origin_torrent_format", fmt, "torrent_images")
+    record = glance.add()
+    publisher = Publisher(conf, glance)
+
+    result = publisher.publish(IMAGE_ID)
+
+    entry = publisher.registry.get(IMAGE_ID)
+    hashes = load_torrent(open(entry.torrent_path, "rb").read()).info_hashes()
+    assert (hashes.has_v1(), hashes.has_v2()) == (v1, v2)
+    assert entry.torrent_format == fmt
+    assert (entry.info_hash_v1 is not None, entry.info_hash_v2 is not None) == (v1, v2)
+    magnet = parse_magnet(result.magnet)
+    assert (magnet.info_hash_v1, magnet.info_hash_v2) == (entry.info_hash_v1, entry.info_hash_v2)
+    assert ("xt=urn:btih:" in result.magnet, "xt=urn:btmh:" in result.magnet) == (v1, v2)
+    props = glance.records[IMAGE_ID]
+    if fmt == "v2":  # bound to Glance's hash of the same read; hybrid pieces may pass on SHA-1
+        assert props["torrent_bound_hash"] == (
+            f"sha512:{record['os_hash_value']}:{entry.info_hash_v2}"
+        )
+        assert len(props["torrent_bound_hash"]) <= 255
+        parsed = publisher._image_info(IMAGE_ID).bound_hash
+        assert parsed.info_hash_v2 == magnet.info_hash_v2
+    else:
+        assert "torrent_bound_hash" not in props
+    assert publisher.publish(IMAGE_ID).status == "unchanged"
+    assert glance.downloads == 1 and len(glance.updates) == 1
+
+
+# 163 characters quoted: a hybrid magnet must drop its name and v1 hash, a v1 one its name.
+LONG_TRACKER = "http://" + "t" * 60 + "." + "t" * 59 + ".example.org:6969/announce"
+
+
+def test_hybrid_magnet_that_must_shrink_keeps_the_v2_hash(conf, glance):
+    conf.set_override("origin_torrent_format", "hybrid", "torrent_images")
+    conf.set_override("origin_trackers", [LONG_TRACKER], "torrent_images")
+    glance.add()
+    result = Publisher(conf, glance).publish(IMAGE_ID)
+    magnet = parse_magnet(result.magnet)
+    assert magnet.info_hash_v2 and magnet.info_hash_v1 is None
+    assert any(d.startswith("xt=urn:btih:") for d in result.dropped_from_magnet)
+
+
+def test_v1_magnet_keeps_its_only_hash(conf, glance):
+    conf.set_override("origin_torrent_format", "v1", "torrent_images")
+    conf.set_override("origin_trackers", [LONG_TRACKER], "torrent_images")
+    glance.add()
+    result = Publisher(conf, glance).publish(IMAGE_ID)
+    magnet = parse_magnet(result.magnet)
+    assert magnet.info_hash_v1 and magnet.info_hash_v2 is None
+    assert result.dropped_from_magnet == [f"dn={IMAGE_ID}"]
+
+
+@pytest.mark.parametrize(("first", "then"), [("hybrid", "v1"), ("v1", "v2"), ("v2", "hybrid")])
+def test_a_changed_format_is_a_changed_torrent(conf, glance, tmp_path, first, then):
+    conf.set_override("origin_torrent_format", first, "torrent_images")
+    glance.add()
+    publisher = Publisher(conf, glance)
+    before = publisher.publish(IMAGE_ID)
+    conf.set_override("origin_torrent_format", then, "torrent_images")
+
+    after = publisher.publish(IMAGE_ID)
+
+    entry = publisher.registry.get(IMAGE_ID)
+    assert after.status == "published" and glance.downloads == 2
+    assert entry.torrent_format == then and after.magnet != before.magnet
+    assert glance.records[IMAGE_ID]["torrent_magnet"] == after.magnet
+    assert read_whitelist(str(tmp_path / "whitelist.txt")) == set(entry.tracker_hashes)
+    bound = glance.records[IMAGE_ID].get("torrent_bound_hash")
+    if then == "v2":
+        assert bound.endswith(":" + entry.info_hash_v2)
+    else:
+        assert bound is None
+    # A binding of the old torrent goes, after the new magnet is in place.
+    assert glance.removals == ([(IMAGE_ID, ["torrent_bound_hash"])] if first == "v2" else [])
+    assert publisher.publish(IMAGE_ID).status == "unchanged"
+
+
+def test_a_lost_bound_hash_is_set_again(publisher, glance):
+    glance.add()
+    publisher.publish(IMAGE_ID)
+    bound = glance.records[IMAGE_ID]["torrent_bound_hash"]
+    glance.remove_properties(IMAGE_ID, ["torrent_bound_hash"])
+
+    result = publisher.publish(IMAGE_ID)
+
+    assert result.status == "updated" and glance.downloads == 1
+    assert glance.updates[-1] == (IMAGE_ID, {"torrent_bound_hash": bound})
+
+
+def test_no_bound_hash_for_an_md5_only_image(publisher, glance):
+    glance.add(os_hash_algo=None, os_hash_value=None)  # older than Glance multihash
+    result = publisher.publish(IMAGE_ID)
+    assert result.info_hash_v2 and "torrent_bound_hash" not in glance.records[IMAGE_ID]
+
+
+def test_unpublish_removes_the_bound_hash_as_the_others(conf, glance):
+    conf.set_override("bound_hash_property", "nti_bound", "torrent_images")
+    glance.add()
+    publisher = Publisher(conf, glance)
+    publisher.publish(IMAGE_ID)
+    assert "nti_bound" in glance.records[IMAGE_ID]
+
+    publisher.unpublish(IMAGE_ID)
+
+    assert glance.removals == [(IMAGE_ID, ["torrent_magnet", "is_torrentable", "nti_bound"])]
+    assert "nti_bound" not in glance.records[IMAGE_ID]
+
+
+@pytest.mark.parametrize("fmt", ["v1", "hybrid"])
+def test_unpublish_of_an_unbound_torrent_touches_no_bound_hash(conf, glance, fmt):
+    conf.set_override("origin_torrent_format", fmt, "torrent_images")
+    glance.add()
+    publisher = Publisher(conf, glance)
+    publisher.publish(IMAGE_ID)
+    publisher.unpublish(IMAGE_ID)
+    assert glance.removals == [(IMAGE_ID, ["torrent_magnet", "is_torrentable"])]
+
+
+def test_unpublish_keeps_a_bound_hash_of_another_torrent(publisher, glance):
+    glance.add()
+    publisher.publish(IMAGE_ID)
+    other = f"sha512:{glance.records[IMAGE_ID]['os_hash_value']}:{'e' * 64}"
+    glance.records[IMAGE_ID]["torrent_bound_hash"] = other  # another node's publish
+
+    publisher.unpublish(IMAGE_ID)
+
+    assert glance.removals == [(IMAGE_ID, ["torrent_magnet", "is_torrentable"])]
+    assert glance.records[IMAGE_ID]["torrent_bound_hash"] == other
