@@ -90,6 +90,10 @@ def build_settings(opts: cfg.ConfigOpts.GroupAttr, listen: list[str] | None = No
         "upload_rate_limit": opts.upload_rate_limit * KiB,
         "download_rate_limit": opts.download_rate_limit * KiB,
         "connections_limit": opts.connections_limit,
+        # Every host of a fleet uploads to every peer that wants a piece: with libtorrent's
+        # default of 8 unchoke slots, 16 hosts left some choked by everyone until an
+        # optimistic unchoke (15-30 s); guests are protected by the rate limits instead.
+        "unchoke_slots_limit": -1,
         "min_announce_interval": opts.min_announce_interval,
         "stop_tracker_timeout": 1,  # shutdown must not wait on a dead tracker
         # A host that seeded a hybrid torrent and later joins it again by a v1-only magnet
