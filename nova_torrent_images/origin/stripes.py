@@ -313,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
             request = json.loads(self.rfile.read(length))
             part, parts = int(request.get("part", 0)), int(request.get("parts", 1))
             want = request.get("want")
-            peer = request.get("peer")
+            peer = request.get("peer") or None
             if peer is not None:
                 host, port = utils.parse_host_port(str(peer))
                 # A host names its BitTorrent endpoint (its HTTP source address may be
