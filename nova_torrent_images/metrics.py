@@ -59,8 +59,8 @@ LOG = logging.getLogger(__name__)
 #: a cold swarm or a slow Glance up to ``overall_timeout`` (30 minutes by default).
 FETCH_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1200, 1800)
 
-BYTE_SOURCES = ("peers", "origin", "glance")
-FETCH_SOURCES = ("torrent", "glance")
+BYTE_SOURCES = ("peers", "origin", "location", "glance")
+FETCH_SOURCES = ("torrent", "locations", "location", "zone-cache", "glance")
 OUTCOMES = ("ok", "error")
 # Why a swarm download fails; exported at 0 from the start so rates work from the first one.
 FALLBACK_REASONS = (
@@ -172,6 +172,7 @@ class Metrics:
         for source, value in (
             ("peers", result.bytes_from_peers),
             ("origin", result.bytes_from_origin),
+            ("location", result.bytes_from_location),
             ("glance", result.bytes_from_glance),
         ):
             if value:

@@ -37,6 +37,7 @@ swarm's typed error instead of a Glance download and falls back itself.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +47,7 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception, policy
+from nova_torrent_images import differential, exception, policy, qos
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.image import ImageInfo, parse_image
 from nova_torrent_images.locks import ImageLocks
@@ -59,6 +60,7 @@ from nova_torrent_images.seeding.resume import ResumeFiles
 from nova_torrent_images.seeding.seeds import SeedManager, SeedSettings
 from nova_torrent_images.sources import FetchResult, GlanceSource, ProgressCallback, SwarmSource
 from nova_torrent_images.stores.base import BaseCopy, BaseCopyStore, CommitInfo
+from nova_torrent_images.uploads import UploadQueue
 
 LOG = logging.getLogger(__name__)
 
@@ -85,19 +87,24 @@ class ImagePipeline:
         queue: DownloadQueue | None = None,
         seeding: bool = True,
         metrics: Metrics | None = None,
+        glance_factory: Callable[[], GlanceClient] | None = None,
     ) -> None:
         """``engine`` is a started SwarmEngine (default: the process's, on first use).
 
         ``metrics`` default to the process's; only a seeding (long-running) pipeline writes
         ``[torrent_images] metrics_textfile``, the command line tools do not.
+        ``glance_factory`` gives the Glance client queued snapshot uploads are retried with
+        (:mod:`nova_torrent_images.uploads`); without it this process retries none.
         """
         opts = conf.torrent_images
+        qos.configure(conf)
         self.conf = conf
         self.store = store
         self.engine = engine
         self.state_dir = opts.state_dir
         self.fallback_to_glance = opts.fallback_to_glance
         self.offline_boot_max_age = opts.offline_boot_max_age
+        self.source_order = tuple(opts.source_order)
         self.verify_hash = opts.verify_image_hash
         self.metrics = metrics if metrics is not None else get_metrics()
         self.metrics_textfile = opts.metrics_textfile if seeding else None
@@ -124,7 +131,12 @@ class ImagePipeline:
         if self.seeds is not None:
             tasks += [self.seeds.resume_all, self.write_status]
         tasks.append(self.write_metrics)
-        self.maintenance = Maintenance(opts.prune_interval if self.seeds else 0, tasks)
+        self.uploads = UploadQueue(opts.state_dir)
+        self._glance_factory = glance_factory if caps.adopts_disks else None
+        if self._glance_factory is not None:
+            tasks.append(self.retry_uploads)
+        long_running = self.seeds is not None or self._glance_factory is not None
+        self.maintenance = Maintenance(opts.prune_interval if long_running else 0, tasks)
         # The most recent download of each image by this object (for reports and demos).
         self.fetches: dict[str, FetchResult] = {}
         self._in_flight: dict[object, int] = {}  # bytes of downloads not yet committed
@@ -156,9 +168,10 @@ class ImagePipeline:
 
         self.store.remove_stale_slots(try_lock=self.locks.try_hold)
         remove_stale_scratch(self._swarm().settings.scratch_root)
+        qos.apply_cgroup(self.conf, getattr(self.store, "directory", None) or self.state_dir)
         if self.seeds is not None:
             self.seeds.resume_all()
-            self.maintenance.start()
+        self.maintenance.start()  # only in a long-running process (interval 0 otherwise)
 
     def shutdown(self) -> None:
         """Stop seeding (detaching read-only views); the engine is left to its owner."""
@@ -189,6 +202,31 @@ class ImagePipeline:
                 "Cannot write [torrent_images] metrics_textfile %s: %s", self.metrics_textfile, exc
             )
 
+    # -- snapshots (doc/source/snapshots.rst) ------------------------------------------
+    def adopt_disk(self, image: ImageInfo, ref: str, project_id: str | None = None) -> BaseCopy:
+        """Make the disk ``ref``, whose bytes were just uploaded as ``image``, its base copy.
+
+        Registered like a download (the Glance record kept with it), under the image's
+        lock; seeded when this process seeds and has the image's torrent metadata.
+        """
+        with self.locks.hold(image.id):
+            base = self._usable_base(image)
+            if base is None:
+                commit = CommitInfo(image, projects=(project_id,) if project_id else ())
+                base = self.store.adopt_disk(ref, commit)
+            if self.seeds is not None:
+                self.seeds.start(base)
+        self._export_metrics()
+        return base
+
+    def retry_uploads(self, *, force: bool = False) -> list[str]:
+        """Upload what waits in the queue and is due (a maintenance task)."""
+        if self._glance_factory is None or not self.uploads.list():
+            return []
+        return self.uploads.run_due(
+            self.store, self._glance_factory(), self.adopt_disk, force=force
+        )
+
     # -- the pipeline ------------------------------------------------------------------
     def ensure_base(
         self,
@@ -210,6 +248,10 @@ class ImagePipeline:
         project Glance just showed ``image`` to; the base copy remembers it, for boots while
         Glance is down (:meth:`offline_image`).
         """
+        if differential.parent_id(image):
+            return self._ensure_chain(
+                image, glance, (), use_torrent, progress=progress, use=use, project_id=project_id
+            )
         decision = policy.decide(
             image, self.conf, disk_formats=self.store.capabilities.disk_formats
         )
@@ -244,6 +286,107 @@ class ImagePipeline:
                 self._export_metrics()
             self.fetches[image.id] = fetched
             return Delivery(base, True, fetched, used=use(base) if use else None)
+
+    def _ensure_chain(
+        self,
+        delta: ImageInfo,
+        glance: GlanceClient | None,
+        chain: tuple[str, ...],
+        use_torrent: bool,
+        *,
+        progress: ProgressCallback | None,
+        use: Callable[[BaseCopy], Any] | None,
+        project_id: str | None,
+    ) -> Delivery:
+        """A differential image (doc/source/snapshots.rst): its parents first, then itself.
+
+        The parent's base copy is made sure of like any image (recursively for chains) and
+        the delta rebuilt over it inside the parent's ``use``, so that the parent cannot be
+        evicted meanwhile. Failures are :class:`DeltaChainError` naming the chain; the
+        slot of a failed rebuild is aborted.
+        """
+        chain = (*chain, delta.id)
+        parent_id = differential.parent_id(delta)
+        label = differential.chain_label((*chain, parent_id))
+        whole = differential.whole_view(delta, label)
+
+        def failed(reason: str) -> exception.DeltaChainError:
+            return exception.DeltaChainError(image_id=chain[0], chain=label, reason=reason)
+
+        if parent_id in chain or len(chain) > differential.MAX_DEPTH:
+            raise failed(f"image {parent_id} is its own ancestor, or the chain is too deep")
+
+        def hit() -> Delivery | None:
+            base = self._usable_base(whole)
+            if base is None:
+                return None
+            self.store.touch(base)
+            if project_id:
+                self.store.add_project(base, project_id)
+            if self.seeds is not None:
+                self.seeds.start(base)
+            self.metrics.base_copy_hit()
+            return Delivery(base, False, used=use(base) if use else None)
+
+        with self.locks.hold(whole.id):
+            delivery = hit()
+        if delivery is not None:
+            return delivery
+        if glance is None:
+            raise exception.NotTorrentable(
+                image_id=delta.id, reason="a differential image is rebuilt with Glance only"
+            )
+        try:
+            parent = glance.image_info(parent_id)
+        except exception.ImageNotFound as exc:
+            raise failed(f"its parent image {parent_id} is not in Glance") from exc
+
+        class Rebuild(Exception):  # carries a failure of the rebuild through the parent
+            pass
+
+        def rebuild(parent_base: BaseCopy) -> Delivery:
+            try:
+                with self.locks.hold(whole.id):
+                    delivery = hit()
+                    if delivery is not None:
+                        return delivery
+                    commit = CommitInfo(whole, projects=(project_id,) if project_id else ())
+                    source = differential.DeltaSource(
+                        glance,
+                        self.store,
+                        delta,
+                        parent_base,
+                        scratch_dir=os.path.join(self.state_dir, "deltas"),
+                        chain=label,
+                        verify_hash=self.verify_hash,
+                    )
+                    with self.queue.slot(whole.id), self._reservation(whole.size) as token:
+                        base, fetched = self._fetch(commit, source, progress, token)
+                    self.fetches[whole.id] = fetched
+                    return Delivery(base, True, fetched, used=use(base) if use else None)
+            except Exception as exc:
+                raise Rebuild() from exc
+
+        try:
+            if differential.parent_id(parent):
+                outer = self._ensure_chain(
+                    parent, glance, chain, use_torrent,
+                    progress=progress, use=rebuild, project_id=project_id,
+                )  # fmt: skip
+            else:
+                outer = self.ensure_base(
+                    parent, glance, use_torrent=use_torrent,
+                    progress=progress, use=rebuild, project_id=project_id,
+                )  # fmt: skip
+        except Rebuild as wrapped:
+            raise wrapped.__cause__ from None
+        except exception.DeltaChainError:
+            raise
+        except exception.TorrentImagesError as exc:
+            raise failed(f"no verified base copy of its parent image {parent_id}: {exc}") from exc
+        finally:
+            self._export_metrics()
+        return outer.used
 
     def offline_image(
         self, image_id: str, project_id: str | None, glance_error: Exception
@@ -332,38 +475,64 @@ class ImagePipeline:
             LOG.warning("%s; the image is fetched from Glance", image.torrent_error)
         with self._reservation(image.size) as token:
             fallback_reason = None
-            if decision:
-                try:
-                    return self._fetch(commit, self._swarm(), progress, token)
-                except exception.TorrentFetchError as exc:
-                    # The one place that decides what a swarm failure leads to.
-                    if not self.fallback_to_glance:
-                        raise exception.FetchFailed(
-                            image_id=image.id,
-                            reason=f"{exc}; [torrent_images] fallback_to_glance is off",
-                        ) from exc
-                    self.metrics.fallback(exc)
-                    if glance is None:
-                        raise  # the caller falls back itself
-                    LOG.warning(
-                        "Image %s: swarm download failed, its download slot destroyed; "
-                        "falling back to a verified Glance download: %s",
-                        image.id,
-                        exc,
-                    )
-                    fallback_reason = str(exc)
-            elif decision is not None:
-                LOG.info("Image %s: plain Glance download: %s", image.id, decision.reason)
             formats = self.store.capabilities.disk_formats
-            if formats is not None and image.disk_format not in formats:
-                raise exception.StoreError(
-                    reason=f"image {image.id} is {image.disk_format}; {self.store.name} takes "
-                    f"only {', '.join(formats)} images written as they are"
-                )
-            glance_source = GlanceSource(glance, verify_hash=self.verify_hash)
-            base, result = self._fetch(commit, glance_source, progress, token)
-            result.fallback_reason = fallback_reason
-            return base, result
+            for step in self.source_order:
+                if step == "torrent":
+                    if not decision:
+                        if decision is not None:
+                            LOG.info("Image %s: not by torrent: %s", image.id, decision.reason)
+                        continue
+                    try:
+                        return self._fetch(commit, self._swarm(), progress, token)
+                    except exception.TorrentFetchError as exc:
+                        # The one place that decides what a swarm failure leads to.
+                        if not self.fallback_to_glance:
+                            raise exception.FetchFailed(
+                                image_id=image.id,
+                                reason=f"{exc}; [torrent_images] fallback_to_glance is off",
+                            ) from exc
+                        if glance is None:
+                            raise  # the caller falls back itself
+                        LOG.warning(
+                            "Image %s: swarm download failed, its download slot destroyed; "
+                            "falling back to the next source: %s",
+                            image.id,
+                            exc,
+                        )
+                        fallback_reason = str(exc)
+                    continue
+                if glance is None:
+                    continue  # the caller's own download is the fallback (libvirt: Nova's)
+                if formats is not None and image.disk_format not in formats:
+                    raise exception.StoreError(
+                        reason=f"image {image.id} is {image.disk_format}; {self.store.name} "
+                        f"takes only {', '.join(formats)} images written as they are"
+                    )
+                if step == "locations":
+                    locations = self._locations()
+                    if not locations.available(image):
+                        continue
+                    try:
+                        base, result = self._fetch(commit, locations, progress, token)
+                    except exception.TorrentImagesError as exc:
+                        LOG.warning("Image %s: %s; on to the next source", image.id, exc)
+                        fallback_reason = fallback_reason or str(exc)
+                        continue
+                else:
+                    glance_source = GlanceSource(glance, verify_hash=self.verify_hash)
+                    base, result = self._fetch(commit, glance_source, progress, token)
+                result.fallback_reason = fallback_reason
+                return base, result
+            raise exception.FetchFailed(
+                image_id=image.id,
+                reason=f"no source in [torrent_images] source_order={','.join(self.source_order)}"
+                f" could deliver it{': ' + fallback_reason if fallback_reason else ''}",
+            )
+
+    def _locations(self) -> Any:
+        from nova_torrent_images.locations import LocationSettings, LocationsSource
+
+        return LocationsSource(LocationSettings.from_conf(self.conf), verify_hash=self.verify_hash)
 
     def _fetch(
         self,
@@ -378,7 +547,10 @@ class ImagePipeline:
             self.eviction.make_room(image.id, image.size, in_flight=self._others_in_flight(token))
         slot = self.store.begin_download(image.id, image.size)
         try:
-            result = source.fetch_into(image, slot, progress)
+            # Below guests: the hash check and the Glance path on this thread (the
+            # priority is given back after), libtorrent's threads are lowered already.
+            with qos.background():
+                result = source.fetch_into(image, slot, progress)
             base = self.store.commit(slot, commit)
         except BaseException as exc:
             self.store.abort(slot)

@@ -43,11 +43,13 @@ class FetchResult:
 
     image_id: str
     destination: str  # the slot while downloading; the base copy's ref once committed
-    source: str  # "torrent" or "glance"
+    source: str  # "torrent", "location", "zone-cache" or "glance"
     seconds: float
     bytes_from_peers: int = 0
     bytes_from_origin: int = 0
     bytes_from_glance: int = 0
+    bytes_from_location: int = 0  # an image location or a zone cache (locations.py)
+    location: str | None = None  # which one
     fallback_reason: str | None = None
     swarm: object | None = None  # swarm.transfer.SwarmStats of a swarm download
     resume_data: bytes | None = None  # libtorrent resume data, when the swarm delivered it

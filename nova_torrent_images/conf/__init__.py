@@ -41,12 +41,12 @@ import urllib.parse
 from oslo_config import cfg
 
 from nova_torrent_images import exception, utils
-from nova_torrent_images.conf import compute, glance, origin, swarm, xenapi
+from nova_torrent_images.conf import compute, glance, origin, sources, swarm, xenapi
 from nova_torrent_images.conf.groups import GLANCE_GROUP, GROUP, torrent_images_group
 
 __all__ = ["ALL_OPTS", "GLANCE_GROUP", "GROUP", "check", "list_opts", "register_opts"]
 
-_TOPICS = (compute, swarm, xenapi, glance, origin)
+_TOPICS = (compute, swarm, xenapi, glance, origin, sources)
 
 # Every [torrent_images] option, in the order of the sample file and the option reference
 # (the order from before the split into modules, so the generated sample did not change).
@@ -55,9 +55,11 @@ ALL_OPTS = (
     + swarm.swarm_opts
     + compute.fetch_opts
     + compute.seeding_opts
+    + compute.qos_opts
     + xenapi.xenapi_opts
     + glance.glance_opts
     + origin.ALL_OPTS
+    + sources.ALL_OPTS
 )
 
 

@@ -1,0 +1,367 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The image's own locations and the zone's caches, as sources a host reads directly.
+
+Glance v2 can list where an image's bytes live (``locations`` with
+``show_multiple_locations``, ``direct_url`` with ``show_image_direct_url``). A compute host
+that can read one of them without Glance in the middle does so:
+
+* ``file://`` on storage the host mounts (a shared filesystem store): copied (a reflink
+  where the filesystem can) into the slot;
+* ``http://``/``https://`` (a web store, a zone cache): read with ``Range`` requests,
+  resumed where the last read stopped after a stall or a broken connection;
+* zone caches configured per host (``[torrent_images] zone_caches``): an HTTP caching proxy
+  in front of the Glance API, read as ``<cache>/v2/images/<id>/file``.
+
+Sources are drivers loaded by name from the ``nova_torrent_images.sources`` entry points,
+one per URL scheme. They are ranked by the operator's preference
+(``location_preference``: URL prefixes, first wins), then by zone affinity (a location
+whose metadata names ``[torrent_images] zone``), then by the throughput measured on earlier
+fetches (``<state_dir>/source-throughput.json``). A failure or a stall moves to the next
+one, continuing at the byte the last one reached; every byte is checked against Glance's
+hash as it is written, as on the Glance path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from oslo_config import cfg
+from oslo_log import log as logging
+from stevedore import driver
+
+from nova_torrent_images import exception, utils, verify
+from nova_torrent_images.image import ImageInfo
+from nova_torrent_images.sources import FetchResult, ProgressCallback
+from nova_torrent_images.stores.base import Slot
+
+LOG = logging.getLogger(__name__)
+
+NAMESPACE = "nova_torrent_images.sources"
+CHUNK = 1024 * 1024
+MiB = 1024 * 1024
+
+
+class LocationError(exception.TorrentImagesError):
+    msg_fmt = "Image %(image_id)s: location %(location)s failed: %(reason)s"
+
+
+class NoLocations(LocationError):
+    msg_fmt = "Image %(image_id)s: no location this host can read (%(reason)s)"
+
+
+@dataclass
+class Location:
+    """One place the image's bytes can be read from."""
+
+    url: str
+    kind: str  # the source driver: "file" or "http"
+    zone: str | None = None  # from the location's metadata
+    origin: str = "location"  # "location" (Glance listed it) or "zone-cache" (configured)
+
+    @property
+    def key(self) -> str:
+        """What throughput is remembered by: the URL without the image's own path."""
+        parts = urllib.parse.urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}" if parts.netloc else f"{parts.scheme}://"
+
+
+class Resume:
+    """Bytes already written in order, and the image hash over them: shared by sources."""
+
+    def __init__(self, image: ImageInfo) -> None:
+        self.image = image
+        self.offset = 0
+        self.hasher = image.new_hasher()
+
+    def wrote(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.offset += len(data)
+
+
+def _open_slot(slot: Slot, offset: int):
+    mode = "r+b" if slot.preallocated or os.path.exists(slot.path) else "wb"
+    f = open(slot.path, mode)  # noqa: SIM115  closed by the caller
+    f.seek(offset)
+    if not slot.preallocated:
+        f.truncate(offset)
+    return f
+
+
+class FileLocationSource:
+    """A ``file://`` location on storage this host mounts."""
+
+    kind = "file"
+
+    def fetch_into(
+        self,
+        image: ImageInfo,
+        slot: Slot,
+        location: Location,
+        resume: Resume,
+        *,
+        stall_timeout: float,
+        progress: ProgressCallback | None = None,
+    ) -> int:
+        path = urllib.parse.urlsplit(location.url).path
+        try:
+            size = os.path.getsize(path)
+            if size != image.size:
+                raise LocationError(
+                    image_id=image.id,
+                    location=location.url,
+                    reason=f"it holds {size} bytes, Glance says {image.size}",
+                )
+            with open(path, "rb") as src, _open_slot(slot, resume.offset) as out:
+                src.seek(resume.offset)
+                while chunk := src.read(min(CHUNK, image.size - resume.offset)):
+                    out.write(chunk)
+                    resume.wrote(chunk)
+                    if progress is not None:
+                        progress(resume.offset, image.size, 0, 0)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            raise LocationError(image_id=image.id, location=location.url, reason=str(exc)) from exc
+        return image.size
+
+
+class HTTPLocationSource:
+    """An ``http(s)://`` location or zone cache, read with Range requests."""
+
+    kind = "http"
+
+    def fetch_into(
+        self,
+        image: ImageInfo,
+        slot: Slot,
+        location: Location,
+        resume: Resume,
+        *,
+        stall_timeout: float,
+        progress: ProgressCallback | None = None,
+    ) -> int:
+        start = resume.offset
+        request = urllib.request.Request(
+            location.url, headers={"Range": f"bytes={start}-{image.size - 1}"}
+        )
+        try:
+            # The socket timeout is the stall timeout: no byte for that long is a stall.
+            with (
+                urllib.request.urlopen(request, timeout=stall_timeout) as response,  # noqa: S310
+                _open_slot(slot, start) as out,
+            ):
+                if start and response.status != 206:
+                    raise LocationError(
+                        image_id=image.id,
+                        location=location.url,
+                        reason=f"asked for bytes {start}- and got HTTP {response.status}",
+                    )
+                while resume.offset < image.size:
+                    chunk = response.read(min(CHUNK, image.size - resume.offset))
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    resume.wrote(chunk)
+                    if progress is not None:
+                        progress(resume.offset, image.size, 0, 0)
+                out.flush()
+                os.fsync(out.fileno())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise LocationError(
+                image_id=image.id, location=location.url, reason=f"{exc} at byte {resume.offset}"
+            ) from exc
+        if resume.offset != image.size:
+            raise LocationError(
+                image_id=image.id,
+                location=location.url,
+                reason=f"the body ended at byte {resume.offset} of {image.size}",
+            )
+        return resume.offset - start
+
+
+def load_source(kind: str) -> Any:
+    return driver.DriverManager(NAMESPACE, kind, invoke_on_load=True).driver
+
+
+@dataclass(frozen=True)
+class LocationSettings:
+    preference: tuple[str, ...]
+    zone: str | None
+    zone_caches: tuple[str, ...]
+    stall_timeout: float
+    state_dir: str
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> LocationSettings:
+        opts = conf.torrent_images
+        return cls(
+            tuple(opts.location_preference),
+            opts.zone,
+            tuple(opts.zone_caches),
+            float(opts.location_stall_timeout),
+            opts.state_dir,
+        )
+
+
+def discover(image: ImageInfo, settings: LocationSettings) -> list[Location]:
+    """The image's readable locations and the host's zone caches, unranked."""
+    found: list[Location] = []
+    record = image.record
+    listed = list(record.get("locations") or [])
+    if record.get("direct_url"):
+        listed.append({"url": record["direct_url"], "metadata": {}})
+    for entry in listed:
+        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+            continue
+        scheme = urllib.parse.urlsplit(entry["url"]).scheme
+        kind = {"file": "file", "http": "http", "https": "http"}.get(scheme)
+        if kind is None:
+            continue  # rbd, swift, ...: not readable without Glance in the middle
+        metadata = entry.get("metadata") or {}
+        zone = metadata.get("zone") if isinstance(metadata, dict) else None
+        found.append(Location(entry["url"], kind, zone))
+    for cache in settings.zone_caches:
+        url = f"{cache.rstrip('/')}/v2/images/{image.id}/file"
+        found.append(Location(url, "http", settings.zone, origin="zone-cache"))
+    return list({loc.url: loc for loc in found}.values())
+
+
+class ThroughputStats:
+    """MiB/s measured per location (an average that forgets), kept across restarts."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, "source-throughput.json")
+
+    def load(self) -> dict[str, float]:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            return {str(k): float(v) for k, v in data.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def record(self, key: str, nbytes: int, seconds: float) -> None:
+        if seconds <= 0 or nbytes < MiB:
+            return
+        data = self.load()
+        rate = nbytes / MiB / seconds
+        data[key] = rate if key not in data else 0.7 * data[key] + 0.3 * rate
+        utils.atomic_write(self.path, json.dumps(data, indent=1))
+
+
+def rank(locations: list[Location], settings: LocationSettings) -> list[Location]:
+    """Operator preference, then zone affinity, then measured throughput."""
+    measured = ThroughputStats(settings.state_dir).load()
+
+    def preference(loc: Location) -> int:
+        for index, prefix in enumerate(settings.preference):
+            if loc.url.startswith(prefix):
+                return index
+        return len(settings.preference)
+
+    def affinity(loc: Location) -> int:
+        return 0 if settings.zone and loc.zone == settings.zone else 1
+
+    return sorted(
+        locations, key=lambda loc: (preference(loc), affinity(loc), -measured.get(loc.key, 0.0))
+    )
+
+
+class LocationsSource:
+    """Every readable location of the image, best first, as one source of the pipeline."""
+
+    name = "locations"
+
+    def __init__(self, settings: LocationSettings, *, verify_hash: bool) -> None:
+        self.settings = settings
+        self.verify_hash = verify_hash
+
+    def available(self, image: ImageInfo) -> bool:
+        return bool(discover(image, self.settings))
+
+    def fetch_into(
+        self, image: ImageInfo, slot: Slot, progress: ProgressCallback | None = None
+    ) -> FetchResult:
+        return fetch_from_locations(
+            image, slot, self.settings, verify_hash=self.verify_hash, progress=progress
+        )
+
+
+def fetch_from_locations(
+    image: ImageInfo,
+    slot: Slot,
+    settings: LocationSettings,
+    *,
+    verify_hash: bool,
+    progress: ProgressCallback | None = None,
+) -> FetchResult:
+    """The image from its best location into ``slot``.
+
+    Raises :class:`LocationError` when every location failed (the slot is the caller's
+    to abort; :class:`NoLocations` when there was none to read), or ``IntegrityError``
+    when the bytes are not Glance's.
+    """
+    ranked = rank(discover(image, settings), settings)
+    if not ranked:
+        raise NoLocations(image_id=image.id, location="", reason="Glance lists none")
+    resume = Resume(image)
+    stats = ThroughputStats(settings.state_dir)
+    errors: list[str] = []
+    started = time.monotonic()
+    for location in ranked:
+        source = load_source(location.kind)
+        t0, before = time.monotonic(), resume.offset
+        try:
+            source.fetch_into(
+                image,
+                slot,
+                location,
+                resume,
+                stall_timeout=settings.stall_timeout,
+                progress=progress,
+            )
+        except LocationError as exc:
+            LOG.warning("%s; trying the next source", exc)
+            errors.append(str(exc))
+            continue
+        finally:
+            stats.record(location.key, resume.offset - before, time.monotonic() - t0)
+        verify.check_digest(
+            image, resume.offset, resume.hasher.hexdigest() if verify_hash else None
+        )
+        LOG.info(
+            "Image %s: %d MiB from %s %s in %.1fs%s, verified",
+            image.id,
+            image.size >> 20,
+            location.origin,
+            location.url,
+            time.monotonic() - started,
+            f" (continued at byte {before})" if before else "",
+        )
+        return FetchResult(
+            image_id=image.id,
+            destination=slot.path,
+            source=location.origin,
+            seconds=time.monotonic() - started,
+            bytes_from_location=image.size,
+            location=location.url,
+        )
+    raise LocationError(image_id=image.id, location="every location", reason="; ".join(errors))
