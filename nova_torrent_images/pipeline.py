@@ -224,7 +224,11 @@ class ImagePipeline:
         if self._glance_factory is None or not self.uploads.list():
             return []
         return self.uploads.run_due(
-            self.store, self._glance_factory(), self.adopt_disk, force=force
+            self.store,
+            self._glance_factory(),
+            self.adopt_disk,
+            os.path.join(self.state_dir, "deltas"),
+            force=force,
         )
 
     # -- the pipeline ------------------------------------------------------------------
@@ -250,7 +254,7 @@ class ImagePipeline:
         """
         if differential.parent_id(image):
             return self._ensure_chain(
-                image, glance, (), use_torrent, progress=progress, use=use, project_id=project_id
+                image, glance, [], use_torrent, progress=progress, use=use, project_id=project_id
             )
         decision = policy.decide(
             image, self.conf, disk_formats=self.store.capabilities.disk_formats
@@ -291,7 +295,7 @@ class ImagePipeline:
         self,
         delta: ImageInfo,
         glance: GlanceClient | None,
-        chain: tuple[str, ...],
+        chain: list[str],
         use_torrent: bool,
         *,
         progress: ProgressCallback | None,
@@ -303,17 +307,22 @@ class ImagePipeline:
         The parent's base copy is made sure of like any image (recursively for chains) and
         the delta rebuilt over it inside the parent's ``use``, so that the parent cannot be
         evicted meanwhile. Failures are :class:`DeltaChainError` naming the chain; the
-        slot of a failed rebuild is aborted.
+        slot of a failed rebuild is aborted. ``chain`` (the ids, the image asked for first)
+        is shared down the recursion, so every error names the whole chain known so far.
         """
-        chain = (*chain, delta.id)
+        if not chain:
+            chain.append(delta.id)
         parent_id = differential.parent_id(delta)
-        label = differential.chain_label((*chain, parent_id))
-        whole = differential.whole_view(delta, label)
+        looped = parent_id in chain
+        chain.append(parent_id)
 
         def failed(reason: str) -> exception.DeltaChainError:
-            return exception.DeltaChainError(image_id=chain[0], chain=label, reason=reason)
+            return exception.DeltaChainError(
+                image_id=chain[0], chain=differential.chain_label(chain), reason=reason
+            )
 
-        if parent_id in chain or len(chain) > differential.MAX_DEPTH:
+        whole = differential.whole_view(delta, differential.chain_label(chain))
+        if looped or len(chain) > differential.MAX_DEPTH:
             raise failed(f"image {parent_id} is its own ancestor, or the chain is too deep")
 
         def hit() -> Delivery | None:
@@ -357,7 +366,7 @@ class ImagePipeline:
                         delta,
                         parent_base,
                         scratch_dir=os.path.join(self.state_dir, "deltas"),
-                        chain=label,
+                        chain=differential.chain_label(chain),
                         verify_hash=self.verify_hash,
                     )
                     with self.queue.slot(whole.id), self._reservation(whole.size) as token:
@@ -379,7 +388,7 @@ class ImagePipeline:
                     progress=progress, use=rebuild, project_id=project_id,
                 )  # fmt: skip
         except Rebuild as wrapped:
-            raise wrapped.__cause__ from None
+            raise wrapped.__cause__  # noqa: B904  the rebuild's own failure
         except exception.DeltaChainError:
             raise
         except exception.TorrentImagesError as exc:
@@ -551,6 +560,7 @@ class ImagePipeline:
             # priority is given back after), libtorrent's threads are lowered already.
             with qos.background():
                 result = source.fetch_into(image, slot, progress)
+            commit.source = result.source
             base = self.store.commit(slot, commit)
         except BaseException as exc:
             self.store.abort(slot)

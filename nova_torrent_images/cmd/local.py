@@ -22,18 +22,20 @@ publishes its live numbers (bytes up and down, peers) in ``<state_dir>/status.js
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
 
 from oslo_config import cfg
 
-from nova_torrent_images import stores
+from nova_torrent_images import exception, stores
 from nova_torrent_images.cmd.progress import download_bar
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
 from nova_torrent_images.seeding import status as status_file
 from nova_torrent_images.stores.base import BaseCopyStore
+from nova_torrent_images.uploads import UploadQueue
 
 MiB = 1024 * 1024
 
@@ -71,9 +73,11 @@ def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
                 "created_at": base.created_at,
                 "last_used": base.last_used,
                 "ref": base.ref,
+                "source": base.source,
             }
         )
     capacity = store.capacity()
+    queued = [dataclasses.asdict(e) for e in UploadQueue(conf.torrent_images.state_dir).list()]
     if args.format == "json":
         json.dump(
             {
@@ -82,6 +86,7 @@ def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
                 "free": capacity.free,
                 "ours": capacity.ours,
                 "base_copies": rows,
+                "queued_uploads": queued,
             },
             sys.stdout,
             indent=1,
@@ -94,17 +99,90 @@ def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     )
     header = (
         f"{'image':<36} {'MiB':>7} {'seeding':>7} {'up MiB':>8} {'down MiB':>8} "
-        f"{'peers':>5} {'in use':>6}  last used"
+        f"{'peers':>5} {'in use':>6} {'from':<10}  last used"
     )
     print(header)
     for r in rows:
         print(
             f"{r['image_id']:<36} {r['size'] / MiB:>7.0f} {'yes' if r['seeding'] else 'no':>7} "
             f"{r['bytes_up'] / MiB:>8.1f} {r['bytes_down'] / MiB:>8.1f} {r['peers']:>5} "
-            f"{'yes' if r['in_use'] else 'no':>6}  {_when(r['last_used'])}"
+            f"{'yes' if r['in_use'] else 'no':>6} {r['source'] or '-':<10}  "
+            f"{_when(r['last_used'])}"
         )
     if not rows:
         print("(no base copies)")
+    if queued:
+        print(f"{len(queued)} snapshot upload(s) queued until Glance takes them:")
+        _print_uploads(queued)
+    return 0
+
+
+def _print_uploads(entries: list[dict]) -> None:
+    print(f"{'image':<36} {'attempts':>8}  {'next attempt':<19}  kept copy / last error")
+    for e in entries:
+        print(
+            f"{e['image_id']:<36} {e['attempts']:>8}  {_when(e['next_attempt']):<19}  "
+            f"{e['ref']}\n{'':<67}{e['last_error']}"
+        )
+
+
+def cmd_export(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
+    """The whole raw image into a new file, a differential image's chain rebuilt."""
+    import os
+    import shutil
+    import tempfile
+
+    from nova_torrent_images import differential
+    from nova_torrent_images.stores.filesystem import FilesystemStore
+
+    if os.path.lexists(args.output):
+        raise exception.StoreError(reason=f"{args.output} exists; export writes a new file")
+    glance = GlanceClient.from_conf(conf)
+    image = glance.image_info(args.image_id)
+    if not differential.parent_id(image):
+        args.quiet = True
+        return cmd_fetch(args, conf)
+    # The chain is rebuilt in a scratch filesystem store (parents included), verified
+    # against nti_whole_hash, then moved to the output; nothing stays behind.
+    state_dir = conf.torrent_images.state_dir
+    os.makedirs(state_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=state_dir, prefix="export-") as scratch:
+        pipeline = ImagePipeline(conf, FilesystemStore(scratch), seeding=False)
+        base = pipeline.ensure_base(image, glance).base
+        tmp = f"{args.output}.part-{os.getpid()}"
+        try:
+            shutil.copyfile(base.ref, tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    print(
+        f"{image.id}: the whole image of chain "
+        f"{' <- '.join(pipeline.fetches)}, {base.size >> 20} MiB, "
+        f"verified ({base.hash_algo}) -> {args.output}"
+    )
+    return 0
+
+
+def cmd_uploads(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
+    """List the snapshot uploads queued while Glance was down, or cancel one."""
+    queue = UploadQueue(conf.torrent_images.state_dir)
+    if args.action == "cancel":
+        if not args.image_id:
+            raise exception.ConfigError(option="uploads", reason="cancel needs an IMAGE_ID")
+        store = open_store(conf)
+        entry = queue.cancel(store, args.image_id)
+        print(f"cancelled the queued upload of image {entry.image_id}; {entry.ref} deleted")
+        return 0
+    entries = [dataclasses.asdict(e) for e in queue.list()]
+    if args.format == "json":
+        json.dump(entries, sys.stdout, indent=1)
+        print()
+    elif entries:
+        _print_uploads(entries)
+    else:
+        print("(no queued uploads)")
     return 0
 
 

@@ -56,6 +56,10 @@ class StoreCapabilities:
     attach_for_upload: bool = False
     #: Base copies stay and are found again (a registry); an output file is not kept.
     keeps_base_copies: bool = True
+    #: A disk of the store (a snapshot just uploaded) can become a base copy in place of a
+    #: download, and be kept read-only while its upload waits for Glance
+    #: (:meth:`BaseCopyStore.adopt_disk`, :meth:`BaseCopyStore.keep_for_upload`).
+    adopts_disks: bool = False
 
 
 @dataclass
@@ -78,6 +82,7 @@ class BaseCopy:
     #: projects Glance showed the image to: what a boot may rely on while Glance is down.
     record: dict[str, Any] = field(default_factory=dict)
     projects: tuple[str, ...] = ()
+    source: str | None = None  # what delivered it: torrent, location, zone-cache, glance
 
     @property
     def info_hash(self) -> str | None:
@@ -148,6 +153,7 @@ class CommitInfo:
     image: ImageInfo
     created_at: float = field(default_factory=time.time)
     projects: tuple[str, ...] = ()
+    source: str | None = None  # set by the pipeline once a source delivered
 
     @property
     def info_hash_v1(self) -> str | None:
@@ -235,6 +241,33 @@ class BaseCopyStore(abc.ABC):
         """Attach the disk ``ref`` of this store for the duration of the context."""
         raise self._unsupported("attaching disks")
         yield ""  # pragma: no cover
+
+    def adopt_disk(self, ref: str, info: CommitInfo) -> BaseCopy:
+        """A read-only base copy of the disk ``ref`` (its bytes are ``info.image``'s).
+
+        The caller verified the bytes (hashed while uploading them, checked against the
+        Glance record read back); the disk itself stays as it was.
+        """
+        raise self._unsupported("adopting disks")
+
+    def keep_for_upload(self, ref: str, image_id: str, project_id: str | None) -> str:
+        """A read-only copy of the disk ``ref`` for an upload queued while Glance is down.
+
+        Tagged with the image id and project, it survives restarts; returns its reference.
+        """
+        raise self._unsupported("keeping disks for queued uploads")
+
+    def drop_kept(self, ref: str) -> None:
+        """Delete a copy made by :meth:`keep_for_upload`; missing is not an error."""
+        raise self._unsupported("keeping disks for queued uploads")
+
+    def parent_base(self, ref: str) -> BaseCopy | None:
+        """The base copy the disk ``ref`` is a clone of, if known (differential uploads)."""
+        return None
+
+    def kept_for_upload(self) -> dict[str, str]:
+        """The copies :meth:`keep_for_upload` made and nobody dropped: ``{ref: image_id}``."""
+        return {}
 
     def _unsupported(self, what: str) -> exception.StoreError:
         return exception.StoreError(reason=f"{self.name} does not support {what}")

@@ -128,6 +128,7 @@ class FilesystemStore(BaseCopyStore):
             in_use=st.st_nlink > 1 or bool(clones),
             record=tags.get("record") or {},
             projects=tuple(tags.get("projects") or ()),
+            source=tags.get("source"),
         )
 
     def _update_tags(self, base: BaseCopy, **changes: object) -> None:
@@ -210,6 +211,7 @@ class FilesystemStore(BaseCopyStore):
             "clones": [],
             "record": info.record,
             "projects": list(info.projects),
+            "source": info.source,
         }
         utils.atomic_write(self._path(image.id, ".json"), json.dumps(tags, indent=1))
         LOG.info("Image %s: base copy %s", image.id, data_path)

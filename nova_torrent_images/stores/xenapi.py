@@ -123,6 +123,7 @@ class XenAPIStore(BaseCopyStore):
         seeds=True,
         clones=True,
         attach_for_upload=True,
+        adopts_disks=True,
     )
 
     def __init__(
@@ -202,6 +203,7 @@ class XenAPIStore(BaseCopyStore):
             in_use=in_use,
             record=_json_tag(tags.get(TAG + "record")),
             projects=tuple(p for p in tags.get(TAG + "projects", "").split(",") if p),
+            source=tags.get(TAG + "source") or None,
         )
 
     def _attached_by_others(self, vbd_ref: str) -> bool:
@@ -366,6 +368,15 @@ class XenAPIStore(BaseCopyStore):
             raise exception.StoreError(
                 reason=f"VDI.snapshot for image {image.id} in {self.name} failed: {exc.details}"
             ) from exc
+        self._tag_base(base_ref, info)
+        vdi, slot.vdi_ref = slot.vdi_ref, ""
+        self._destroy_vdi(vdi)
+        base_uuid = self.call("VDI.get_uuid", base_ref)
+        LOG.info("Image %s: base copy VDI %s in %s", image.id, base_uuid, self.name)
+        return self._to_base(base_ref, self.call("VDI.get_record", base_ref), {})
+
+    def _tag_base(self, base_ref: str, info: CommitInfo) -> None:
+        image = info.image
         now = repr(info.created_at)
         tags = {
             TAG + "role": "base",
@@ -379,6 +390,7 @@ class XenAPIStore(BaseCopyStore):
             TAG + "last_used": now,
             TAG + "record": json.dumps(info.record, sort_keys=True),
             TAG + "projects": ",".join(info.projects),
+            TAG + "source": info.source or "",
         }
         # The snapshot carries the slot's tags; replace them in one call so that a crash
         # leaves either a "slot" (cleaned up later) or a complete base copy, never half.
@@ -389,11 +401,98 @@ class XenAPIStore(BaseCopyStore):
             base_ref,
             f"read-only image {image.id}; instances are clones of it",
         )
-        vdi, slot.vdi_ref = slot.vdi_ref, ""
-        self._destroy_vdi(vdi)
-        base_uuid = self.call("VDI.get_uuid", base_ref)
-        LOG.info("Image %s: base copy VDI %s in %s", image.id, base_uuid, self.name)
-        return self._to_base(base_ref, self.call("VDI.get_record", base_ref), {})
+
+    # -- snapshots of instances (doc/source/snapshots.rst) -------------------------------
+    def _snapshot_tagged(self, ref: str, image_id: str, tags: dict[str, str]) -> str:
+        """``VDI.snapshot`` of the VDI with uuid ``ref``, its tags replaced by ``tags``.
+
+        A snapshot of an instance disk inherits its tags; until the retag it carries the
+        instance role and owner, so a crash in between leaves what a restart removes.
+        """
+        vdi_ref = self.call("VDI.get_by_uuid", ref)
+        size = int(self.call("VDI.get_virtual_size", vdi_ref))
+        try:
+            snap_ref = self.call("VDI.snapshot", vdi_ref, {})
+        except XenAPI.Failure as exc:
+            self._raise_if_full(exc, image_id, size)
+            raise exception.StoreError(
+                reason=f"VDI.snapshot of VDI {ref} for image {image_id} in {self.name} "
+                f"failed: {exc.details}"
+            ) from exc
+        try:
+            self.call("VDI.set_other_config", snap_ref, tags)
+        except BaseException:
+            self._destroy_vdi(snap_ref)
+            raise
+        return snap_ref
+
+    def adopt_disk(self, ref: str, info: CommitInfo) -> BaseCopy:
+        image = info.image
+        base_ref = self._snapshot_tagged(
+            ref,
+            image.id,
+            {TAG + "role": "slot", TAG + "image_id": image.id, TAG + "owner": utils.owner_tag()},
+        )
+        try:
+            self._tag_base(base_ref, info)
+        except BaseException:
+            self._destroy_vdi(base_ref)
+            raise
+        rec = self.call("VDI.get_record", base_ref)
+        LOG.info(
+            "Image %s: base copy VDI %s in %s, a snapshot of VDI %s (no download)",
+            image.id,
+            rec["uuid"],
+            self.name,
+            ref,
+        )
+        return self._to_base(base_ref, rec, {})
+
+    def keep_for_upload(self, ref: str, image_id: str, project_id: str | None) -> str:
+        kept_ref = self._snapshot_tagged(
+            ref,
+            image_id,
+            {
+                TAG + "role": "queued-upload",
+                TAG + "image_id": image_id,
+                TAG + "project": project_id or "",
+                TAG + "created": repr(time.time()),
+            },
+        )
+        self.call(
+            "VDI.set_name_label", kept_ref, f"nova-torrent-images queued upload of {image_id}"
+        )
+        self.call(
+            "VDI.set_name_description",
+            kept_ref,
+            f"read-only snapshot for image {image_id}, uploaded when Glance is back",
+        )
+        return self.call("VDI.get_uuid", kept_ref)
+
+    def drop_kept(self, ref: str) -> None:
+        try:
+            vdi_ref = self.call("VDI.get_by_uuid", ref)
+        except XenAPI.Failure as exc:
+            if failure_code(exc) in ("UUID_INVALID", "HANDLE_INVALID"):
+                return
+            raise
+        for vbd in self._vbds(vdi_ref):
+            self._detach(vbd)
+        self._destroy_vdi(vdi_ref)
+
+    def parent_base(self, ref: str) -> BaseCopy | None:
+        tags = self.call("VDI.get_other_config", self.call("VDI.get_by_uuid", ref))
+        parent = tags.get(TAG + "base")
+        if not parent:
+            return None
+        return next((b for b in self.list() if b.ref == parent), None)
+
+    def kept_for_upload(self) -> dict[str, str]:
+        return {
+            rec["uuid"]: rec["other_config"].get(TAG + "image_id", "")
+            for rec in self._our_vdis().values()
+            if rec["other_config"].get(TAG + "role") == "queued-upload"
+        }
 
     def abort(self, slot: Slot) -> None:
         assert isinstance(slot, VDISlot), slot

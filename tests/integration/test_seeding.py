@@ -164,6 +164,7 @@ def test_cli_verbs_against_a_real_store(make_image, cli_config, tmp_path):
     data = json.loads(status.stdout)
     (entry,) = data["base_copies"]
     assert entry["image_id"] == image.id and entry["size"] == 4 * MiB
+    assert entry["source"] == "glance"  # no magnet: status says where it came from
     assert sha512_of(entry["ref"]) == image.record["os_hash_value"]
     assert "last used" in run_cli(cli_config, "status").stdout
 
