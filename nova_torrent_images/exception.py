@@ -155,6 +155,15 @@ class FetchFailed(TorrentImagesError):
     msg_fmt = "Image %(image_id)s could not be fetched: %(reason)s"
 
 
+class DeltaChainError(TorrentImagesError):
+    """A differential snapshot could not be rebuilt: a parent is missing, a delta corrupt.
+
+    Nothing half-built is left: the restore's slot is aborted.
+    """
+
+    msg_fmt = "Differential image %(image_id)s (chain %(chain)s) cannot be restored: %(reason)s"
+
+
 class NotPublishable(TorrentImagesError):
     """The image cannot be published as a torrent; nothing was changed."""
 

@@ -41,7 +41,7 @@ from oslo_log import log as logging
 from stevedore import driver
 
 from nova_torrent_images import conf as nti_conf
-from nova_torrent_images import exception, popularity, stores
+from nova_torrent_images import exception, popularity, stores, uploads
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.pipeline import ImagePipeline
 from nova_torrent_images.sources import ProgressCallback
@@ -101,7 +101,12 @@ class GlanceImageHandler:
             pipeline = self._pipelines.get(store.name)
             if pipeline is None:
                 pipeline = ImagePipeline(
-                    self.conf, store, engine=self.engine, seeding=self.use_torrent
+                    self.conf,
+                    store,
+                    engine=self.engine,
+                    seeding=self.use_torrent,
+                    # Queued snapshot uploads are retried with the service's credentials.
+                    glance_factory=lambda: self._glance_factory(None),
                 )
                 pipeline.start()
                 self._pipelines[store.name] = pipeline
@@ -144,7 +149,13 @@ class GlanceImageHandler:
     def upload_image(
         self, context: Any, session: Any, instance: Any, image_id: str, vdi_uuids: list[str]
     ) -> None:
-        """Upload the instance's root disk (``vdi_uuids[0]``) as raw image data."""
+        """Upload the instance's root disk (``vdi_uuids[0]``) as raw image data.
+
+        The bytes are hashed on the way; when Glance's record of the image then shows that
+        size and hash, a snapshot of the disk becomes the image's base copy here, so a
+        restore on this host reads nothing from Glance. When Glance cannot take the upload,
+        a read-only copy is kept and the upload queued (doc/source/snapshots.rst).
+        """
         if not vdi_uuids:
             raise exception.StoreError(reason=f"no VDI given to upload as image {image_id}")
         glance = self._glance_factory(context)
@@ -153,17 +164,38 @@ class GlanceImageHandler:
             raise exception.StoreError(
                 reason=f"{store.name} cannot attach disks; image {image_id} cannot be uploaded"
             )
-        with store.attached(vdi_uuids[0], "RO") as path:
-            size = _device_size(path)
-            with open(path, "rb") as data:
-                glance.upload(image_id, _Limited(data, size), size)
+        project_id = getattr(context, "project_id", None)
+        ref = vdi_uuids[0]
+        parent = None
+        if self.conf.torrent_images.differential_snapshots and store.capabilities.adopts_disks:
+            parent = store.parent_base(ref)  # the disk is a clone of this base copy
+        scratch = os.path.join(self.conf.torrent_images.state_dir, "deltas")
+        try:
+            sent = uploads.send(store, glance, image_id, ref, parent, scratch)
+        except exception.GlanceUnavailable as exc:
+            if not store.capabilities.adopts_disks:
+                raise
+            self.pipeline(session).uploads.enqueue(
+                store, image_id, ref, project_id, exc, parent.ref if parent else None
+            )
+            return
         LOG.info(
-            "Image %s: uploaded %d MiB from VDI %s of %s",
+            "Image %s: uploaded %d KiB from VDI %s of %s%s",
             image_id,
-            size >> 20,
-            vdi_uuids[0],
+            sent.size >> 10,
+            ref,
             _instance_label(instance),
+            f", a delta against image {sent.parent_image}" if sent.parent_image else "",
         )
+        if not store.capabilities.adopts_disks:
+            return
+        try:
+            image = uploads.kept_image(glance, image_id, sent)
+            if image is not None:
+                self.pipeline(session).adopt_disk(image, ref, project_id)
+        except exception.TorrentImagesError as exc:
+            # The upload is done; only the local copy is missing (a restore downloads it).
+            LOG.warning("Image %s: uploaded, but not kept as a base copy: %s", image_id, exc)
 
     def shutdown(self) -> None:
         """Stop seeding (detaching read-only views) before the process exits."""
@@ -177,24 +209,6 @@ class TorrentImageHandler(GlanceImageHandler):
     """Swarm first for raw torrentable images, straight into the VDI; then seeds them."""
 
     use_torrent = True
-
-
-class _Limited:
-    """A read-only file view of the first ``size`` bytes (a device may be larger)."""
-
-    def __init__(self, f: Any, size: int) -> None:
-        self._f, self._left = f, size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self._left if n is None or n < 0 else min(n, self._left)
-        data = self._f.read(n)
-        self._left -= len(data)
-        return data
-
-
-def _device_size(path: str) -> int:
-    with open(path, "rb") as f:
-        return f.seek(0, os.SEEK_END)
 
 
 def load_handler(

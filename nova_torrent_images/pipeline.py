@@ -47,7 +47,7 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import differential, exception, policy, qos
+from nova_torrent_images import differential, exception, policy, qos, uploads
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.image import ImageInfo, parse_image
 from nova_torrent_images.locks import ImageLocks
@@ -135,6 +135,8 @@ class ImagePipeline:
         self._glance_factory = glance_factory if caps.adopts_disks else None
         if self._glance_factory is not None:
             tasks.append(self.retry_uploads)
+            if self.seeds is not None:
+                tasks.append(self.seed_published_snapshots)
         long_running = self.seeds is not None or self._glance_factory is not None
         self.maintenance = Maintenance(opts.prune_interval if long_running else 0, tasks)
         # The most recent download of each image by this object (for reports and demos).
@@ -212,17 +214,29 @@ class ImagePipeline:
         with self.locks.hold(image.id):
             base = self._usable_base(image)
             if base is None:
-                commit = CommitInfo(image, projects=(project_id,) if project_id else ())
+                commit = CommitInfo(
+                    image, projects=(project_id,) if project_id else (), source=uploads.SNAPSHOT
+                )
                 base = self.store.adopt_disk(ref, commit)
             if self.seeds is not None:
                 self.seeds.start(base)
         self._export_metrics()
         return base
 
+    def seed_published_snapshots(self) -> list[str]:
+        """Seed snapshots this host saved once they are published (a maintenance task)."""
+        if self._glance_factory is None or self.seeds is None:
+            return []
+        if not any(b.source == uploads.SNAPSHOT for b in self.store.list()):
+            return []
+        return uploads.seed_published_snapshots(self, self._glance_factory())
+
     def retry_uploads(self, *, force: bool = False) -> list[str]:
         """Upload what waits in the queue and is due (a maintenance task)."""
-        if self._glance_factory is None or not self.uploads.list():
+        if self._glance_factory is None:
             return []
+        if not self.uploads.list() and not self.store.kept_for_upload():
+            return []  # nothing queued: no Glance client made
         return self.uploads.run_due(
             self.store,
             self._glance_factory(),
@@ -259,7 +273,12 @@ class ImagePipeline:
         decision = policy.decide(
             image, self.conf, disk_formats=self.store.capabilities.disk_formats
         )
-        if glance is None and not (use_torrent and decision) and not image.offline:
+        if (
+            glance is None
+            and not (use_torrent and decision)
+            and not image.offline
+            and not self._has_base(image)  # a kept snapshot, or a base copy from before
+        ):
             raise exception.NotTorrentable(
                 image_id=image.id,
                 reason=decision.reason if use_torrent else "the caller asked for no torrent",
@@ -281,6 +300,11 @@ class ImagePipeline:
                 self.metrics.base_copy_hit()
                 self._export_metrics()
                 return Delivery(base, False, used=use(base) if use else None)
+            if glance is None and not (use_torrent and decision) and not image.offline:
+                raise exception.NotTorrentable(  # the base copy went meanwhile
+                    image_id=image.id,
+                    reason=decision.reason if use_torrent else "the caller asked for no torrent",
+                )
             try:
                 with self.queue.slot(image.id):
                     base, fetched = self._download(
@@ -368,9 +392,11 @@ class ImagePipeline:
                         scratch_dir=os.path.join(self.state_dir, "deltas"),
                         chain=differential.chain_label(chain),
                         verify_hash=self.verify_hash,
+                        in_parent_clone=self.store.capabilities.clone_slots,
                     )
+                    from_base = parent_base if self.store.capabilities.clone_slots else None
                     with self.queue.slot(whole.id), self._reservation(whole.size) as token:
-                        base, fetched = self._fetch(commit, source, progress, token)
+                        base, fetched = self._fetch(commit, source, progress, token, from_base)
                     self.fetches[whole.id] = fetched
                     return Delivery(base, True, fetched, used=use(base) if use else None)
             except Exception as exc:
@@ -450,6 +476,12 @@ class ImagePipeline:
             age,
         )
         return image
+
+    def _has_base(self, image: ImageInfo) -> bool:
+        if not self.store.capabilities.keeps_base_copies:
+            return False
+        base = self.store.lookup(image.id)
+        return base is not None and base.matches(image)
 
     def _usable_base(self, image: ImageInfo) -> BaseCopy | None:
         base = self.store.lookup(image.id)
@@ -549,12 +581,19 @@ class ImagePipeline:
         source: SwarmSource | GlanceSource,
         progress: ProgressCallback | None,
         token: object,
+        from_base: BaseCopy | None = None,
     ) -> tuple[BaseCopy, FetchResult]:
-        """One source into one new slot, committed; the slot is aborted on any failure."""
+        """One source into one new slot, committed; the slot is aborted on any failure.
+
+        ``from_base``: the slot starts as a copy-on-write clone of that base copy.
+        """
         image = commit.image
         if self.eviction is not None:
             self.eviction.make_room(image.id, image.size, in_flight=self._others_in_flight(token))
-        slot = self.store.begin_download(image.id, image.size)
+        if from_base is not None:
+            slot = self.store.begin_from(from_base, image.id, image.size)
+        else:
+            slot = self.store.begin_download(image.id, image.size)
         try:
             # Below guests: the hash check and the Glance path on this thread (the
             # priority is given back after), libtorrent's threads are lowered already.

@@ -92,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=_local_verb("cmd_status"))
 
+    p = sub.add_parser(
+        "export",
+        help="write the whole raw image of IMAGE_ID to a new file; a differential "
+        "snapshot's chain is rebuilt and verified (for consumers that do not know chains)",
+    )
+    p.add_argument("image_id")
+    p.add_argument("--output", "-o", required=True, help="the new file")
+    p.set_defaults(func=_local_verb("cmd_export"))
+
+    p = sub.add_parser(
+        "uploads",
+        help="snapshot uploads queued while Glance was down: list them, or cancel one "
+        "('uploads cancel IMAGE_ID' deletes its kept copy; the Glance record stays)",
+    )
+    p.add_argument("action", nargs="?", choices=["list", "cancel"], default="list")
+    p.add_argument("image_id", nargs="?")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=_local_verb("cmd_uploads"))
+
     p = sub.add_parser("evict", help="stop seeding and delete the base copy of an image")
     p.add_argument("image_id")
     p.set_defaults(func=_local_verb("cmd_evict"))

@@ -14,7 +14,8 @@
 
 * ``policy_opts`` -- which images are delivered peer to peer, and by which image handler;
 * ``fetch_opts`` -- timeouts, fallback to Glance and verification of a download;
-* ``seeding_opts`` -- seeding after a download and the store of base copies.
+* ``seeding_opts`` -- seeding after a download and the store of base copies;
+* ``qos_opts`` -- fair share for guests: CPU and I/O priority, cgroup limits.
 
 The libtorrent session (:mod:`.swarm`), XenServer (:mod:`.xenapi`) and the Glance client
 (:mod:`.glance`) have modules of their own.
@@ -221,9 +222,64 @@ seeding_opts = [
         "prune_interval; the nova user must be able to write the directory. Unset: no file "
         "is written.",
     ),
+    cfg.BoolOpt(
+        "differential_snapshots",
+        default=False,
+        help="Upload a snapshot of an instance whose disk is a clone of a base copy of "
+        "image P as a qcow2 overlay holding only the clusters that differ from P, with the "
+        "image properties nti_parent_image, nti_whole_size and nti_whole_hash "
+        "(doc/source/snapshots.rst). Restores then need P (and its parents) on the "
+        "restoring host; consumers that do not know chains need 'nova-torrent-images "
+        "export'. Off: snapshots are uploaded whole, as raw.",
+    ),
 ]
 
-ALL_OPTS = policy_opts + fetch_opts + seeding_opts
+qos_opts = [
+    cfg.IntOpt(
+        "qos_nice",
+        default=10,
+        min=0,
+        max=19,
+        help="Nice value of the threads that download, verify and seed images (libtorrent's "
+        "threads, the stripe worker, a download's hash check), so guests' vCPUs come first. "
+        "0 leaves the nice value alone.",
+    ),
+    cfg.StrOpt(
+        "qos_io_class",
+        default="best-effort",
+        choices=[
+            ("best-effort", "Best-effort class, lowest level (7): below guests' default I/O."),
+            ("idle", "Idle class: image I/O only when no one else uses the disk."),
+            ("none", "Leave the I/O priority alone."),
+        ],
+        help="I/O priority (ioprio_set) of the same threads; honoured by the BFQ and CFQ "
+        "I/O schedulers, not by mq-deadline or none.",
+    ),
+    cfg.StrOpt(
+        "qos_cgroup",
+        help="The cgroup v2 directory nova-compute runs in (absolute, or relative to "
+        "/sys/fs/cgroup, e.g. system.slice/nova-compute.service); cpu.weight and io.max "
+        "are written there at start. Unset: no cgroup is touched.",
+    ),
+    cfg.IntOpt(
+        "qos_cpu_weight",
+        default=50,
+        min=0,
+        max=10000,
+        help="cpu.weight written into qos_cgroup (cgroup default 100; lower yields to "
+        "guests). 0: not written.",
+    ),
+    cfg.IntOpt(
+        "qos_disk_write_limit",
+        default=0,
+        min=0,
+        help="Disk write ceiling in KiB/s for qos_cgroup: io.max 'wbps' on the block device "
+        "of the store. libtorrent has no disk write rate limit of its own; without this its "
+        "writes are bounded by download_rate_limit only. 0: no ceiling.",
+    ),
+]
+
+ALL_OPTS = policy_opts + fetch_opts + seeding_opts + qos_opts
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:

@@ -82,6 +82,7 @@ from oslo_log import log as logging
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images import exception, stores, verify
 from nova_torrent_images.image import ImageInfo, parse_image
+from nova_torrent_images.nova_hooks import glance_upload
 from nova_torrent_images.pipeline import ImagePipeline
 from nova_torrent_images.stores.base import BaseCopy, BaseCopyStore
 from nova_torrent_images.stores.filesystem import reflink_copy
@@ -352,6 +353,7 @@ def install(
             return active
         if not hasattr(_TARGET.download, _ORIGINAL_ATTR):
             _TARGET.download = _wrap(_TARGET.download)
+        glance_upload.install()  # the saving host keeps its snapshots (glance_upload.py)
         _ACTIVE = TorrentDownloads(conf, engine=engine, store=store)
     if active is not None:
         active.shutdown()
@@ -371,6 +373,7 @@ def uninstall() -> None:
         original = getattr(_TARGET.download, _ORIGINAL_ATTR, None)
         if original is not None:
             _TARGET.download = original
+        glance_upload.uninstall()
     if active is not None:
         active.shutdown()
 

@@ -42,14 +42,17 @@ Hosts fetching stripes keep off the origin's BitTorrent port (it would only send
 duplicates), so the origin cannot introduce them to each other through peer exchange
 there: each answer names the other hosts that asked lately (``peers``), a tracker of sorts.
 
-The torrent and data answers are content-addressed by the info-hash: they carry an ETag and
-``Cache-Control: public, max-age=31536000, immutable``, so a caching proxy in front of the
-origin serves a zone's other hosts. Standard BitTorrent clients still use the origin
+The torrent and data answers are content-addressed by the info-hash: they carry an ETag,
+Last-Modified and ``Cache-Control: public, max-age=31536000, immutable``, answer 304 to a
+matching If-None-Match, and serve a range past the end to the end (a proxy's aligned
+slices), so a caching proxy in front of the origin serves a zone's other hosts
+(tests/integration/test_zone_cache.py: nginx). Standard BitTorrent clients still use the origin
 seeder's BitTorrent port; the stripes are an addition for this project's hosts.
 """
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import json
 import os
@@ -246,6 +249,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         stripes, what = routed
         etag = f'"{stripes.entry.info_hash_v2 or stripes.entry.info_hash_v1}"'
+        if what in ("", "/data") and self._not_modified(etag):
+            return
         if what == "":
             self._send(HTTPStatus.OK, stripes.torrent, "application/x-bittorrent", etag)
         elif what == "/data":
@@ -253,12 +258,30 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, "stripes are asked for with POST")
 
+    def _validators(self, etag: str) -> None:
+        # Content-addressed: the info-hash names the bytes, so a cache may keep them for
+        # good and revalidate (If-None-Match) without a transfer.
+        self.send_header("ETag", etag)
+        self.send_header("Cache-Control", IMMUTABLE)
+        if self.server.last_modified:
+            self.send_header("Last-Modified", self.server.last_modified)
+
+    def _not_modified(self, etag: str) -> bool:
+        """Answer 304 to a cache revalidating with a matching If-None-Match."""
+        tags = [t.strip() for t in self.headers.get("If-None-Match", "").split(",")]
+        if etag not in tags and f"W/{etag}" not in tags and "*" not in tags:
+            return False
+        self.send_response(HTTPStatus.NOT_MODIFIED)
+        self._validators(etag)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def _send(self, status: HTTPStatus, body: bytes, kind: str, etag: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", etag)
-        self.send_header("Cache-Control", IMMUTABLE)
+        self._validators(etag)
         self.end_headers()
         self.wfile.write(body)
 
@@ -271,7 +294,10 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         start, end = int(match.group(1)), int(match.group(2))
-        if start > end or end >= size or end - start + 1 > MAX_RANGE:
+        # A last byte past the end means "to the end" (RFC 9110 14.1.2): a caching proxy's
+        # aligned slices ask for that on an image's last slice.
+        end = min(end, size - 1)
+        if start > end or end - start + 1 > MAX_RANGE:
             self._refuse(
                 HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"range {start}-{end} of {size}"
             )
@@ -282,8 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length))
         self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", etag)
-        self.send_header("Cache-Control", IMMUTABLE)
+        self._validators(etag)
         self.end_headers()
         with open(stripes.entry.data_path, "rb") as f:
             f.seek(start)
@@ -293,10 +318,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if not chunk:
                     raise OSError(f"{stripes.entry.data_path} is shorter than {size} bytes")
                 self.server.limiter.take(len(chunk))
-                self.wfile.write(chunk)
-                left -= len(chunk)
+                # Counted before the write: a client that has the bytes sees them counted.
                 stripes.served += len(chunk)
                 self.server.count(len(chunk))
+                self.wfile.write(chunk)
+                left -= len(chunk)
 
     def do_POST(self) -> None:  # noqa: N802
         routed = self._route()
@@ -374,6 +400,9 @@ class StripeServer(ThreadingHTTPServer):
         ]
         self.bytes_served = 0
         self._count_lock = threading.Lock()
+        # Published bytes never change under an info-hash: the server's start is as good
+        # a Last-Modified as any, and proxies that want one (heuristics, logs) get it.
+        self.last_modified = email.utils.formatdate(time.time(), usegmt=True)
         try:
             super().__init__((host, port), _Handler)
         except OSError as exc:

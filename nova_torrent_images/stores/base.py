@@ -60,6 +60,9 @@ class StoreCapabilities:
     #: download, and be kept read-only while its upload waits for Glance
     #: (:meth:`BaseCopyStore.adopt_disk`, :meth:`BaseCopyStore.keep_for_upload`).
     adopts_disks: bool = False
+    #: A slot can start as a copy-on-write clone of a base copy, so that rebuilding a
+    #: differential image writes only what differs (:meth:`BaseCopyStore.begin_from`).
+    clone_slots: bool = False
 
 
 @dataclass
@@ -260,6 +263,10 @@ class BaseCopyStore(abc.ABC):
     def drop_kept(self, ref: str) -> None:
         """Delete a copy made by :meth:`keep_for_upload`; missing is not an error."""
         raise self._unsupported("keeping disks for queued uploads")
+
+    def begin_from(self, base: BaseCopy, image_id: str, size: int) -> Slot:
+        """Like :meth:`begin_download`, but the slot already holds ``base``'s bytes."""
+        raise self._unsupported("slots cloned from a base copy")
 
     def parent_base(self, ref: str) -> BaseCopy | None:
         """The base copy the disk ``ref`` is a clone of, if known (differential uploads)."""

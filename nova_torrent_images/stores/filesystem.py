@@ -217,6 +217,17 @@ class FilesystemStore(BaseCopyStore):
         LOG.info("Image %s: base copy %s", image.id, data_path)
         return self._read(image.id)
 
+    def adopt_disk(self, ref: str, info: CommitInfo) -> BaseCopy:
+        """A base copy of the file ``ref`` (a snapshot Nova just uploaded): a reflink or
+        copy into a slot, committed; the file itself is left to its owner."""
+        slot = self.begin_download(info.image.id, info.image.size)
+        try:
+            reflink_copy(ref, slot.path, f"keeping snapshot {ref} of image {info.image.id}")
+            return self.commit(slot, info)
+        except BaseException:
+            self.abort(slot)
+            raise
+
     def abort(self, slot: Slot) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(slot.path)

@@ -124,6 +124,7 @@ class XenAPIStore(BaseCopyStore):
         clones=True,
         attach_for_upload=True,
         adopts_disks=True,
+        clone_slots=True,
     )
 
     def __init__(
@@ -479,6 +480,46 @@ class XenAPIStore(BaseCopyStore):
         for vbd in self._vbds(vdi_ref):
             self._detach(vbd)
         self._destroy_vdi(vdi_ref)
+
+    def begin_from(self, base: BaseCopy, image_id: str, size: int) -> Slot:
+        """A download VDI that is a ``VDI.clone`` of ``base`` (copy on write), attached RW.
+
+        Until its retag the clone carries the base's tags; a crash then leaves what
+        :meth:`remove_stale_slots` removes under the base image's lock.
+        """
+        try:
+            vdi_ref = self.call("VDI.clone", self.call("VDI.get_by_uuid", base.ref), {})
+        except XenAPI.Failure as exc:
+            self._raise_if_full(exc, image_id, size)
+            raise exception.StoreError(
+                reason=f"VDI.clone of base copy {base.ref} for image {image_id} in "
+                f"{self.name} failed: {exc.details}"
+            ) from exc
+        slot = VDISlot(image_id=image_id, size=size, path="", preallocated=True, vdi_ref=vdi_ref)
+        try:
+            self.call(
+                "VDI.set_other_config",
+                vdi_ref,
+                {
+                    TAG + "role": "slot",
+                    TAG + "image_id": image_id,
+                    TAG + "owner": utils.owner_tag(),
+                },
+            )
+            self.call("VDI.set_name_label", vdi_ref, f"nova-torrent-images download of {image_id}")
+            if int(self.call("VDI.get_virtual_size", vdi_ref)) < size:
+                self.call("VDI.resize", vdi_ref, str(size))
+            slot.vbd_ref, slot.path = self._attach(vdi_ref, "RW", role="slot")
+        except BaseException:
+            self.abort(slot)
+            raise
+        LOG.info(
+            "Image %s: download VDI cloned from the base copy of image %s, attached at %s",
+            image_id,
+            base.image_id,
+            slot.path,
+        )
+        return slot
 
     def parent_base(self, ref: str) -> BaseCopy | None:
         tags = self.call("VDI.get_other_config", self.call("VDI.get_by_uuid", ref))

@@ -33,7 +33,7 @@ import libtorrent as lt
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception
+from nova_torrent_images import exception, qos
 
 LOG = logging.getLogger(__name__)
 
@@ -317,7 +317,11 @@ class SwarmEngine:
                 raise exception.ConfigError(option="allowed_peer_cidrs", reason=str(exc)) from exc
             if ip_filter is not None:
                 params.ip_filter = ip_filter
-            session = lt.session(params)
+            # libtorrent's threads (network, disk, hashing: the downloading, piece
+            # hashing and seeding) inherit the priority of the thread that creates the
+            # session: a lowered one, so guests come first (nova_torrent_images.qos).
+            qos.configure(self.conf)
+            session = qos.call_in_background(lambda: lt.session(params))
             # Rate limits skip "local" peers (private ranges, loopback) unless every address
             # is in the global peer class; in a datacenter every peer is local.
             classes = lt.ip_filter()
@@ -449,6 +453,7 @@ class SwarmEngine:
 
     # -- alert pump --------------------------------------------------------------------
     def _pump_alerts(self) -> None:
+        qos.lower_thread_priority()
         while not self._stopping.is_set():
             session = self._session
             if session is None:

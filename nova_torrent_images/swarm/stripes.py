@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 from oslo_log import log as logging
 
-from nova_torrent_images import exception
+from nova_torrent_images import exception, qos
 from nova_torrent_images.utils import parse_host_port
 
 LOG = logging.getLogger(__name__)
@@ -203,6 +203,7 @@ class StripeWorker:
         self._thread.join(timeout=HTTP_TIMEOUT + 5)
 
     def _run(self) -> None:
+        qos.lower_thread_priority()  # HTTP reads and add_piece copies: below guests
         try:
             self._fetch_assigned()
             self._fetch_what_went_missing()

@@ -79,15 +79,17 @@ def make_torrent(
     name: str | None = None,
     piece_size: int | None = None,
     version: str = "hybrid",
+    size: int | None = None,
 ) -> TorrentFile:
     """Create a single-file torrent of ``path`` (hybrid v1+v2 unless ``version`` says).
 
     ``name`` is the file name inside the torrent (default: the file's own name); publishing
-    uses the Glance image id, so the local file name never leaks into the swarm.
+    uses the Glance image id, so the local file name never leaks into the swarm. ``size``:
+    only the first ``size`` bytes (a VDI's device may be larger than its image).
     """
     if version not in VERSIONS:
         raise ValueError(f"version must be hybrid, v1 or v2, not {version!r}")
-    size = os.path.getsize(path)
+    size = size or os.path.getsize(path)
     if size <= 0:
         raise ValueError(f"{path} is empty; an empty image cannot be a torrent")
     flags = {"hybrid": 0, "v1": lt.create_torrent.v1_only, "v2": lt.create_torrent.v2_only}

@@ -129,8 +129,37 @@ def test_torrent_and_ranges_are_served_cacheable(server):
     assert srv.bytes_served == 200
 
 
+def test_a_range_past_the_end_is_served_to_the_end(server):
+    # nginx's slice module asks for aligned slices; the last one reaches past the image.
+    srv, entry, data = server
+    status, headers, body = get(
+        f"{srv.url}/v1/torrents/{entry.info_hash_v2}/data",
+        {"Range": f"bytes={SIZE - 100}-{SIZE + 1024 * 1024}"},
+    )
+    assert status == 206 and body == data[-100:]
+    assert headers["Content-Range"] == f"bytes {SIZE - 100}-{SIZE - 1}/{SIZE}"
+
+
+@pytest.mark.parametrize("what", ["", "/data"])
+def test_caches_revalidate_with_if_none_match(server, what):
+    srv, entry, _ = server
+    url = f"{srv.url}/v1/torrents/{entry.info_hash_v2}{what}"
+    status, headers, _ = get(url, {"Range": "bytes=0-99"})
+    assert status in (200, 206) and headers["Last-Modified"].endswith("GMT")
+    for tag in (headers["ETag"], "W/" + headers["ETag"], '"other", ' + headers["ETag"]):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            get(url, {"Range": "bytes=0-99", "If-None-Match": tag})
+        assert answer.value.code == 304
+        assert answer.value.headers["ETag"] == headers["ETag"]
+        assert "immutable" in answer.value.headers["Cache-Control"]
+    status, _, _ = get(url, {"Range": "bytes=0-99", "If-None-Match": '"other"'})
+    assert status in (200, 206)
+    assert srv.bytes_served == (200 if what else 0)
+
+
 @pytest.mark.parametrize(
-    "range_header", ["", "bytes=5-1", f"bytes=0-{SIZE}", "bytes=0-10,20-30", "items=0-1"]
+    "range_header",
+    ["", "bytes=5-1", f"bytes={SIZE}-{SIZE + 10}", "bytes=0-10,20-30", "items=0-1"],
 )
 def test_bad_ranges_are_refused(server, range_header):
     srv, entry, _ = server
