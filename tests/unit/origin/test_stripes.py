@@ -242,3 +242,31 @@ def test_stripe_urls_are_parsed_strictly(value, ok):
     else:
         with pytest.raises(ValueError):
             parse_stripe_urls(value, ("10.0.0.0/8",))
+
+
+def test_two_origin_nodes_split_an_image_and_a_restart_starts_afresh(published):
+    """Several origin nodes behind one image; an origin restart forgets its hand-outs."""
+    registry, entry, data = published
+
+    def node():
+        return StripeServer(
+            "127.0.0.1:0", dispenser(registry), rate_limit=0, allowed_cidrs=["127.0.0.0/8"]
+        ).start()
+
+    first, second = node(), node()
+    try:
+        client = StripeClient(IMAGE_ID, (first.url, second.url), entry.info_hash_v2, "")
+        by_node: dict[int, list[int]] = {0: [], 1: []}
+        while (batch := client.next_batch()) is not None:
+            by_node[batch[0]] += batch[1]
+        assert all(p % 2 == 0 for p in by_node[0]) and all(p % 2 == 1 for p in by_node[1])
+        assert sorted(by_node[0] + by_node[1]) == list(range(13))  # each piece once
+        # A host fetches each batch from the node that handed it out.
+        assert client.fetch_range(1, 0, 99) == data[:100]
+        first.stop()
+        first = node()  # the restarted node hands its part out again
+        again = StripeClient(IMAGE_ID, (first.url, second.url), entry.info_hash_v2, "")
+        assert again.next_batch()[0] == 0
+    finally:
+        first.stop()
+        second.stop()
