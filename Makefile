@@ -42,4 +42,5 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 bench: $(STAMP) system-packages
+	$(BIN)/pip install --quiet -r bench/requirements.txt
 	$(BIN)/python bench/run_all.py

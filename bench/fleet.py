@@ -1,8 +1,28 @@
-"""Fleet delivery: N hosts fetch one image, by torrent and by plain HTTP, same origin cap.
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
 
-The origin's uplink is capped (default 32 MiB/s) and so is each host's downlink. Plain HTTP
-is bound by the origin: N copies through one uplink. By torrent the origin seeds each piece
-about once and the hosts trade the rest among themselves.
+"""Fleet delivery: N compute hosts (one process each) fetch one image, by torrent and by
+plain HTTP, through one origin uplink cap.
+
+This process is the Glance node: an ``HTTPOrigin`` (a Glance-like origin whose upload is
+capped: the plain HTTP baseline, and the Glance the origin node publishes from) and the
+product's origin node (``start_origin_node``: publisher, origin seeder and stripe server on
+one 127.0.0.x address, uplink capped). Every compute host is a ``bench/fleet_host.py``
+process on its own 127.0.0.x with its own libtorrent session and downlink cap; all start
+on one ``go`` and each fetches through ``nova_torrent_images.pipeline.fetch_to_file``.
+
+The floor is image size / cap: no host can be done sooner (its downlink), and the origin
+must send every byte at least once (its uplink). Origin egress is what the origin node sent
+(BitTorrent and stripes) plus what the HTTP origin served, during the run.
 """
 
 from __future__ import annotations
@@ -10,101 +30,307 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import MiB, http_download, median, percentile, write_image  # noqa: E402
+from common import MiB, median, percentile, write_image  # noqa: E402
 
-from nova_torrent_images.glance import GlanceClient  # noqa: E402
-from nova_torrent_images.pipeline import fetch_to_file  # noqa: E402
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
 from nova_torrent_images.testing.origin_node import start_origin_node  # noqa: E402
-from nova_torrent_images.testing.swarm import SimulatedHost  # noqa: E402
+from nova_torrent_images.testing.swarm import next_loopback_address  # noqa: E402
+
+HOST_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fleet_host.py")
+READY_TIMEOUT = 120.0
+RUN_TIMEOUT = 900.0
+# The torrent variants measured: hosts fetching with ``fetch_to_file`` (the output-file
+# store: no seeding once done), and hosts whose pipeline seeds the committed base copy
+# (the libvirt hosts' filesystem store), as (result key, store).
+VARIANTS = (("torrent", "file"), ("seeding", "filesystem"))
 
 
-def _in_threads(fn, count: int) -> list:
-    results: list = [None] * count
-    errors: list = []
+# -- host processes ----------------------------------------------------------------------
+@dataclass
+class HostProcess:
+    name: str
+    address: str
+    process: subprocess.Popen
+    events: queue.Queue = field(default_factory=queue.Queue)
 
-    def run(i: int) -> None:
+    def send(self, line: str) -> None:
         try:
-            results[i] = fn(i)
-        except Exception as exc:  # noqa: BLE001  reported after the join
-            errors.append(exc)
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
-def run(
-    hosts: int = 16,
-    size_mib: int = 256,
-    cap_mib: int = 32,
-    workdir: str | None = None,
-    tracker: bool = True,
-    super_seed: bool = True,
-) -> dict:
-    root = workdir or tempfile.mkdtemp(prefix="nti-bench-fleet-")
-    size, cap = size_mib * MiB, cap_mib * MiB
-    image_path = os.path.join(root, "image.raw")
-    write_image(image_path, size)
-    results: dict = {"hosts": hosts, "size_mib": size_mib, "cap_mib": cap_mib}
-    try:
-        with HTTPOrigin(os.path.join(root, "origin"), upload_rate=cap) as origin:
-            record = origin.create_image(image_path, name="bench")
-            glance = GlanceClient.for_endpoint(origin.url)
-            image = glance.image_info(record["id"])
-
-            # -- plain HTTP fleet ------------------------------------------------------
-            served_before = origin.bytes_served
-            t0 = time.monotonic()
-            http_times = _in_threads(
-                lambda i: http_download(glance, image, os.path.join(root, f"http-{i}"), cap), hosts
-            )
-            results["http_seconds"] = time.monotonic() - t0
-            results["http_origin_ratio"] = (origin.bytes_served - served_before) / size
-            results["http_p50"], results["http_p99"] = (
-                median(http_times),
-                percentile(http_times, 99),
-            )
-            for i in range(hosts):
-                os.unlink(os.path.join(root, f"http-{i}"))
-
-            # -- torrent fleet: publish, then the origin seeder serves the swarm --------
-            tracker_node = _start_tracker(root) if tracker else None
+    def read_events(self) -> None:
+        for line in self.process.stdout:
             try:
-                for super_seed in (True, False):
-                    key = "torrent" if super_seed else "torrent_no_super_seeding"
-                    results[key] = _torrent_fleet(
-                        origin, record["id"], root, hosts, cap_mib, super_seed, tracker_node
-                    )
-            finally:
-                if tracker_node is not None:
-                    tracker_node.stop()
-            results["tracker"] = tracker_node is not None
-            for name in ("seconds", "p50", "p99", "origin_ratio", "sources"):
-                results[f"torrent_{name}"] = results["torrent"][name]
-        results["speedup"] = results["http_seconds"] / results["torrent_seconds"]
-        results["speedup_no_super_seeding"] = (
-            results["http_seconds"] / results["torrent_no_super_seeding"]["seconds"]
+                self.events.put(json.loads(line))
+            except ValueError:
+                continue
+        self.events.put({"event": "exit"})
+
+    def wait_for(self, kind: str, deadline: float) -> dict:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"fleet host {self.name}: no {kind!r} in time")
+            try:
+                event = self.events.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if event["event"] == kind:
+                return event
+            if event["event"] == "exit":
+                raise RuntimeError(f"fleet host {self.name} exited (see its log)")
+
+
+def _spawn(
+    name: str,
+    root: str,
+    glance_url: str,
+    image_id: str,
+    cap_kib: int,
+    mode: str,
+    trust: bool,
+    store: str = "file",
+    overrides: tuple[str, ...] = (),
+) -> HostProcess:
+    address = next_loopback_address()
+    workdir = os.path.join(root, name)
+    os.makedirs(workdir, exist_ok=True)
+    args = [
+        sys.executable,
+        HOST_SCRIPT,
+        "--name",
+        name,
+        "--address",
+        address,
+        "--glance",
+        glance_url,
+        "--image-id",
+        image_id,
+        "--dest",
+        os.path.join(workdir, "image"),
+        "--state-dir",
+        os.path.join(workdir, "state"),
+        "--cap-kib",
+        str(cap_kib),
+        "--mode",
+        mode,
+        "--log",
+        os.path.join(workdir, "host.log"),
+        "--store",
+        store,
+    ]
+    for item in overrides:
+        args += ["--set", item]
+    if trust:
+        args.append("--trust-torrent-root")
+    with open(os.path.join(workdir, "stderr.log"), "w") as stderr:
+        process = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True
         )
-        return results
+    host = HostProcess(name, address, process)
+    threading.Thread(target=host.read_events, daemon=True).start()
+    return host
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of this process and of ``pids`` so far."""
+    own = os.times()
+    total = own.user + own.system
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _machine_ticks() -> tuple[int, int, int]:
+    """(busy, steal, total) jiffies of all CPUs so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    steal = values[7] if len(values) > 7 else 0
+    total = sum(values[:8])
+    return total - idle - steal, steal, total
+
+
+def _stop(hosts: list[HostProcess]) -> None:
+    for h in hosts:
+        h.send("stop")
+    for h in hosts:
+        try:
+            h.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            h.process.kill()
+            h.process.wait()
+
+
+def run_hosts(
+    n: int,
+    root: str,
+    glance_url: str,
+    image_id: str,
+    *,
+    cap_kib: int,
+    mode: str,
+    egress,
+    trust: bool = False,
+    prefix: str = "host",
+    store: str = "file",
+    overrides: tuple[str, ...] = (),
+) -> dict:
+    """Start ``n`` host processes, let them all go at once; times relative to the go."""
+    hosts = [
+        _spawn(f"{prefix}-{i}", root, glance_url, image_id, cap_kib, mode, trust, store, overrides)
+        for i in range(n)
+    ]
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        for h in hosts:
+            h.wait_for("ready", deadline)
+        pids = [h.process.pid for h in hosts]
+        egress_before, cpu_before = egress(), _cpu_seconds(pids)
+        ticks_before = _machine_ticks()
+        t0 = time.time()
+        for h in hosts:
+            h.send("go")
+        deadline = time.monotonic() + RUN_TIMEOUT
+        results = [h.wait_for("done", deadline) for h in hosts]
+        sent, cpu = egress() - egress_before, _cpu_seconds(pids) - cpu_before
+        ticks = [
+            after - before for after, before in zip(_machine_ticks(), ticks_before, strict=True)
+        ]
     finally:
-        if workdir is None:
-            shutil.rmtree(root, ignore_errors=True)
+        _stop(hosts)
+    errors = [
+        f"{h.name}: {r['error']}" for h, r in zip(hosts, results, strict=True) if "error" in r
+    ]
+    if errors:
+        raise RuntimeError("fleet hosts failed: " + "; ".join(errors))
+    per_host = []
+    for h, r in zip(hosts, results, strict=True):
+        r = dict(r)
+        r.pop("event", None)
+        r["name"], r["address"] = h.name, h.address
+        r["seconds_since_go"] = r["done"] - t0
+        per_host.append(r)
+    out = {
+        "t0": t0,
+        "per_host": per_host,
+        "egress_bytes": sent,
+        "cpu_seconds": cpu,
+        # Share of the machine's CPU time that was busy (and stolen by the hypervisor)
+        # from the go to the last host done: near 1, the run was CPU bound.
+        "machine_busy": ticks[0] / ticks[2] if ticks[2] else 0.0,
+        "machine_steal": ticks[1] / ticks[2] if ticks[2] else 0.0,
+    }
+    with open(os.path.join(root, f"raw-{prefix}.json"), "w") as f:
+        json.dump(out, f)
+    return out
 
 
+def _peer_bytes(host: dict) -> int:
+    per_peer = host.get("per_peer") or {}
+    if per_peer:
+        return sum(n for peer, n in per_peer.items() if not peer.startswith("0.0.0.0:"))
+    return host.get("bytes_from_peers", 0)
+
+
+def phases(host: dict, t0: float, size: int) -> dict:
+    """Where one torrent host's time went: start-up, stripe phase, transfer, verify."""
+    timeline = host.get("timeline") or []
+    marks = host.get("stripes") or []
+    out = {"done": host["done"] - t0}
+    if timeline:
+        out["first_progress"] = timeline[0][0] - t0
+        full = next((t for t, done, *_ in timeline if done >= size), None)
+        if full is not None:
+            out["transfer_end"] = full - t0
+            out["after_transfer"] = host["done"] - full
+        half = next((t for t, done, *_ in timeline if done >= size / 2), None)
+        if half is not None:
+            out["half"] = half - t0
+    ranges = [t for t, kind, _ in marks if kind == "range"]
+    if ranges:
+        out["last_stripe"] = ranges[-1] - t0
+    dry = [t for t, kind, _ in marks if kind == "dry"]
+    if dry:
+        out["stripes_dry"] = dry[0] - t0
+    out["reissues"] = sum(1 for _, kind, _ in marks if kind == "reissue")
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _summary(run: dict, size: int, floor: float, *, detail: bool) -> dict:
+    t0 = run["t0"]
+    times = sorted(h["seconds_since_go"] for h in run["per_host"])
+    seconds = times[-1]
+    out = {
+        "seconds": round(seconds, 3),
+        "time_over_floor": round(seconds / floor, 3),
+        "origin_egress": round(run["egress_bytes"] / size, 3),
+        "p50": round(median(times), 3),
+        "p99": round(percentile(times, 99), 3),
+        "done_times": [round(t, 3) for t in times],
+        "sources": sorted({h.get("source", "?") for h in run["per_host"]}),
+        # CPU of every host and of the origin process from the go to the last host done;
+        # spread over this machine's cores it is the shortest time the work allows here.
+        "cpu_seconds": round(run["cpu_seconds"], 1),
+        "cpu_floor": round(run["cpu_seconds"] / (os.cpu_count() or 1), 2),
+        "cpu_busy": round(run["cpu_seconds"] / (os.cpu_count() or 1) / seconds, 2),
+        "machine_busy": round(run.get("machine_busy", 0.0), 2),
+        "machine_steal": round(run.get("machine_steal", 0.0), 2),
+    }
+    if any(h.get("source") == "torrent" for h in run["per_host"]):
+        hosts = run["per_host"]
+        out["bytes_from_stripes"] = sum(h.get("bytes_from_stripes", 0) for h in hosts)
+        # libtorrent reports the stripe pieces (add_piece) as blocks from 0.0.0.0:0, which
+        # the swarm's statistics count as bytes from peers: left out here.
+        out["bytes_from_peers"] = sum(_peer_bytes(h) for h in hosts)
+        out["bytes_from_origin"] = sum(h.get("bytes_from_origin", 0) for h in hosts)
+        out["bytes_from_glance"] = sum(h.get("bytes_from_glance", 0) for h in hosts)
+        out["hash_failures"] = sum(h.get("hash_failures", 0) for h in hosts)
+        ph = [phases(h, t0, size) for h in hosts]
+        out["phases_median"] = {
+            key: round(median([p[key] for p in ph if key in p]), 3)
+            for key in ("first_progress", "half", "stripes_dry", "last_stripe", "transfer_end",
+                        "after_transfer", "done")
+            if any(key in p for p in ph)
+        }  # fmt: skip
+        slowest = max(range(len(hosts)), key=lambda i: hosts[i]["done"])
+        out["slowest_host"] = {"name": hosts[slowest]["name"], **ph[slowest]}
+        out["reissues"] = sum(p["reissues"] for p in ph)
+        if detail:
+            out["per_host"] = [
+                {
+                    "name": h["name"],
+                    "from_stripes_mib": round(h.get("bytes_from_stripes", 0) / MiB, 1),
+                    "from_peers_mib": round(_peer_bytes(h) / MiB, 1),
+                    **p,
+                }
+                for h, p in zip(hosts, ph, strict=True)
+            ]
+    return out
+
+
+# -- one fleet ----------------------------------------------------------------------------
 def _start_tracker(root: str):
     """Debian's opentracker on 127.0.0.1, or None when it is not installed."""
     from nova_torrent_images.testing.opentracker import Opentracker, find_binary
@@ -114,58 +340,193 @@ def _start_tracker(root: str):
     return Opentracker(workdir=os.path.join(root, "tracker")).start()
 
 
-def _torrent_fleet(
-    origin, image_id: str, root: str, hosts: int, cap_mib: int, super_seed: bool, tracker
+def run(
+    hosts: int = 16,
+    size_mib: int = 256,
+    cap_mib: int = 32,
+    *,
+    workdir: str | None = None,
+    tracker: bool = True,
+    http: bool = True,
+    detail: bool = True,
+    variants: tuple[tuple[str, ...], ...] = VARIANTS,
 ) -> dict:
-    """Publish (once) and seed with the product's origin side, then fetch on every host."""
+    """One fleet of ``hosts``: plain HTTP first, then torrent, from one capped origin.
+
+    ``variants`` are (result key, compute store, option=value...) tuples, each a torrent
+    run of its own with a fresh origin node: ``file`` is ``fetch_to_file`` (no seeding
+    after the fetch), ``filesystem`` the libvirt hosts' store (the base copy is seeded once
+    committed); the options are ``[torrent_images]`` overrides of the hosts.
+    """
+    root = workdir or tempfile.mkdtemp(prefix="nti-bench-fleet-")
+    os.makedirs(root, exist_ok=True)
+    size, cap = size_mib * MiB, cap_mib * MiB
+    floor = size / cap
+    image_path = os.path.join(root, "image.raw")
+    write_image(image_path, size)
+    out: dict = {"hosts": hosts, "size_mib": size_mib, "cap_mib": cap_mib, "floor": floor}
+    tracker_node = None
+    try:
+        with HTTPOrigin(os.path.join(root, "origin"), upload_rate=cap) as origin:
+            record = origin.create_image(image_path, name="bench-fleet")
+            os.unlink(image_path)
+            image_id = record["id"]
+            if http:
+                run_http = run_hosts(
+                    hosts,
+                    root,
+                    origin.url,
+                    image_id,
+                    cap_kib=cap_mib * 1024,
+                    mode="none",
+                    egress=lambda: origin.bytes_served,
+                    prefix="http",
+                )
+                out["http"] = _summary(run_http, size, floor, detail=False)
+                _clean(root, "http", hosts)
+            tracker_node = _start_tracker(root) if tracker else None
+            for key, store, *overrides in variants:
+                out[key] = _torrent_fleet(
+                    origin,
+                    image_id,
+                    root,
+                    hosts,
+                    cap_mib,
+                    tracker_node,
+                    key,
+                    store,
+                    detail,
+                    tuple(overrides),
+                )
+        out["tracker"] = tracker_node is not None
+        if http:
+            for key, *_ in variants:
+                out[key]["speedup"] = round(out["http"]["seconds"] / out[key]["seconds"], 2)
+        return out
+    finally:
+        if tracker_node is not None:
+            tracker_node.stop()
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _torrent_fleet(
+    origin, image_id, root, hosts, cap_mib, tracker_node, key, store, detail, overrides=()
+) -> dict:
+    """Publish with a fresh origin node (a fresh dispenser), then one torrent fleet."""
+    size = origin.images[image_id]["size"]
+    cap = cap_mib * MiB
     node = start_origin_node(
         origin.url,
-        os.path.join(root, "origin-state"),
+        os.path.join(root, f"origin-state-{key}"),
         upload_kib=cap_mib * 1024,
-        tracker=tracker,
-        super_seeding=super_seed,
+        tracker=tracker_node,
+        stripes=True,
     )
-    glance, publisher, seeder = node.glance, node.publisher, node.seeder
-    computes: list[SimulatedHost] = []
     try:
-        node.publish(image_id)  # reads the image from the origin once (not timed)
-        image = glance.image_info(image_id)
-        computes = [
-            SimulatedHost(f"compute-{i}", download_rate_limit=cap_mib * 1024, stall_timeout=120)
-            for i in range(hosts)
-        ]
-        served_before, uploaded_before = origin.bytes_served, seeder.uploaded_bytes()
-        t0 = time.monotonic()
-
-        def one(i: int):
-            result = fetch_to_file(
-                image,
-                os.path.join(root, f"bt-{i}"),
-                conf=computes[i].conf,
-                glance=glance,
-                engine=computes[i].engine,
-            )
-            return result, time.monotonic() - t0
-
-        outcomes = _in_threads(one, hosts)
-        seconds = time.monotonic() - t0
-        egress = seeder.uploaded_bytes() - uploaded_before + origin.bytes_served - served_before
-        times = [t for _, t in outcomes]
-        for i in range(hosts):
-            os.unlink(os.path.join(root, f"bt-{i}"))
-        return {
-            "seconds": seconds,
-            "p50": median(times),
-            "p99": percentile(times, 99),
-            "origin_ratio": egress / (image.size),
-            "super_seeding": super_seed,
-            "sources": sorted({r.source for r, _ in outcomes}),
-        }
+        # Publishing reads the image from Glance once; not part of the run, so the
+        # uplink cap is lifted meanwhile.
+        origin.limiter.rate = 0
+        node.publish(image_id)
+        origin.limiter.rate = cap
+        if tracker_node is not None:
+            tracker_node.wait_allowed(node.publisher.published()[0].tracker_hashes[0], timeout=5)
+        run_bt = run_hosts(
+            hosts,
+            root,
+            origin.url,
+            image_id,
+            cap_kib=cap_mib * 1024,
+            mode="torrent",
+            egress=lambda: node.seeder.uploaded_bytes() + origin.bytes_served,
+            prefix=key,
+            store=store,
+            overrides=overrides,
+        )
+        stripes = node.seeder.stripes
+        stripe_bytes = stripes.bytes_served if stripes else 0
     finally:
-        for c in computes:
-            c.stop()
-        seeder.stop()
-        publisher.unpublish(image_id)
+        node.stop()
+        node.publisher.unpublish(image_id)
+    _clean(root, key, hosts)
+    summary = _summary(run_bt, size, size / cap, detail=detail)
+    summary["store"] = store
+    summary["overrides"] = list(overrides)
+    summary["stripe_server_bytes"] = stripe_bytes
+    return summary
+
+
+def _clean(root: str, prefix: str, n: int) -> None:
+    """Drop the fetched images (keep the logs): a 32-host run is 2 GiB of copies."""
+    for i in range(n):
+        workdir = os.path.join(root, f"{prefix}-{i}")
+        for name in os.listdir(workdir) if os.path.isdir(workdir) else ():
+            if name == "image" or name.endswith(".base"):
+                os.unlink(os.path.join(workdir, name))
+
+
+def scale_curve(
+    counts: tuple[int, ...] = (4, 8, 16, 32),
+    size_mib: int = 64,
+    cap_mib: int = 16,
+    *,
+    workdir: str | None = None,
+    tracker: bool = True,
+    variants: tuple[tuple[str, ...], ...] = VARIANTS,
+    http: bool = True,
+) -> list[dict]:
+    """One fleet per host count (each with its own origin and HTTP baseline).
+
+    A row's unprefixed figures are the first variant's; the others' are prefixed with
+    their key (``seeding_time_over_floor``, ...).
+    """
+    rows = []
+    for n in counts:
+        sub = os.path.join(workdir, f"scale-{n}") if workdir else None
+        result = run(
+            n,
+            size_mib,
+            cap_mib,
+            workdir=sub,
+            tracker=tracker,
+            detail=False,
+            variants=variants,
+            http=http,
+        )
+        row = {"hosts": n, "size_mib": size_mib, "cap_mib": cap_mib, "floor": result["floor"]}
+        h = result.get("http", {"seconds": float("nan")})
+        if http:
+            row.update(
+                http_time_over_floor=h["time_over_floor"],
+                http_origin_egress=h["origin_egress"],
+                http_seconds=h["seconds"],
+                http_done_times=h["done_times"],
+            )
+        for i, (key, *_) in enumerate(variants):
+            t = result[key]
+            prefix = "" if i == 0 else f"{key}_"
+            row.update(
+                {
+                    f"{prefix}time_over_floor": t["time_over_floor"],
+                    f"{prefix}origin_egress": t["origin_egress"],
+                    f"{prefix}seconds": t["seconds"],
+                    f"{prefix}p50": t["p50"],
+                    f"{prefix}done_times": t["done_times"],
+                    f"{prefix}cpu_floor": t["cpu_floor"],
+                    f"{prefix}machine_busy": t["machine_busy"],
+                    f"{prefix}phases_median": t.get("phases_median"),
+                    f"{prefix}slowest_host": t.get("slowest_host"),
+                    f"{prefix}reissues": t.get("reissues"),
+                }
+            )
+            print(
+                f"scale {n:>2} hosts, {key}: {t['seconds']:.1f} s = "
+                f"{t['time_over_floor']:.2f}x floor, egress {t['origin_egress']:.2f}x, "
+                f"machine busy {t['machine_busy']:.0%}; HTTP {h['seconds']:.1f} s",
+                flush=True,
+            )
+        rows.append(row)
+    return rows
 
 
 def main() -> int:
@@ -174,8 +535,38 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256, help="MiB")
     parser.add_argument("--cap", type=int, default=32, help="MiB/s, origin and each host")
     parser.add_argument("--no-tracker", action="store_true")
+    parser.add_argument("--no-http", action="store_true", help="torrent only")
+    parser.add_argument("--scale", help="host counts of a scale curve, e.g. 4,8,16,32")
+    parser.add_argument("--workdir", help="keep host logs here")
+    parser.add_argument(
+        "--variants",
+        default=",".join(f"{k}:{v}" for k, v in VARIANTS),
+        help="torrent runs as key:store[:option=value...] (store file or filesystem), "
+        "comma separated",
+    )
     args = parser.parse_args()
-    print(json.dumps(run(args.hosts, args.size, args.cap, tracker=not args.no_tracker), indent=1))
+    if args.scale:
+        counts = tuple(int(n) for n in args.scale.split(","))
+        result = scale_curve(
+            counts,
+            args.size,
+            args.cap,
+            workdir=args.workdir,
+            tracker=not args.no_tracker,
+            variants=tuple(tuple(v.split(":")) for v in args.variants.split(",")),
+            http=not args.no_http,
+        )
+    else:
+        result = run(
+            args.hosts,
+            args.size,
+            args.cap,
+            workdir=args.workdir,
+            tracker=not args.no_tracker,
+            http=not args.no_http,
+            variants=tuple(tuple(v.split(":")) for v in args.variants.split(",")),
+        )
+    print(json.dumps(result, indent=1))
     return 0
 
 

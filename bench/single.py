@@ -1,7 +1,29 @@
-"""Single host, no caps: one swarm fetch from one seeder against one plain HTTP download.
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
 
-Both paths end with the same verification against Glance's sha512, so the ratio compares
-delivery, not bookkeeping.
+"""Single host, no caps: the torrent path with default settings and with
+``trust_torrent_root = true``, against plain HTTP, in one run.
+
+The origin is what operators run: a Glance-like ``HTTPOrigin`` and the product's origin
+node (publisher, origin seeder, stripe server; v2 torrents, the default), with no upload
+cap. The compute host is a ``bench/fleet_host.py`` process of its own, fetching through
+``nova_torrent_images.pipeline.fetch_to_file``: with the default settings (the whole image
+is checked against Glance's sha512, the bytes that arrive in order while they arrive),
+with ``trust_torrent_root = true`` (the v2 torrent bound to Glance's hash by the publisher:
+no whole-image hash), and with ``mode = none`` (plain HTTP from the same origin: one
+streaming sha512 pass). Each torrent fetch gets a freshly started origin seeder (a fresh
+stripe dispenser, as after an origin restart), so every fetch starts from the same state.
+Runs are interleaved (each variant once per round, the order rotating); the ratios use
+the best run of each variant, the medians are given too.
 """
 
 from __future__ import annotations
@@ -10,77 +32,88 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import MiB, http_download, write_image  # noqa: E402
+from common import MiB, write_image  # noqa: E402
+from fleet import run_hosts  # noqa: E402
 
-from nova_torrent_images.glance import GlanceClient  # noqa: E402
-from nova_torrent_images.pipeline import fetch_to_file  # noqa: E402
-from nova_torrent_images.swarm.torrent import make_torrent  # noqa: E402
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
-from nova_torrent_images.testing.swarm import SimulatedHost  # noqa: E402
+from nova_torrent_images.testing.origin_node import start_origin_node  # noqa: E402
+
+# (name, fetch mode, trust_torrent_root)
+VARIANTS = [("http", "none", False), ("default", "torrent", False), ("trusted", "torrent", True)]
 
 
-def run(size_mib: int = 512, repeat: int = 3, workdir: str | None = None) -> dict:
+def run(size_mib: int = 512, rounds: int = 3, workdir: str | None = None) -> dict:
     root = workdir or tempfile.mkdtemp(prefix="nti-bench-single-")
+    os.makedirs(root, exist_ok=True)
     size = size_mib * MiB
     image_path = os.path.join(root, "image.raw")
     write_image(image_path, size)
-    hosts = []
+    seconds: dict[str, list[float]] = {name: [] for name, _, _ in VARIANTS}
+    sources: dict[str, set[str]] = {name: set() for name, _, _ in VARIANTS}
     try:
         with HTTPOrigin(os.path.join(root, "origin")) as origin:
-            record = origin.create_image(image_path, name="bench")
-            glance = GlanceClient.for_endpoint(origin.url)
-            seeder = SimulatedHost("seeder")
-            hosts.append(seeder)
-            torrent = make_torrent(image_path, name=record["id"])
-            seeder.seed(torrent.data, image_path, seed_mode=False)
-            glance.set_properties(
-                record["id"],
-                is_torrentable="true",
-                torrent_magnet=torrent.magnet(peers=[seeder.endpoint]),
-            )
-            image = glance.image_info(record["id"])
-            http_times, bt_times = [], []
-            for i in range(repeat):  # interleaved, so drift of the machine hits both
-                dest = os.path.join(root, f"http-{i}")
-                http_times.append(http_download(glance, image, dest))
-                os.unlink(dest)
-                host = SimulatedHost(f"host-{i}")
-                hosts.append(host)
-                dest = os.path.join(root, f"bt-{i}")
-                t0 = time.monotonic()
-                result = fetch_to_file(image, dest, conf=host.conf, glance=None, engine=host.engine)
-                bt_times.append(time.monotonic() - t0)
-                assert result.source == "torrent"
-                os.unlink(dest)
-                host.stop()
-        http_best, bt_best = min(http_times), min(bt_times)
-        return {
-            "size_mib": size_mib,
-            "http_mib_s": size_mib / http_best,
-            "torrent_mib_s": size_mib / bt_best,
-            "ratio": http_best / bt_best,
-            "http_seconds": http_times,
-            "torrent_seconds": bt_times,
-        }
+            image_id = origin.create_image(image_path, name="bench-single")["id"]
+            os.unlink(image_path)
+            state = os.path.join(root, "origin-state")
+            start_origin_node(origin.url, state, upload_kib=0).publish(image_id)
+            for i in range(rounds):
+                shift = i % len(VARIANTS)
+                for name, mode, trusted in VARIANTS[shift:] + VARIANTS[:shift]:
+                    node = None
+                    if mode == "torrent":
+                        # Published already: this only starts a seeder (and dispenser).
+                        node = start_origin_node(origin.url, state, upload_kib=0)
+                        node.publish(image_id)
+                    try:
+                        result = run_hosts(
+                            1,
+                            root,
+                            origin.url,
+                            image_id,
+                            cap_kib=0,
+                            mode=mode,
+                            egress=lambda: 0,
+                            trust=trusted,
+                            prefix=f"{name}-{i}",
+                        )
+                    finally:
+                        if node is not None:
+                            node.stop()
+                    host = result["per_host"][0]
+                    seconds[name].append(host["done"] - host["started"])
+                    sources[name].add(host["source"])
+                    shutil.rmtree(os.path.join(root, f"{name}-{i}-0"), ignore_errors=True)
     finally:
-        for host in hosts:
-            host.stop()
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
+    best = {name: min(times) for name, times in seconds.items()}
+    med = {name: statistics.median(times) for name, times in seconds.items()}
+    return {
+        "size_mib": size_mib,
+        "rounds": rounds,
+        "mib_s": {name: round(size_mib / t, 1) for name, t in best.items()},
+        "ratio_default": round(best["http"] / best["default"], 3),
+        "ratio_trusted_root": round(best["http"] / best["trusted"], 3),
+        "ratio_default_median": round(med["http"] / med["default"], 3),
+        "ratio_trusted_root_median": round(med["http"] / med["trusted"], 3),
+        "seconds": {name: [round(t, 3) for t in times] for name, times in seconds.items()},
+        "sources": {name: sorted(s) for name, s in sources.items()},
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=512, help="MiB")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", help="keep the hosts' logs here")
     args = parser.parse_args()
-    print(json.dumps(run(args.size, args.repeat), indent=1))
+    print(json.dumps(run(args.size, args.rounds, workdir=args.workdir), indent=1))
     return 0
 
 

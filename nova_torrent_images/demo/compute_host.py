@@ -4,6 +4,11 @@ It runs the real XenAPI image handler against its own fake XAPI (SR in files, no
 needed) and talks to the orchestrator in JSON lines: events on stdout, commands on stdin
 (``boot N`` boots instance N, ``stop`` ends the host). It keeps seeding between boots, so
 other hosts can fetch from it, until told to stop.
+
+``http N IMAGE URL`` is the demo's plain HTTP column: the same pipeline with ``mode = none``
+fetches the image from the Glance at ``URL`` (the demo's Glance behind the origin's uplink
+cap) into a file of its own (not the SR: the boots' base copies are left alone), verified,
+then removed.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
 
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.handler import TorrentImageHandler
+from nova_torrent_images.pipeline import fetch_to_file
 from nova_torrent_images.swarm.engine import SwarmEngine
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB
 from nova_torrent_images.testing.swarm import make_conf
@@ -86,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                     boot_number, image_id = int(command[1]), command[2]
                     progress_state["boot"] = boot_number
                     _boot(handler, session, fake, glance, args.name, boot_number, image_id)
+                elif command[0] == "http":
+                    _plain_http(args.workdir, int(command[1]), command[2], command[3])
         finally:
             handler.shutdown()
             session.xenapi.session.logout()
@@ -111,11 +120,57 @@ def _boot(handler, session, fake, glance, name, number, image_id) -> None:
         boot=number,
         seconds=seconds,
         source=fetched.source if fetched else "clone",
-        from_peers=fetched.bytes_from_peers if fetched else 0,
+        from_peers=_from_peers(fetched) if fetched else 0,
         from_origin=fetched.bytes_from_origin if fetched else 0,
         from_glance=fetched.bytes_from_glance if fetched else 0,
         verified=_vdi_sha512(fake, root, image.size) == image.hash_value,
         root=root,
+    )
+
+
+def _from_peers(fetched) -> int:
+    """Bytes from other hosts. libtorrent reports the origin's stripe pieces (added with
+    ``add_piece``) as blocks from 0.0.0.0, which the swarm's statistics count as peers';
+    they are the origin's (``from_origin``), so they are left out here."""
+    per_peer = getattr(fetched.swarm, "per_peer", None)
+    if not per_peer:
+        return fetched.bytes_from_peers
+    return sum(n for peer, n in per_peer.items() if not peer.startswith("0.0.0.0:"))
+
+
+def _file_sha512(path: str) -> str:
+    hasher = hashlib.sha512()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _plain_http(workdir: str, number: int, image_id: str, glance_url: str) -> None:
+    """The plain HTTP baseline: the pipeline with ``mode = none``, into a file."""
+    started = time.monotonic()
+    dest = os.path.join(workdir, f"http-{number}.raw")
+    try:
+        conf = make_conf(state_dir=os.path.join(workdir, "http-state"), mode="none")
+        glance = GlanceClient.for_endpoint(glance_url, conf)
+        image = glance.image_info(image_id)
+        fetched = fetch_to_file(image, dest, conf=conf, glance=glance)
+        seconds = time.monotonic() - started
+        verified = _file_sha512(dest) == image.hash_value
+    except Exception as exc:  # noqa: BLE001  reported to the orchestrator, and logged
+        logging.getLogger(__name__).exception("plain HTTP fetch %d failed", number)
+        emit("http", boot=number, error=str(exc))
+        return
+    finally:
+        if os.path.exists(dest):
+            os.unlink(dest)
+    emit(
+        "http",
+        boot=number,
+        seconds=seconds,
+        source=fetched.source,
+        from_glance=fetched.bytes_from_glance,
+        verified=verified,
     )
 
 

@@ -4,6 +4,10 @@ It starts a real glance-api on 127.0.0.1, publishes a generated raw image as a t
 served by an origin seeder with a capped uplink, then starts N compute host processes
 (each its own 127.0.0.x, libtorrent session and fake XenServer SR) and boots an instance on
 each at once, then a second instance (a copy-on-write clone of the local base copy).
+Finally the same hosts fetch the image once more over plain HTTP, for comparison: through
+the same pipeline with ``mode = none``, from the same Glance behind the same uplink cap as
+the origin seeder (a capped proxy, :mod:`nova_torrent_images.demo.capped_proxy`); the
+table shows both, and the ratio of the last hosts' times.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from nova_torrent_images.testing.swarm import next_loopback_address
 MiB = 1024 * 1024
 ORIGIN_UPLOAD_KIB = 32 * 1024  # 32 MiB/s: the origin uplink a fleet saturates
 BOOT_TIMEOUT = 600
+HTTP_ROUND = 3  # the plain HTTP fetch, after boots 1 and 2
 
 
 @dataclass
@@ -92,8 +97,13 @@ def _origin(kind: str, root: str):
 
 
 def run(
-    hosts: int = 4, size_mib: int = 64, workdir: str | None = None, origin_kind: str = "auto"
+    hosts: int = 4,
+    size_mib: int = 64,
+    workdir: str | None = None,
+    origin_kind: str = "auto",
+    results: dict | None = None,
 ) -> int:
+    """Run the demo; 0 when every boot was verified. ``results`` gets the figures."""
     if hosts < 1 or size_mib < 1:
         raise exception.TorrentImagesError("--hosts and --size must be at least 1")
     own_dir = workdir is None
@@ -138,7 +148,17 @@ def run(
             print("boot 2 (base copy present: clone):")
             _boot_all(procs, 2, image_id, size)
             origin_upload = seeder.uploaded_bytes()
-        ok = _print_table(procs, size, origin_upload)
+            from nova_torrent_images.demo.capped_proxy import CappedProxy
+
+            with CappedProxy(server.url, ORIGIN_UPLOAD_KIB * 1024) as proxy:
+                print(
+                    f"plain HTTP for comparison: the same {hosts} hosts fetch the image from "
+                    f"{origin_name} through the same {ORIGIN_UPLOAD_KIB // 1024} MiB/s uplink "
+                    "(the same pipeline, mode = none):"
+                )
+                _boot_all(procs, HTTP_ROUND, image_id, size, glance_url=proxy.url)
+                http_sent = proxy.bytes_served
+        ok = _print_table(procs, size, origin_upload, http_sent, results)
         return 0 if ok else 1
     finally:
         for item in reversed(started):
@@ -215,7 +235,11 @@ def _stop(host: HostProcess) -> None:
         host.process.wait()
 
 
-def _boot_all(procs: list[HostProcess], number: int, image_id: str, size: int) -> None:
+def _boot_all(
+    procs: list[HostProcess], number: int, image_id: str, size: int, glance_url: str = ""
+) -> None:
+    """Boot ``number`` on every host at once (with ``glance_url``: the plain HTTP fetch)."""
+    kind = "http" if glance_url else "boot"
     bars = {
         p.name: tqdm(
             total=size, unit="B", unit_scale=True, desc=f"  {p.name}", leave=True, position=i
@@ -223,7 +247,9 @@ def _boot_all(procs: list[HostProcess], number: int, image_id: str, size: int) -
         for i, p in enumerate(procs)
     }
     for p in procs:
-        p.send(f"boot {number} {image_id}")
+        p.send(
+            f"http {number} {image_id} {glance_url}" if glance_url else f"boot {number} {image_id}"
+        )
     pending = {p.name: p for p in procs}
     deadline = time.monotonic() + BOOT_TIMEOUT
     while pending and time.monotonic() < deadline:
@@ -237,7 +263,7 @@ def _boot_all(procs: list[HostProcess], number: int, image_id: str, size: int) -
                 if event["event"] == "progress":
                     bar.update(event["done"] - bar.n)
                     bar.set_postfix(peers=event["peers"], refresh=False)
-                elif event["event"] == "boot":
+                elif event["event"] == kind:
                     bar.update(size - bar.n)
                     bar.set_postfix_str(event.get("source", "failed"))
                     p.boots[number] = event
@@ -255,37 +281,67 @@ def _boot_all(procs: list[HostProcess], number: int, image_id: str, size: int) -
     print()
 
 
-def _print_table(procs: list[HostProcess], size: int, origin_upload: int) -> bool:
+def _print_table(
+    procs: list[HostProcess],
+    size: int,
+    origin_upload: int,
+    http_sent: int,
+    results: dict | None = None,
+) -> bool:
     header = (
         f"{'host':<11} {'address':<11} {'boot 1 via':<10} {'seconds':>7} {'peers MiB':>9} "
-        f"{'origin MiB':>10} {'Glance MiB':>10} {'boot 2':>9}  verified"
+        f"{'origin MiB':>10} {'Glance MiB':>10} {'HTTP s':>7} {'boot 2':>9}  verified"
     )
     print(header)
     print("-" * len(header))
     ok = True
     glance_bytes = 0
+    torrent_times, http_times = [], []
     for p in procs:
-        first, second = p.boots.get(1, {}), p.boots.get(2, {})
-        if "error" in first or "error" in second:
+        first, second, plain = (p.boots.get(n, {}) for n in (1, 2, HTTP_ROUND))
+        failed = next((b["error"] for b in (first, second, plain) if "error" in b), None)
+        if failed or not (first and second and plain):
             ok = False
-            print(
-                f"{p.name:<11} {p.address:<11} FAILED: {first.get('error') or second.get('error')}"
-            )
+            print(f"{p.name:<11} {p.address:<11} FAILED: {failed or 'no answer'}")
             continue
-        verified = first["verified"] and second["verified"]
+        verified = first["verified"] and second["verified"] and plain["verified"]
         ok &= verified
         glance_bytes += first["from_glance"]
+        torrent_times.append(first["seconds"])
+        http_times.append(plain["seconds"])
         print(
             f"{p.name:<11} {p.address:<11} {first['source']:<10} {first['seconds']:>7.1f} "
             f"{first['from_peers'] / MiB:>9.1f} {first['from_origin'] / MiB:>10.1f} "
-            f"{first['from_glance'] / MiB:>10.1f} {second['seconds'] * 1000:>7.0f}ms  "
-            f"{'yes' if verified else 'NO'}"
+            f"{first['from_glance'] / MiB:>10.1f} {plain['seconds']:>7.1f} "
+            f"{second['seconds'] * 1000:>7.0f}ms  {'yes' if verified else 'NO'}"
         )
     egress = origin_upload + glance_bytes
-    fleet = size * len(procs)
     print(
         f"\norigin egress: {egress / MiB:.1f} MiB (seeder {origin_upload / MiB:.1f} + Glance "
-        f"HTTP {glance_bytes / MiB:.1f}) = {egress / size:.2f}x the image; a plain HTTP "
-        f"fleet sends {fleet / MiB:.0f} MiB ({len(procs)}.00x)"
+        f"HTTP {glance_bytes / MiB:.1f}) = {egress / size:.2f}x the image; the plain HTTP "
+        f"fleet made Glance send {http_sent / MiB:.0f} MiB ({http_sent / size:.2f}x)"
     )
+    if torrent_times and http_times:
+        last_torrent, last_http = max(torrent_times), max(http_times)
+        floor = size / (ORIGIN_UPLOAD_KIB * 1024)
+        print(
+            f"last host done: torrent {last_torrent:.1f} s, plain HTTP {last_http:.1f} s: "
+            f"torrent takes {last_torrent / last_http:.2f} of plain HTTP's time "
+            f"(floor, image / uplink: {floor:.1f} s)"
+        )
+        if results is not None:
+            results.update(
+                hosts=len(procs),
+                size_mib=size // MiB,
+                cap_mib=ORIGIN_UPLOAD_KIB // 1024,
+                torrent_last_seconds=last_torrent,
+                http_last_seconds=last_http,
+                torrent_over_http=last_torrent / last_http,
+                torrent_times=torrent_times,
+                http_times=http_times,
+                origin_egress=egress / size,
+                http_origin_egress=http_sent / size,
+                sources=sorted({p.boots[1].get("source", "?") for p in procs}),
+                verified=ok,
+            )
     return ok
