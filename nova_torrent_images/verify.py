@@ -111,6 +111,9 @@ def verify_file(image: ImageInfo, path: str, *, exact_size: bool = True) -> None
     StreamingCheck(image).finish(path, exact_size=exact_size)
 
 
+MAX_WAITING = 64 * 1024 * 1024  # bytes a StreamingCheck keeps that came out of order
+
+
 class StreamingCheck:
     """The image hash over bytes as they arrive in order, then the rest from disk.
 
@@ -125,6 +128,8 @@ class StreamingCheck:
         self._hasher = image.new_hasher()
         self._offset = 0
         self._lock = threading.Lock()
+        self._waiting: dict[int, bytes] = {}  # offset -> bytes that came ahead of the prefix
+        self._waiting_bytes = 0
 
     @property
     def streamed(self) -> int:
@@ -132,15 +137,31 @@ class StreamingCheck:
         return self._offset
 
     def offer(self, offset: int, data: bytes) -> None:
-        """Hash ``data`` if it continues the in-order prefix; otherwise ignore it."""
+        """Hash ``data`` if it continues the in-order prefix, or keep it until it does.
+
+        Bytes that arrive ahead of the prefix (parallel requests) wait in memory, at most
+        :data:`MAX_WAITING` of them; beyond that they are read back at :meth:`finish`.
+        """
         with self._lock:
-            if offset == self._offset and self._offset + len(data) <= self.image.size:
-                self._hasher.update(data)
-                self._offset += len(data)
+            if offset + len(data) > self.image.size or offset < self._offset:
+                return
+            if offset > self._offset:
+                if self._waiting_bytes + len(data) <= MAX_WAITING:
+                    self._waiting[offset] = data
+                    self._waiting_bytes += len(data)
+                return
+            self._hasher.update(data)
+            self._offset += len(data)
+            while (following := self._waiting.pop(self._offset, None)) is not None:
+                self._waiting_bytes -= len(following)
+                self._hasher.update(following)
+                self._offset += len(following)
 
     def finish(self, path: str, *, exact_size: bool = True) -> None:
         """Hash the rest from ``path`` and raise :class:`IntegrityError` on any mismatch."""
         with self._lock:
+            self._waiting.clear()
+            self._waiting_bytes = 0
             length = _hash_prefix(path, self._hasher, self.image.size, self._offset)
             if exact_size and not is_block_device(path):
                 length = os.path.getsize(path)

@@ -79,7 +79,13 @@ def download_params(
     # duplicate_is_error: without it libtorrent hands back the handle of a torrent the
     # session already has (this process seeding the same image, or a v1-only magnet of a
     # hybrid torrent it seeds), and the transfer would treat that seed as its download.
-    params.flags = _flags(lt.torrent_flags.upload_mode | lt.torrent_flags.duplicate_is_error)
+    # no_verify_files: a slot is always new (a download never resumes), so a preallocated
+    # one (a VDI's device) holds nothing of the image; checking it would read it all first.
+    params.flags = _flags(
+        lt.torrent_flags.upload_mode
+        | lt.torrent_flags.duplicate_is_error
+        | lt.torrent_flags.no_verify_files
+    )
     return params
 
 

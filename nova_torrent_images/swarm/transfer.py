@@ -60,6 +60,14 @@ RESOLVE_TIMEOUT = 5.0
 MiB = 1024 * 1024
 
 
+_CHECKING = (
+    lt.torrent_status.states.checking_files,
+    lt.torrent_status.states.checking_resume_data,
+    lt.torrent_status.states.queued_for_checking,
+    lt.torrent_status.states.allocating,
+)
+
+
 @dataclass(frozen=True)
 class TransferSettings:
     """The options a transfer uses, read once from ``[torrent_images]``."""
@@ -310,8 +318,6 @@ class Transfer:
             self.destination,
         )
         self._watch.handle.unset_flags(lt.torrent_flags.upload_mode)
-        if self._pending_stripes is not None:
-            self._start_stripes(self._pending_stripes)
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> SwarmStats:
@@ -395,6 +401,10 @@ class Transfer:
                         peers=f"{status.num_peers} connected, {status.list_peers} known",
                     )
                 continue
+            if self._pending_stripes is not None and status.state not in _CHECKING:
+                # Not while libtorrent checks the files: add_piece then drops the pieces.
+                self._start_stripes(self._pending_stripes)
+                self._pending_stripes = None
             if self._excluded and self._stripes is not None and self._stripes.failed:
                 self._stripes_failed()
             if status.total_wanted_done > last_done:

@@ -295,8 +295,9 @@ def test_the_stripe_worker_runs_lowered():
         missing=list,
         progress=lambda: 0,
     ).start()
-    worker._thread.join(timeout=10)  # nothing to fetch, nothing missing: it ends
-    assert seen == [(10, BE7)] and worker.failed is None
+    for thread in worker._threads:  # nothing to fetch, nothing missing: each stream ends
+        thread.join(timeout=10)
+    assert seen == [(10, BE7)] * len(worker._threads) and worker.failed is None
 
 
 def test_under_eventlet_the_session_thread_is_still_native_and_lowered(monkeypatch):
