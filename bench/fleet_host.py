@@ -38,8 +38,8 @@ import time
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
 from nova_torrent_images.stores import open_store
-from nova_torrent_images.testing.http_origin import RateLimiter
 from nova_torrent_images.testing.swarm import make_conf
+from nova_torrent_images.utils import RateLimiter
 
 TIMELINE_STEP = 0.25  # seconds between two progress samples kept
 DEBUG = bool(os.environ.get("NTI_BENCH_DEBUG"))  # DEBUG log, connection alerts, pieces

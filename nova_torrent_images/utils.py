@@ -23,6 +23,8 @@ import os
 import re
 import socket
 import tempfile
+import threading
+import time
 
 from oslo_log import log as logging
 from oslo_utils import netutils
@@ -164,3 +166,24 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class RateLimiter:
+    """One token bucket: a shared uplink (an origin) or downlink (a benchmark host)."""
+
+    def __init__(self, bytes_per_second: int) -> None:
+        self.rate = bytes_per_second
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def take(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit the rate (0 or less: no limit)."""
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + n / self.rate
+            wait = start - now
+        if wait > 0:
+            time.sleep(wait)

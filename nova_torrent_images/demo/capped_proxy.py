@@ -27,7 +27,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from nova_torrent_images.testing.http_origin import RateLimiter
+from nova_torrent_images.utils import RateLimiter
 
 CHUNK = 256 * 1024
 # Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded; the body is framed anew.

@@ -84,26 +84,6 @@ _PATH = re.compile(r"^/v1/torrents/([0-9a-f]{40}|[0-9a-f]{64})(/data|/stripes)?$
 _RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
 
 
-class RateLimiter:
-    """One token bucket for every stripe the node serves: its share of the uplink."""
-
-    def __init__(self, bytes_per_second: int) -> None:
-        self.rate = bytes_per_second
-        self._lock = threading.Lock()
-        self._next = time.monotonic()
-
-    def take(self, n: int) -> None:
-        if self.rate <= 0:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + n / self.rate
-            wait = start - now
-        if wait > 0:
-            time.sleep(wait)
-
-
 @dataclass
 class ImageStripes:
     """Who was given which piece of one image, and when."""
@@ -394,7 +374,7 @@ class StripeServer(ThreadingHTTPServer):
         except ValueError as exc:
             raise exception.ConfigError(option="origin_stripe_listen", reason=str(exc)) from exc
         self.dispenser = dispenser
-        self.limiter = RateLimiter(rate_limit)
+        self.limiter = utils.RateLimiter(rate_limit)
         self._networks = [
             ipaddress.ip_network(c.strip(), strict=False) for c in allowed_cidrs if c.strip()
         ]

@@ -35,6 +35,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from nova_torrent_images.utils import RateLimiter
+
 CHUNK = 256 * 1024
 SCHEMA = {
     "name": "image",
@@ -42,26 +44,6 @@ SCHEMA = {
     "additionalProperties": {"type": ["null", "string", "integer", "boolean", "array", "object"]},
     "links": [],
 }
-
-
-class RateLimiter:
-    """One token bucket for the whole server: the origin's uplink."""
-
-    def __init__(self, bytes_per_second: int) -> None:
-        self.rate = bytes_per_second
-        self._lock = threading.Lock()
-        self._next = time.monotonic()
-
-    def take(self, n: int) -> None:
-        if self.rate <= 0:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + n / self.rate
-            wait = start - now
-        if wait > 0:
-            time.sleep(wait)
 
 
 class HTTPOrigin:
