@@ -1052,7 +1052,10 @@ def test_lying_peer_beside_an_honest_one_through_the_xenapi_handler(
             assert host.vdi_sha512(root["root"]["uuid"], img.size) == img.hash
             assert bad.uploaded_bytes() > 0  # the liar really served pieces
             if fetched.source == "torrent":
-                assert fetched.swarm.hash_failures > 0
+                # A liar's block in a finished piece fails its hash check; a few blocks
+                # may instead lose the race to the honest seeder's copies (end game).
+                liar = fetched.swarm.per_peer.get(f"{bad.address}:{bad.engine.listen_port}", 0)
+                assert fetched.swarm.hash_failures > 0 or liar < image.torrent.piece_length
             else:  # libtorrent may ban the honest seeder too (see test_fetch)
                 assert fetched.fallback_reason
             assert host.problems(img) == []
