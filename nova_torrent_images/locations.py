@@ -40,6 +40,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,27 @@ def _open_slot(slot: Slot, offset: int):
     return f
 
 
+def _copy(
+    read: Callable[[int], bytes],
+    slot: Slot,
+    image: ImageInfo,
+    resume: Resume,
+    progress: ProgressCallback | None,
+) -> None:
+    """Append what ``read`` gives to the slot from ``resume.offset``, up to the image size."""
+    with _open_slot(slot, resume.offset) as out:
+        while resume.offset < image.size:
+            chunk = read(min(CHUNK, image.size - resume.offset))
+            if not chunk:
+                break
+            out.write(chunk)
+            resume.wrote(chunk)
+            if progress is not None:
+                progress(resume.offset, image.size, 0, 0)
+        out.flush()
+        os.fsync(out.fileno())
+
+
 class FileLocationSource:
     """A ``file://`` location on storage this host mounts."""
 
@@ -129,15 +151,9 @@ class FileLocationSource:
                     location=location.url,
                     reason=f"it holds {size} bytes, Glance says {image.size}",
                 )
-            with open(path, "rb") as src, _open_slot(slot, resume.offset) as out:
+            with open(path, "rb") as src:
                 src.seek(resume.offset)
-                while chunk := src.read(min(CHUNK, image.size - resume.offset)):
-                    out.write(chunk)
-                    resume.wrote(chunk)
-                    if progress is not None:
-                        progress(resume.offset, image.size, 0, 0)
-                out.flush()
-                os.fsync(out.fileno())
+                _copy(src.read, slot, image, resume, progress)
         except OSError as exc:
             raise LocationError(image_id=image.id, location=location.url, reason=str(exc)) from exc
         return image.size
@@ -164,26 +180,14 @@ class HTTPLocationSource:
         )
         try:
             # The socket timeout is the stall timeout: no byte for that long is a stall.
-            with (
-                urllib.request.urlopen(request, timeout=stall_timeout) as response,  # noqa: S310
-                _open_slot(slot, start) as out,
-            ):
+            with urllib.request.urlopen(request, timeout=stall_timeout) as response:  # noqa: S310
                 if start and response.status != 206:
                     raise LocationError(
                         image_id=image.id,
                         location=location.url,
                         reason=f"asked for bytes {start}- and got HTTP {response.status}",
                     )
-                while resume.offset < image.size:
-                    chunk = response.read(min(CHUNK, image.size - resume.offset))
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    resume.wrote(chunk)
-                    if progress is not None:
-                        progress(resume.offset, image.size, 0, 0)
-                out.flush()
-                os.fsync(out.fileno())
+                _copy(response.read, slot, image, resume, progress)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise LocationError(
                 image_id=image.id, location=location.url, reason=f"{exc} at byte {resume.offset}"
