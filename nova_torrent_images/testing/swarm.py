@@ -32,6 +32,9 @@ from nova_torrent_images import conf as nti_conf
 from nova_torrent_images.swarm.engine import SwarmEngine, TorrentWatch
 from nova_torrent_images.swarm.torrent import load_torrent
 
+# libtorrent requests pieces in blocks of this size (its fixed block size).
+BLOCK_SIZE = 16 * 1024
+
 _next_octet = itertools.count(0)
 _octet_lock = threading.Lock()
 
@@ -41,6 +44,17 @@ def next_loopback_address() -> str:
     with _octet_lock:
         n = next(_next_octet)
     return f"127.0.{n // 250}.{n % 250 + 2}"
+
+
+def write_corrupt_copy(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` with the first byte of every 16 KiB block flipped.
+
+    Every block differs, so any block a lying peer serves from this copy fails the
+    hash check of whatever piece it lands in, not just the first block of each piece.
+    """
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        while block := f.read(BLOCK_SIZE):
+            out.write(bytes([block[0] ^ 0xFF]) + block[1:])
 
 
 def make_conf(**overrides: object) -> cfg.ConfigOpts:
@@ -120,6 +134,11 @@ class SimulatedHost:
         watch = self.engine.add_torrent(params, label=f"seed on {self.name}")
         self.seeds.append(watch)
         return watch
+
+    @property
+    def peer_key(self) -> str:
+        """How a downloader's ``SwarmStats.per_peer`` names this host."""
+        return f"{self.address}:{self.engine.listen_port}"
 
     def uploaded_bytes(self) -> int:
         return sum(w.handle.status().total_payload_upload for w in self.seeds)
