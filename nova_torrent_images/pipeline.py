@@ -161,6 +161,7 @@ class ImagePipeline:
             self._transfer_settings,
             verify_hash=self.verify_hash,
             trust_torrent_root=self.conf.torrent_images.trust_torrent_root,
+            will_seed=self.seeds is not None,
         )
 
     # -- lifecycle ---------------------------------------------------------------------

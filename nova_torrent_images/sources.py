@@ -67,11 +67,14 @@ class SwarmSource:
         *,
         verify_hash: bool,
         trust_torrent_root: bool = False,
+        will_seed: bool = True,
     ):
         self._engine_factory = engine_factory
         self.settings = settings  # swarm.transfer.TransferSettings
         self.verify_hash = verify_hash
         self.trust_torrent_root = trust_torrent_root  # [torrent_images] trust_torrent_root
+        # A host that will not seed the image hands over what only it has before leaving.
+        self.will_seed = will_seed
 
     def untrusted_root(self, image: ImageInfo) -> str | None:
         """Why the whole-image hash check must run after a swarm download; None: it need not.
@@ -118,31 +121,14 @@ class SwarmSource:
                 self._engine_factory(), image, slot.path, self.settings, progress, check
             )
             stats = transfer.run()
-            checked = "unverified"
-            if self.verify_hash:
-                untrusted = self.untrusted_root(image)
-                if untrusted is None:
-                    # The torrent's size was checked against Glance before any piece; a
-                    # new file's length is a stat, not a read.
-                    if not slot.preallocated and not verify.is_block_device(slot.path):
-                        verify.check_digest(image, os.path.getsize(slot.path), None)
-                    checked = "trusted torrent root"
-                    LOG.info(
-                        "Image %s: whole-image %s read skipped (trust_torrent_root): "
-                        "libtorrent checked every piece of the v2 torrent %s, which the "
-                        "publisher bound to Glance's %s of the image (bound hash property)",
-                        image.id,
-                        image.hash_algo,
-                        image.magnet.info_hash_v2,
-                        image.hash_algo,
-                    )
-                else:
-                    if self.trust_torrent_root:
-                        LOG.info("Image %s: verifying the whole image: %s", image.id, untrusted)
-                    check.finish(slot.path, exact_size=not slot.preallocated)
-                    checked = "verified"
-                    if check.streamed:
-                        checked += f" ({check.streamed >> 20} MiB hashed as they arrived)"
+            try:
+                checked = self._verify(image, slot, check)
+            except BaseException:
+                transfer.leave()
+                raise
+            # The swarm kept the pieces while the image was verified; libtorrent lets go of
+            # the slot before the store commits it.
+            transfer.leave(share=not self.will_seed)
         except exception.TorrentFetchError:
             raise
         except exception.TorrentImagesError as exc:
@@ -175,6 +161,35 @@ class SwarmSource:
             swarm=stats,
             resume_data=transfer.resume_data,
         )
+
+    def _verify(self, image: ImageInfo, slot: Slot, check: verify.StreamingCheck | None) -> str:
+        """The whole-image check of a finished download; says how it was checked."""
+        checked = "unverified"
+        if not self.verify_hash:
+            return checked
+        untrusted = self.untrusted_root(image)
+        if untrusted is None:
+            # The torrent's size was checked against Glance before any piece; a new
+            # file's length is a stat, not a read.
+            if not slot.preallocated and not verify.is_block_device(slot.path):
+                verify.check_digest(image, os.path.getsize(slot.path), None)
+            LOG.info(
+                "Image %s: whole-image %s read skipped (trust_torrent_root): libtorrent "
+                "checked every piece of the v2 torrent %s, which the publisher bound to "
+                "Glance's %s of the image (bound hash property)",
+                image.id,
+                image.hash_algo,
+                image.magnet.info_hash_v2,
+                image.hash_algo,
+            )
+            return "trusted torrent root"
+        if self.trust_torrent_root:
+            LOG.info("Image %s: verifying the whole image: %s", image.id, untrusted)
+        check.finish(slot.path, exact_size=not slot.preallocated)
+        checked = "verified"
+        if check.streamed:
+            checked += f" ({check.streamed >> 20} MiB hashed as they arrived)"
+        return checked
 
 
 class GlanceSource:

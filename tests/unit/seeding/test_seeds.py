@@ -135,7 +135,9 @@ def test_start_with_resume_data_seeds_the_base_copy(tmp_path, host, store, resum
                 scratch_root=str(tmp_path / "scratch"),
             )
             image = published.image(peers=[host.endpoint])
-            Transfer(leecher.engine, image, str(dest), settings).run()
+            job = Transfer(leecher.engine, image, str(dest), settings)
+            job.run()
+            job.leave()
             assert hashlib.sha512(dest.read_bytes()).hexdigest() == image.hash_value
 
         # libtorrent adds transferred bytes to its all-time counters on its 1 s tick.

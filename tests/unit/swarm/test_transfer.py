@@ -10,8 +10,10 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""swarm.transfer: bounded peer lookups, scratch clean-up, refusing a multi-file torrent."""
+"""swarm.transfer: bounded peer lookups, scratch clean-up, refusing a multi-file torrent,
+staying in the swarm until the caller leaves."""
 
+import hashlib
 import logging
 import os
 import socket
@@ -26,6 +28,7 @@ from nova_torrent_images import exception
 from nova_torrent_images.image import parse_image
 from nova_torrent_images.magnet import build_magnet
 from nova_torrent_images.swarm import transfer
+from nova_torrent_images.swarm.torrent import make_torrent
 from nova_torrent_images.swarm.transfer import Transfer, TransferSettings
 from nova_torrent_images.testing.swarm import SimulatedHost
 
@@ -175,3 +178,120 @@ def test_a_multi_file_torrent_is_refused_and_leaves_nothing(tmp_path, empty_name
     assert sorted(os.listdir(cache)) == ["other.base"]
     assert (cache / "other.base").read_bytes() == b"a base copy already here"
     assert os.listdir(scratch_root) == []
+
+
+# -- leaving the swarm -----------------------------------------------------------------
+
+
+def settings_for(scratch_root, stall_timeout=10):
+    return TransferSettings(
+        metadata_timeout=10,
+        stall_timeout=stall_timeout,
+        overall_timeout=60,
+        progress_interval=30,
+        trackers=(),
+        scratch_root=str(scratch_root),
+    )
+
+
+def image_record(torrent, data, peers):
+    magnet = build_magnet(
+        info_hash_v1=torrent.info_hash_v1, info_hash_v2=torrent.info_hash_v2, peers=peers
+    )
+    return parse_image(
+        {
+            "id": "img-1",
+            "status": "active",
+            "size": len(data),
+            "disk_format": "raw",
+            "os_hash_algo": "sha512",
+            "os_hash_value": hashlib.sha512(data).hexdigest(),
+            "is_torrentable": "true",
+            "torrent_magnet": magnet,
+        }
+    )
+
+
+def test_a_finished_host_hands_over_what_only_it_has_before_leaving(tmp_path, monkeypatch):
+    """The origin is gone; the late host gets the image only because the first one stays."""
+    monkeypatch.setattr(transfer, "SHARE_LIMIT", 20.0)
+    data = os.urandom(2 * MiB)
+    source = tmp_path / "origin" / "img-1"
+    source.parent.mkdir()
+    source.write_bytes(data)
+    torrent = make_torrent(str(source), name="img-1")
+    first_dest, late_dest = tmp_path / "first.img", tmp_path / "late.img"
+
+    with (
+        SimulatedHost("origin") as origin,
+        SimulatedHost("compute-1") as first,
+        SimulatedHost("compute-2", download_rate_limit=1024) as late,  # 2 s for 2 MiB
+    ):
+        watch = origin.seed(torrent.data, str(source))
+        job = Transfer(
+            first.engine,
+            image_record(torrent, data, [origin.endpoint]),
+            str(first_dest),
+            settings_for(tmp_path / "scratch-1"),
+        )
+        job.run()
+        assert len(first.engine.session.get_torrents()) == 1  # still in the swarm
+        origin.engine.remove_torrent(watch)  # only the first host has the image now
+
+        late_job = Transfer(
+            late.engine,
+            image_record(torrent, data, [first.endpoint]),
+            str(late_dest),
+            settings_for(tmp_path / "scratch-2", stall_timeout=5),
+        )
+        outcome = {}
+
+        def fetch_late():
+            try:
+                late_job.run()
+                late_job.leave()
+                outcome["ok"] = True
+            except Exception as exc:  # noqa: BLE001  reported by the assertion below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=fetch_late)
+        thread.start()
+        handle = first.engine.session.get_torrents()[0]
+        deadline = time.monotonic() + 10
+        while not transfer.pieces_only_here(handle):
+            assert time.monotonic() < deadline, "the late host never connected"
+            time.sleep(0.05)
+
+        job.leave(share=True)
+        assert first.engine.session.get_torrents() == []
+        assert os.listdir(tmp_path / "scratch-1") == []
+        thread.join(30)
+
+    assert outcome == {"ok": True}
+    assert hashlib.sha512(late_dest.read_bytes()).hexdigest() == hashlib.sha512(data).hexdigest()
+    assert first_dest.read_bytes() == data
+
+
+def test_without_peers_leaving_does_not_wait(tmp_path):
+    data = os.urandom(MiB)
+    source = tmp_path / "origin" / "img-1"
+    source.parent.mkdir()
+    source.write_bytes(data)
+    torrent = make_torrent(str(source), name="img-1")
+    with SimulatedHost("origin") as origin, SimulatedHost("compute-1") as host:
+        watch = origin.seed(torrent.data, str(source))
+        job = Transfer(
+            host.engine,
+            image_record(torrent, data, [origin.endpoint]),
+            str(tmp_path / "img"),
+            settings_for(tmp_path / "scratch"),
+        )
+        job.run()
+        handle = host.engine.session.get_torrents()[0]
+        assert transfer.pieces_only_here(handle) == 0  # the origin, a seed, has them all
+        origin.engine.remove_torrent(watch)
+        started = time.monotonic()
+        job.leave(share=True)
+        assert time.monotonic() - started < 1.0
+        job.leave()  # idempotent
+        assert host.engine.session.get_torrents() == []
