@@ -188,7 +188,7 @@ class SwarmSource:
         check.finish(slot.path, exact_size=not slot.preallocated)
         checked = "verified"
         if check.streamed:
-            checked += f" ({check.streamed >> 20} MiB hashed as they arrived)"
+            checked += f" ({check.streamed >> 20} MiB hashed during the download)"
         return checked
 
 

@@ -33,6 +33,7 @@ import contextlib
 import os
 import shutil
 import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -42,7 +43,7 @@ import libtorrent as lt
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception, utils, verify
+from nova_torrent_images import exception, qos, utils, verify
 from nova_torrent_images.image import ImageInfo
 from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
@@ -67,6 +68,8 @@ MiB = 1024 * 1024
 # last stripes made the last host wait 8.5 s on the origin's re-issue path; a piece crosses
 # loopback in milliseconds, so a few seconds is plenty and bounds the cost.
 SHARE_LIMIT = 3.0
+# How often the image hash catches up on pieces libtorrent has finished and checked.
+READ_BEHIND_INTERVAL = 0.1
 
 
 _CHECKING = (
@@ -220,6 +223,8 @@ class Transfer:
         self._excluded: list[str] = []
         self._peers: list[tuple[str, int]] = []
         self._scratch: str | None = None
+        self._read_behind: threading.Thread | None = None
+        self._stop_reading = threading.Event()
 
     # -- setup -------------------------------------------------------------------------
     def _params(
@@ -307,6 +312,43 @@ class Transfer:
             ", ".join(client.urls),
         )
 
+    def _start_read_behind(self) -> None:
+        self._read_behind = threading.Thread(
+            target=self._catch_up_loop, name=f"read-behind-{self.image.id}", daemon=True
+        )
+        self._read_behind.start()
+
+    def _stop_read_behind(self) -> None:
+        self._stop_reading.set()
+        if self._read_behind is not None:
+            self._read_behind.join()
+
+    def _catch_up_loop(self) -> None:
+        """Feed the image hash the pieces libtorrent finished, while the download runs.
+
+        Only pieces that passed their torrent hash check are read, in order from the
+        hashed prefix, so what is hashed is what the destination keeps; the whole-image
+        check at the end reads only what is left.
+        """
+        qos.lower_thread_priority()  # a hash over page-cache reads: below guests
+        handle = self._watch.handle
+        info = handle.torrent_file()
+        piece_length, count = info.piece_length(), info.num_pieces()
+        try:
+            while not self._stop_reading.wait(READ_BEHIND_INTERVAL):
+                piece = self.check.streamed // piece_length
+                while piece < count and handle.have_piece(piece):
+                    piece += 1
+                upto = min(piece * piece_length, self.image.size)
+                if upto > self.check.streamed:
+                    self.check.catch_up(self.destination, upto)
+        except Exception:  # noqa: BLE001  the check at the end reads whatever is left
+            LOG.exception(
+                "Image %s: hashing finished pieces during the download failed; the "
+                "whole-image check reads them at the end",
+                self.image.id,
+            )
+
     def _stripes_failed(self) -> None:
         """The stripes broke: the origin's BitTorrent port is welcome again."""
         self.engine.include_peers(self._excluded)
@@ -383,6 +425,7 @@ class Transfer:
                 self._collect_block_stats()
             finally:
                 self.stats.seconds = time.monotonic() - start
+                self._stop_read_behind()
                 if self._stripes is not None:
                     self._stripes.stop()
                     self.stats.bytes_from_origin += self._stripes.bytes_fetched
@@ -462,6 +505,8 @@ class Transfer:
                 # Not while libtorrent checks the files: add_piece then drops the pieces.
                 self._start_stripes(self._pending_stripes)
                 self._pending_stripes = None
+            if self.check is not None and self._read_behind is None:
+                self._start_read_behind()
             if self._excluded and self._stripes is not None and self._stripes.failed:
                 self._stripes_failed()
             if status.total_wanted_done > last_done:

@@ -135,3 +135,44 @@ def test_discard_removes_a_file_and_tolerates_none(tmp_path):
 def test_is_block_device():
     assert not verify.is_block_device(__file__)
     assert not verify.is_block_device("/nonexistent/nowhere")
+
+
+# -- StreamingCheck.catch_up -------------------------------------------------------------
+def test_catch_up_hashes_finished_bytes_and_finish_reads_only_the_rest(tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(DATA)
+    check = verify.StreamingCheck(image())
+    assert check.catch_up(str(path), 65_536) == 65_536
+    assert check.catch_up(str(path), 65_536) == 0  # nothing new
+    assert check.streamed == 65_536
+    with mock.patch.object(verify, "_hash_prefix", wraps=verify._hash_prefix) as rest:
+        check.finish(str(path))
+    assert rest.call_args.args[3] == 65_536  # read from there on, not from 0
+
+
+def test_catch_up_uses_offered_bytes_instead_of_reading_them(tmp_path):
+    # On disk the middle differs: the digest matches only if the offered bytes are used.
+    path = tmp_path / "img"
+    path.write_bytes(DATA[:50_000] + b"\0" * 50_000 + DATA[100_000:])
+    check = verify.StreamingCheck(image())
+    check.offer(50_000, DATA[50_000:100_000])
+    assert check.catch_up(str(path), len(DATA)) == len(DATA) - 50_000
+    assert check.streamed == len(DATA)
+    check.finish(str(path))
+
+
+def test_catch_up_never_hashes_past_the_image(tmp_path):
+    path = tmp_path / "slot"
+    path.write_bytes(DATA + b"rounded up to the allocation unit")
+    check = verify.StreamingCheck(image())
+    assert check.catch_up(str(path), len(DATA) + 4096) == len(DATA)
+    check.finish(str(path), exact_size=False)
+
+
+def test_catch_up_on_a_short_file_stops_and_finish_refuses(tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(DATA[:1000])
+    check = verify.StreamingCheck(image())
+    assert check.catch_up(str(path), len(DATA)) == 0
+    with pytest.raises(exception.IntegrityError):
+        check.finish(str(path))
