@@ -176,14 +176,23 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._next = time.monotonic()
 
-    def take(self, n: int) -> None:
-        """Wait until ``n`` more bytes fit the rate (0 or less: no limit)."""
+    def reserve(self, n: int) -> float:
+        """Book ``n`` bytes after everything booked before; when they may start.
+
+        The answer is a ``time.monotonic()`` time (now, without a limit). A sender that
+        books a whole response at once is served after the responses booked before it
+        instead of beside them: first come, first finished.
+        """
+        now = time.monotonic()
         if self.rate <= 0:
-            return
+            return now
         with self._lock:
-            now = time.monotonic()
             start = max(now, self._next)
             self._next = start + n / self.rate
-            wait = start - now
+        return start
+
+    def take(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit the rate (0 or less: no limit)."""
+        wait = self.reserve(n) - time.monotonic()
         if wait > 0:
             time.sleep(wait)

@@ -146,3 +146,32 @@ def test_unreadable_owner_is_never_gone(tag):
 
 def test_unreadable_owner_with_non_numeric_pid_is_never_gone():
     assert not utils.owner_is_gone(f"{socket.gethostname()}:12ab")
+
+
+# -- RateLimiter -------------------------------------------------------------------------
+def test_rate_limiter_books_senders_one_after_another(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(utils.time, "monotonic", lambda: clock[0])
+    limiter = utils.RateLimiter(1000)
+    assert limiter.reserve(500) == 100.0  # now
+    assert limiter.reserve(1000) == 100.5  # after the first 500 bytes
+    assert limiter.reserve(10) == 101.5
+    clock[0] = 200.0  # idle for long: no credit piles up
+    assert limiter.reserve(10) == 200.0
+
+
+def test_rate_limiter_without_a_limit_never_waits(monkeypatch):
+    monkeypatch.setattr(utils.time, "sleep", lambda s: pytest.fail(f"slept {s}s"))
+    limiter = utils.RateLimiter(0)
+    for _ in range(3):
+        limiter.take(1 << 30)
+
+
+def test_rate_limiter_take_waits_for_its_turn(monkeypatch):
+    clock, slept = [10.0], []
+    monkeypatch.setattr(utils.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(utils.time, "sleep", slept.append)
+    limiter = utils.RateLimiter(100)
+    limiter.take(100)
+    limiter.take(50)
+    assert slept == [1.0]
