@@ -50,10 +50,11 @@ from nova_torrent_images.testing.swarm import next_loopback_address  # noqa: E40
 HOST_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fleet_host.py")
 READY_TIMEOUT = 120.0
 RUN_TIMEOUT = 900.0
-# The torrent variants measured: hosts fetching with ``fetch_to_file`` (the output-file
-# store: no seeding once done), and hosts whose pipeline seeds the committed base copy
-# (the libvirt hosts' filesystem store), as (result key, store).
-VARIANTS = (("torrent", "file"), ("seeding", "filesystem"))
+# The torrent variants measured, as (result key, store). The first is the headline: hosts
+# whose pipeline seeds the committed base copy (the filesystem store of libvirt hosts; the
+# XenAPI handlers do the same); then ``fetch_to_file`` (the output-file store of a
+# prefetch: no seeding once done).
+VARIANTS = (("torrent", "filesystem"), ("file", "file"))
 
 
 # -- host processes ----------------------------------------------------------------------
@@ -478,7 +479,7 @@ def scale_curve(
     """One fleet per host count (each with its own origin and HTTP baseline).
 
     A row's unprefixed figures are the first variant's; the others' are prefixed with
-    their key (``seeding_time_over_floor``, ...).
+    their key (``file_time_over_floor``, ...).
     """
     rows = []
     for n in counts:
