@@ -88,15 +88,15 @@ def _instrument_stripes(marks: list, pieces: list) -> None:
     client = getattr(stripes, "StripeClient", None)
     if client is None:
         return
-    for name in ("next_batch", "fetch_range"):
+    for name in ("next_batch", "fetch_pieces"):
         original = getattr(client, name, None)
         if original is None:
             continue
 
         def wrapper(self, *args, _original=original, _name=name, **kwargs):
             result = _original(self, *args, **kwargs)
-            if _name == "fetch_range":
-                marks.append((time.time(), "range", len(result)))
+            if _name == "fetch_pieces":
+                marks.append((time.time(), "range", sum(len(piece) for piece in result)))
             elif result is None:
                 marks.append((time.time(), "dry", 0))
             else:

@@ -129,7 +129,8 @@ class StreamingCheck:
         self._hasher = image.new_hasher()
         self._offset = 0
         self._lock = threading.Lock()
-        self._waiting: dict[int, bytes] = {}  # offset -> bytes that came ahead of the prefix
+        # offset -> bytes that came ahead of the prefix
+        self._waiting: dict[int, bytes | bytearray] = {}
         self._waiting_bytes = 0
 
     @property
@@ -137,7 +138,7 @@ class StreamingCheck:
         """Bytes hashed before :meth:`finish` (offered, or caught up during the download)."""
         return self._offset
 
-    def offer(self, offset: int, data: bytes) -> None:
+    def offer(self, offset: int, data: bytes | bytearray) -> None:
         """Hash ``data`` if it continues the in-order prefix, or keep it until it does.
 
         Bytes that arrive ahead of the prefix (parallel requests) wait in memory, at most
@@ -153,7 +154,7 @@ class StreamingCheck:
                 return
             self._advance(data)
 
-    def _advance(self, data: bytes) -> None:
+    def _advance(self, data: bytes | bytearray) -> None:
         """Hash ``data`` at the prefix, then whatever waited right behind it (under the lock)."""
         self._hasher.update(data)
         self._offset += len(data)

@@ -35,8 +35,12 @@ Endpoints (HTTP/1.1, read-only, only published images, only ``allowed_peer_cidrs
 
     GET  /v1/torrents/<info-hash>            the .torrent (hosts skip the metadata phase)
     GET  /v1/torrents/<info-hash>/data       image bytes, Range required and bounded
-    POST /v1/torrents/<info-hash>/stripes    {"peer", "part", "parts", "want"?}
+    POST /v1/torrents/<info-hash>/stripes    {"peer", "part", "parts", "want"?, "batches"?}
                                              -> {"pieces", "done", "peers", ...}
+
+A host may ask for several batches at once (``batches``); it gets them only from a node
+without an upload cap and while plenty are left for the other hosts (see
+:meth:`StripeDispenser.assign`).
 
 Hosts fetching stripes keep off the origin's BitTorrent port (it would only send them
 duplicates), so the origin cannot introduce them to each other through peer exchange
@@ -57,6 +61,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -77,8 +82,21 @@ MAX_RANGE = 64 * 1024 * 1024  # bytes one data request may ask for
 MAX_BODY = 256 * 1024  # a stripe request (its want list included)
 MAX_WANT = 100_000
 MAX_PEERS = 50  # other hosts named in one answer
+MAX_BATCHES = 16  # batches one request may ask for (a lone host: 1 MiB each was too few)
+# Several batches go to one request only while a host takes at most this share of what
+# is left per host that asked lately: the last batches stay small and spread over hosts.
+SHARE_PER_REQUEST = 4
+ACTIVE_WINDOW = 30.0  # a host that asked within this long counts as fetching
 PEER_TTL = 3600.0  # a host that asked within this long is still worth naming
-CHUNK = 256 * 1024
+CHUNK = 256 * 1024  # bytes sent per rate-limiter step
+# How far a response may fall behind its booked share of the uplink before the rest is
+# booked again (a burst of at most this long at the cap beside the next booking).
+LATE = 0.25
+# Without a rate limit: sendfile() this much per call (counted per call). sendfile copies
+# in the kernel, without a Python read and write (and the GIL of the origin process,
+# which also runs its seeder) per 256 KiB chunk.
+UNLIMITED_CHUNK = 8 * 1024 * 1024
+IDLE_TIMEOUT = 120.0  # seconds a keep-alive connection may wait for its next request
 IMMUTABLE = "public, max-age=31536000, immutable"
 _PATH = re.compile(r"^/v1/torrents/([0-9a-f]{40}|[0-9a-f]{64})(/data|/stripes)?$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
@@ -130,6 +148,11 @@ class StripeDispenser:
             meta = describe(torrent)
             stripes = ImageStripes(entry, torrent, meta.piece_length, meta.num_pieces)
             with self._lock:
+                # Hosts ask at once after an origin restart: the first one in wins, or
+                # each would get its own hand-out record and the same first batches.
+                current = self._images.get(info_hash)
+                if current is not None and current is not known:
+                    return current
                 for key in (entry.info_hash_v1, entry.info_hash_v2):
                     if key:
                         self._images[key] = stripes
@@ -157,22 +180,26 @@ class StripeDispenser:
         part: int,
         parts: int,
         want: list[int] | None = None,
+        batches: int = 1,
     ) -> tuple[list[int], bool]:
         """The next pieces for a host, and whether this node has none left to give.
 
-        Without ``want``: pieces of this node's part nobody was given yet. With ``want``
-        (a host whose swarm went quiet lists what it lacks): those of them last given out
-        more than ``reissue_after`` seconds ago, from any part.
+        Without ``want``: pieces of this node's part nobody was given yet, up to
+        ``batches`` batches while each of the hosts that asked lately could still get
+        :data:`SHARE_PER_REQUEST` times as many. With ``want`` (a host whose swarm went
+        quiet lists what it lacks): those of them last given out more than
+        ``reissue_after`` seconds ago, from any part, one batch.
         """
         per_batch = max(1, self.batch_bytes // stripes.piece_length)
         now = self._clock()
         with self._lock:
             given = stripes.given_at
             if want is None:
-                pieces = [p for p in range(part, stripes.num_pieces, parts) if p not in given][
-                    :per_batch
-                ]
-                done = len(pieces) < per_batch
+                free = [p for p in range(part, stripes.num_pieces, parts) if p not in given]
+                hosts = max(1, sum(1 for t in stripes.peers.values() if now - t < ACTIVE_WINDOW))
+                batches = max(1, min(batches, len(free) // (per_batch * SHARE_PER_REQUEST * hosts)))
+                pieces = free[: per_batch * batches]
+                done = len(pieces) == len(free)
             else:
                 pieces = [
                     p
@@ -186,9 +213,43 @@ class StripeDispenser:
         return pieces, done
 
 
+class UplinkBooking:
+    """One response's share of a capped uplink, booked whole: first come, first finished.
+
+    Sent side by side, chunk by chunk, every batch in flight finished late and all at
+    once: 32 hosts with 3 requests each held 96 MiB of a 64 MiB image, so the pieces
+    reached the swarm only at the floor and the trading began then (last host 2.6x the
+    floor). Booked whole, batches go one after another at the full uplink, and every
+    piece reaches the swarm as early as the uplink allows. A client that does not keep up
+    with its booking (more than :data:`LATE` behind) books the rest again at the back, so a
+    stalled host never holds the others up.
+    """
+
+    def __init__(self, limiter: utils.RateLimiter, length: int) -> None:
+        self._limiter = limiter
+        self._left = length
+        self._at = limiter.reserve(length)  # when the next chunk is due
+
+    def wait(self, n: int) -> None:
+        """Wait until the next ``n`` bytes are due."""
+        now = time.monotonic()
+        if now - self._at > LATE:
+            self._at = self._limiter.reserve(self._left)
+        if self._at > now:
+            time.sleep(self._at - now)
+        self._at += n / self._limiter.rate
+        self._left -= n
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: StripeServer
     protocol_version = "HTTP/1.1"
+    # Hosts keep their connections open between requests; an idle one is closed after
+    # this long (the client then reconnects), so it cannot hold a thread for good.
+    timeout = IDLE_TIMEOUT
+    # Headers and body leave in separate writes: with Nagle on, a kept-alive connection
+    # waited for the client's delayed ACK before each body (40 ms per batch request).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         LOG.debug("stripe server: " + format, *args)
@@ -290,19 +351,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self._validators(etag)
         self.end_headers()
+        limited = self.server.limiter.rate > 0
+        booking = UplinkBooking(self.server.limiter, length) if limited else None
         with open(stripes.entry.data_path, "rb") as f:
-            f.seek(start)
-            left = length
+            offset, left = start, length
             while left:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
-                    raise OSError(f"{stripes.entry.data_path} is shorter than {size} bytes")
-                self.server.limiter.take(len(chunk))
+                n = min(CHUNK if limited else UNLIMITED_CHUNK, left)
+                if booking is not None:
+                    booking.wait(n)
                 # Counted before the write: a client that has the bytes sees them counted.
-                stripes.served += len(chunk)
-                self.server.count(len(chunk))
-                self.wfile.write(chunk)
-                left -= len(chunk)
+                stripes.served += n
+                self.server.count(n)
+                sent = self.connection.sendfile(f, offset, n)
+                if sent != n:
+                    raise OSError(f"{stripes.entry.data_path} is shorter than {size} bytes")
+                offset += n
+                left -= n
 
     def do_POST(self) -> None:  # noqa: N802
         routed = self._route()
@@ -319,6 +383,7 @@ class _Handler(BaseHTTPRequestHandler):
             request = json.loads(self.rfile.read(length))
             part, parts = int(request.get("part", 0)), int(request.get("parts", 1))
             want = request.get("want")
+            batches = int(request.get("batches") or 1)
             peer = request.get("peer") or None
             if peer is not None:
                 host, port = utils.parse_host_port(str(peer))
@@ -329,6 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
                 peer = utils.format_host_port(host, port)
             if not 0 <= part < parts <= 64:
                 raise ValueError(f"part {part} of {parts}")
+            if not 1 <= batches <= MAX_BATCHES:
+                raise ValueError(f"{batches} batches (1 to {MAX_BATCHES})")
             if want is not None:
                 if not isinstance(want, list) or len(want) > MAX_WANT:
                     raise ValueError("want must be a list of piece indices")
@@ -336,7 +403,14 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, TypeError, AttributeError) as exc:
             self._refuse(HTTPStatus.BAD_REQUEST, f"malformed stripe request: {exc}")
             return
-        pieces, done = self.server.dispenser.assign(stripes, part=part, parts=parts, want=want)
+        if self.server.limiter.rate > 0:
+            # A capped uplink is the fleet's bottleneck: single batches spread the pieces
+            # over hosts sooner, so they trade them sooner (8 hosts x 128 MiB at 32 MiB/s:
+            # 6.0-6.1 s with single batches, 6.8-7.1 s with 8 per request).
+            batches = 1
+        pieces, done = self.server.dispenser.assign(
+            stripes, part=part, parts=parts, want=want, batches=batches
+        )
         peers = self.server.dispenser.peers(stripes, peer)
         body = json.dumps(
             {
@@ -380,6 +454,9 @@ class StripeServer(ThreadingHTTPServer):
         ]
         self.bytes_served = 0
         self._count_lock = threading.Lock()
+        # Open connections: closed by stop(), or a host's keep-alive connection would
+        # still be answered by a stopped node's handler thread.
+        self._connections: set[socket.socket] = set()
         # Published bytes never change under an info-hash: the server's start is as good
         # a Last-Modified as any, and proxies that want one (heuristics, logs) get it.
         self.last_modified = email.utils.formatdate(time.time(), usegmt=True)
@@ -406,6 +483,16 @@ class StripeServer(ThreadingHTTPServer):
         with self._count_lock:
             self.bytes_served += n
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._count_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._count_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
     def start(self) -> StripeServer:
         self._thread = threading.Thread(
             target=self.serve_forever, name="origin-stripes", daemon=True
@@ -417,6 +504,13 @@ class StripeServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+        with self._count_lock:
+            connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed by its handler meanwhile
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

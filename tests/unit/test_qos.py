@@ -286,6 +286,9 @@ def test_the_stripe_worker_runs_lowered():
             seen.append(priority_now())
             return None
 
+        def close_connections(self):
+            pass
+
     qos.configure(make_conf())
     worker = StripeWorker(
         Client(),

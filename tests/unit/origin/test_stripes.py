@@ -15,14 +15,28 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from nova_torrent_images import utils
+from nova_torrent_images.origin import stripes as origin_stripes
 from nova_torrent_images.origin.publisher import Publisher
-from nova_torrent_images.origin.stripes import StripeDispenser, StripeServer
-from nova_torrent_images.swarm.stripes import StripeClient, StripeError, parse_stripe_urls
+from nova_torrent_images.origin.stripes import (
+    StripeDispenser,
+    StripeServer,
+    UplinkBooking,
+    _Handler,
+)
+from nova_torrent_images.swarm.stripes import (
+    StripeClient,
+    StripeError,
+    StripeWorker,
+    parse_stripe_urls,
+)
 from nova_torrent_images.swarm.torrent import describe
 from nova_torrent_images.testing.swarm import make_conf
 from tests.unit.origin.fakes import IMAGE_ID, FakeGlance
@@ -270,3 +284,247 @@ def test_two_origin_nodes_split_an_image_and_a_restart_starts_afresh(published):
     finally:
         first.stop()
         second.stop()
+
+
+def test_a_host_gets_several_batches_only_while_plenty_are_left(published):
+    registry, entry, _ = published
+    d = dispenser(registry, batch=256 * 1024)  # one 256 KiB piece per batch
+    stripes = d.image(entry.info_hash_v2)
+    sizes, given, done = [], [], False
+    while not done:
+        pieces, done = d.assign(stripes, part=0, parts=1, batches=4)
+        sizes.append(len(pieces))
+        given += pieces
+    # At most a quarter of what is left: the last batches stay small.
+    assert sizes == [3, 2, 2, 1, 1, 1, 1, 1, 1] and sorted(given) == list(range(13))
+    assert d.assign(stripes, part=0, parts=1, batches=4) == ([], True)
+
+
+def test_other_hosts_asking_shrink_the_batches(published):
+    registry, entry, _ = published
+    d = dispenser(registry, batch=256 * 1024)
+    stripes = d.image(entry.info_hash_v2)
+    d.peers(stripes, "10.0.0.5:6881")
+    d.peers(stripes, "10.0.0.6:6881")
+    assert d.assign(stripes, part=0, parts=1, batches=4) == ([0], False)  # 13 // (4 * 2)
+
+
+def test_too_many_batches_are_refused(server):
+    srv, entry, _ = server
+    body = json.dumps({"part": 0, "parts": 1, "batches": 17}).encode()
+    request = urllib.request.Request(f"{srv.url}/v1/torrents/{entry.info_hash_v2}/stripes", body)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request)
+    assert refused.value.code == 400
+
+
+def count_connections(srv):
+    accepted = []
+    process = srv.process_request
+
+    def counting(request, address):
+        accepted.append(address)
+        process(request, address)
+
+    srv.process_request = counting
+    return accepted
+
+
+def test_the_client_keeps_its_connection_between_requests(server):
+    srv, entry, data = server
+    accepted = count_connections(srv)
+    client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+    while client.next_batch() is not None:
+        pass
+    for start in (0, 1000, SIZE - 10):
+        assert client.fetch_range(0, start, start + 9) == data[start : start + 10]
+    assert len(accepted) == 1
+    assert client.fetch_pieces(0, 0, SIZE - 1, 256 * 1024) == [
+        data[i : i + 256 * 1024] for i in range(0, SIZE, 256 * 1024)
+    ]
+    client.close_connections()
+    assert client.fetch_range(0, 0, 9) == data[:10] and len(accepted) == 2
+    assert srv.bytes_served == 3 * 10 + SIZE + 10  # exact, with connections kept
+
+
+def test_an_idle_connection_the_node_closed_is_opened_again(server, monkeypatch):
+    srv, entry, data = server
+    monkeypatch.setattr(_Handler, "timeout", 0.2)
+    accepted = count_connections(srv)
+    client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+    assert client.fetch_range(0, 0, 9) == data[:10]
+    time.sleep(0.6)  # the node closes the idle connection
+    assert client.fetch_range(0, 10, 19) == data[10:20] and len(accepted) == 2
+
+
+def test_a_stopped_node_no_longer_answers_kept_connections(published):
+    registry, entry, data = published
+    srv = StripeServer(
+        "127.0.0.1:0", dispenser(registry), rate_limit=0, allowed_cidrs=["127.0.0.0/8"]
+    ).start()
+    client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+    assert client.fetch_range(0, 0, 9) == data[:10]
+    srv.stop()
+    with pytest.raises(StripeError, match=IMAGE_ID):
+        client.fetch_range(0, 0, 9)
+
+
+def test_rate_limited_ranges_are_served_and_counted(published):
+    registry, entry, data = published
+    srv = StripeServer(
+        "127.0.0.1:0",
+        dispenser(registry),
+        rate_limit=64 * 1024 * 1024,
+        allowed_cidrs=["127.0.0.0/8"],
+    ).start()
+    try:
+        client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+        assert client.fetch_range(0, 5, SIZE - 1) == data[5:]
+        assert srv.bytes_served == SIZE - 5
+    finally:
+        srv.stop()
+
+
+def test_the_worker_adds_every_piece_and_offers_every_byte(server):
+    srv, entry, data = server
+    client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+    added, offered = {}, {}
+    lock = threading.Lock()
+
+    def offer(offset, chunk):
+        assert threading.current_thread().name == "stripes-hash"  # off the streams
+        with lock:
+            offered[offset] = bytes(chunk)
+
+    worker = StripeWorker(
+        client,
+        piece_length=256 * 1024,
+        size=SIZE,
+        add_piece=lambda piece, chunk: added.__setitem__(piece, bytes(chunk)),
+        missing=list,
+        progress=lambda: 0,
+        offer=offer,
+    ).start()
+    for thread in worker._threads:
+        thread.join(timeout=10)
+    worker.stop()  # the hashing thread has taken every fetched byte when stop returns
+    assert worker.failed is None and worker.bytes_fetched == SIZE
+    assert b"".join(added[p] for p in range(13)) == data
+    assert b"".join(offered[o] for o in sorted(offered)) == data
+
+
+def test_hosts_asking_at_once_after_a_restart_share_one_record(published):
+    registry, entry, _ = published
+    d = dispenser(registry)
+    start = threading.Barrier(8)
+    seen = []
+
+    def ask():
+        start.wait()
+        seen.append(d.image(entry.info_hash_v2))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(s) for s in seen}) == 1  # or each would hand out the first batch again
+
+
+@pytest.mark.parametrize("rate_limit,expected", [(0, [0, 1, 2]), (64 * 1024 * 1024, [0])])
+def test_only_an_uncapped_node_gives_several_batches(published, rate_limit, expected):
+    registry, entry, _ = published
+    srv = StripeServer(
+        "127.0.0.1:0",
+        dispenser(registry, batch=256 * 1024),
+        rate_limit=rate_limit,
+        allowed_cidrs=["127.0.0.0/8"],
+    ).start()
+    try:
+        body = json.dumps({"part": 0, "parts": 1, "batches": 4}).encode()
+        request = urllib.request.Request(
+            f"{srv.url}/v1/torrents/{entry.info_hash_v2}/stripes", body
+        )
+        with urllib.request.urlopen(request) as answer:
+            assert json.loads(answer.read())["pieces"] == expected
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("extra", [b"", b"x"])
+def test_a_chunked_answer_is_counted_exactly(extra):
+    """A proxy may answer without a length (chunked): exactly the bytes asked for, or an error."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = bytes(range(100)) + extra
+
+    class Chunked(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(206)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(body), 30):
+                chunk = body[i : i + 30]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        client = StripeClient(IMAGE_ID, (f"http://127.0.0.1:{proxy.server_port}",), "ab" * 32, "")
+        if extra:
+            with pytest.raises(StripeError, match="got more"):
+                client.fetch_range(0, 0, 99)
+        else:
+            assert client.fetch_pieces(0, 0, 99, 64) == [body[:64], body[64:]]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+# -- the capped uplink: first come, first finished ----------------------------------------
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """time.monotonic and time.sleep of the limiter and the booking, on a fake clock."""
+
+    clock = [50.0]
+
+    def sleep(seconds):
+        assert seconds >= 0
+        clock[0] += seconds
+
+    for module in (utils, origin_stripes):
+        monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+        monkeypatch.setattr(module.time, "sleep", sleep)
+    return clock
+
+
+def test_responses_are_sent_one_after_another_not_side_by_side(fake_clock):
+
+    limiter = utils.RateLimiter(1000)  # bytes per second
+    first, second = UplinkBooking(limiter, 1000), UplinkBooking(limiter, 1000)
+    second.wait(500)
+    assert fake_clock[0] == 51.0  # the second starts when the first is done
+    fake_clock[0] = 50.0
+    first.wait(500)
+    first.wait(500)
+    assert fake_clock[0] == 50.5  # the first, booked first, goes at once and at the cap
+
+
+def test_a_response_that_falls_behind_books_the_rest_again(fake_clock):
+
+    limiter = utils.RateLimiter(1000)
+    stalled = UplinkBooking(limiter, 1000)
+    stalled.wait(500)  # due at once
+    other = UplinkBooking(limiter, 1000)  # booked for 51.0 to 52.0
+    fake_clock[0] += origin_stripes.LATE + 1  # the stalled client read nothing for 1.25 s
+    stalled.wait(500)
+    assert fake_clock[0] == 52.0  # its rest goes after the booking made meanwhile
+    fake_clock[0] = 51.0
+    other.wait(1000)
+    assert fake_clock[0] == 51.0  # the other one was never held up
