@@ -388,7 +388,7 @@ def test_rate_limited_ranges_are_served_and_counted(published):
 def test_the_worker_adds_every_piece_and_offers_every_byte(server):
     srv, entry, data = server
     client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
-    added, offered = {}, {}
+    added, offered, held_when_added = {}, {}, {}
     lock = threading.Lock()
 
     def offer(offset, chunk):
@@ -396,19 +396,27 @@ def test_the_worker_adds_every_piece_and_offers_every_byte(server):
         with lock:
             offered[offset] = bytes(chunk)
 
+    def add_piece(piece, chunk):
+        # Until its bytes are offered, a piece is the worker's to hash, nobody's to read.
+        held_when_added[piece] = worker.awaits_offer(piece) or offered.get(piece * 256 * 1024)
+        added[piece] = bytes(chunk)
+
     worker = StripeWorker(
         client,
         piece_length=256 * 1024,
         size=SIZE,
-        add_piece=lambda piece, chunk: added.__setitem__(piece, bytes(chunk)),
+        add_piece=add_piece,
         missing=list,
         progress=lambda: 0,
         offer=offer,
-    ).start()
+    )
+    worker.start()
     for thread in worker._threads:
         thread.join(timeout=10)
     worker.stop()  # the hashing thread has taken every fetched byte when stop returns
     assert worker.failed is None and worker.bytes_fetched == SIZE
+    assert all(held_when_added.values()) and len(held_when_added) == 13
+    assert not any(worker.awaits_offer(p) for p in range(13))
     assert b"".join(added[p] for p in range(13)) == data
     assert b"".join(offered[o] for o in sorted(offered)) == data
 
