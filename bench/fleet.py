@@ -248,13 +248,6 @@ def run_hosts(
     return out
 
 
-def _peer_bytes(host: dict) -> int:
-    per_peer = host.get("per_peer") or {}
-    if per_peer:
-        return sum(n for peer, n in per_peer.items() if not peer.startswith("0.0.0.0:"))
-    return host.get("bytes_from_peers", 0)
-
-
 def phases(host: dict, t0: float, size: int) -> dict:
     """Where one torrent host's time went: start-up, stripe phase, transfer, verify."""
     timeline = host.get("timeline") or []
@@ -302,9 +295,7 @@ def _summary(run: dict, size: int, floor: float, *, detail: bool) -> dict:
     if any(h.get("source") == "torrent" for h in run["per_host"]):
         hosts = run["per_host"]
         out["bytes_from_stripes"] = sum(h.get("bytes_from_stripes", 0) for h in hosts)
-        # libtorrent reports the stripe pieces (add_piece) as blocks from 0.0.0.0:0, which
-        # the swarm's statistics count as bytes from peers: left out here.
-        out["bytes_from_peers"] = sum(_peer_bytes(h) for h in hosts)
+        out["bytes_from_peers"] = sum(h.get("bytes_from_peers", 0) for h in hosts)
         out["bytes_from_origin"] = sum(h.get("bytes_from_origin", 0) for h in hosts)
         out["bytes_from_glance"] = sum(h.get("bytes_from_glance", 0) for h in hosts)
         out["hash_failures"] = sum(h.get("hash_failures", 0) for h in hosts)
@@ -323,7 +314,7 @@ def _summary(run: dict, size: int, floor: float, *, detail: bool) -> dict:
                 {
                     "name": h["name"],
                     "from_stripes_mib": round(h.get("bytes_from_stripes", 0) / MiB, 1),
-                    "from_peers_mib": round(_peer_bytes(h) / MiB, 1),
+                    "from_peers_mib": round(h.get("bytes_from_peers", 0) / MiB, 1),
                     **p,
                 }
                 for h, p in zip(hosts, ph, strict=True)

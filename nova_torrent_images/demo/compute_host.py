@@ -120,22 +120,12 @@ def _boot(handler, session, fake, glance, name, number, image_id) -> None:
         boot=number,
         seconds=seconds,
         source=fetched.source if fetched else "clone",
-        from_peers=_from_peers(fetched) if fetched else 0,
+        from_peers=fetched.bytes_from_peers if fetched else 0,
         from_origin=fetched.bytes_from_origin if fetched else 0,
         from_glance=fetched.bytes_from_glance if fetched else 0,
         verified=_vdi_sha512(fake, root, image.size) == image.hash_value,
         root=root,
     )
-
-
-def _from_peers(fetched) -> int:
-    """Bytes from other hosts. libtorrent reports the origin's stripe pieces (added with
-    ``add_piece``) as blocks from 0.0.0.0, which the swarm's statistics count as peers';
-    they are the origin's (``from_origin``), so they are left out here."""
-    per_peer = getattr(fetched.swarm, "per_peer", None)
-    if not per_peer:
-        return fetched.bytes_from_peers
-    return sum(n for peer, n in per_peer.items() if not peer.startswith("0.0.0.0:"))
 
 
 def _file_sha512(path: str) -> str:

@@ -582,6 +582,10 @@ class Transfer:
         # After the flush and resume-data round trips through the pump, every block alert
         # of the download has been counted (alerts arrive in order).
         for (host, port), size in dict(self._watch.block_bytes).items():
+            if host in ("0.0.0.0", "::"):
+                # Pieces given with add_piece (the origin's stripes): libtorrent names no
+                # peer for them, and they are counted as bytes_from_stripes already.
+                continue
             key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self.stats.per_peer[key] = self.stats.per_peer.get(key, 0) + size
             if host in self._origin_hosts:

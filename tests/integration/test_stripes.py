@@ -92,6 +92,9 @@ def test_a_fleet_takes_one_copy_from_the_origin(published, tmp_path):
     for i, result in enumerate(results):
         assert result.source == "torrent"
         assert result.swarm.bytes_from_stripes > 0  # each host took a share from the origin
+        # Stripe pieces are the origin's, not a peer's (libtorrent reports them from 0.0.0.0).
+        assert not any(peer.startswith("0.0.0.0:") for peer in result.swarm.per_peer)
+        assert result.bytes_from_peers + result.swarm.bytes_from_stripes <= image.size * 1.25
         assert sha512_of(str(tmp_path / f"host-{i}.raw")) == image.hash_value
     # One copy, plus what the dispenser handed out again to a host whose swarm went quiet
     # (a CPU-starved test machine makes that happen); plain BitTorrent without stripes
