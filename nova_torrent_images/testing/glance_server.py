@@ -57,10 +57,9 @@ import urllib.request
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from nova_torrent_images.testing.processes import signal_group, stop_group
+from nova_torrent_images.testing.processes import ServiceProcess, signal_group, stop_group
 
 if TYPE_CHECKING:
     from glanceclient.v2.client import Client as GlanceClientV2
@@ -151,7 +150,7 @@ def _command(script: str, module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-class GlanceServer:
+class GlanceServer(ServiceProcess):
     """A glance-api process (gunicorn, noauth, sqlite, file store) on a free port.
 
     :param workdir: directory for configuration, database, image data and logs. If
@@ -168,6 +167,8 @@ class GlanceServer:
     :param extra_config: more ``glance-api.conf`` settings, ``{section: {key: value}}``.
     :param paste_ini: an explicit ``glance-api-paste.ini``; found automatically if not.
     """
+
+    name = "glance-api"
 
     def __init__(
         self,
@@ -294,22 +295,11 @@ class GlanceServer:
             self._finalizer.detach()
             self._finalizer = None
         if process is not None:
-            stop_group(process, timeout, "glance-api")
+            stop_group(process, timeout, self.name)
         self.port = None
         if self._owns_workdir and self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
-
-    def __enter__(self) -> GlanceServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log_tail(self, lines: int = 40) -> str:
         """Last lines of the server log, for error messages."""

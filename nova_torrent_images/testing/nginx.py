@@ -42,9 +42,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
-from nova_torrent_images.testing.processes import stop_group
+from nova_torrent_images.testing.processes import ServiceProcess
 
 SLICE = "1m"
 
@@ -115,8 +114,10 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-class Nginx:
+class Nginx(ServiceProcess):
     """A caching reverse proxy on ``host`` in front of ``upstream`` (``http://ip:port``)."""
+
+    name = "nginx"
 
     def __init__(
         self,
@@ -227,26 +228,6 @@ class Nginx:
                 last = str(exc)
             time.sleep(0.05)
         raise NginxError(f"nginx did not answer on {self.url}: {last}")
-
-    def stop(self, timeout: float = 5.0) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            stop_group(process, timeout, "nginx")
-        self.port = None
-        if self._owns_workdir and self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
-
-    def __enter__(self) -> Nginx:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log_tail(self, size: int = 4000) -> str:
         parts = []

@@ -44,12 +44,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 import libtorrent as lt
 
 from nova_torrent_images.origin.tracker import read_whitelist, write_whitelist
-from nova_torrent_images.testing.processes import stop_group
+from nova_torrent_images.testing.processes import ServiceProcess
 
 WHITELIST = "whitelist.txt"
 REFUSED = b"not authorized"
@@ -80,12 +79,14 @@ def _free_port(host: str) -> int:
     raise OpentrackerError(f"no free TCP+UDP port on {host}")
 
 
-class Opentracker:
+class Opentracker(ServiceProcess):
     """opentracker in whitelist mode on ``host``; its whitelist starts empty.
 
     :param workdir: directory for the whitelist, pid file and log (its chroot when run as
         root); a temporary directory, removed by :meth:`stop`, if ``None``.
     """
+
+    name = "opentracker"
 
     def __init__(
         self,
@@ -199,26 +200,6 @@ class Opentracker:
                 last = str(exc)
             time.sleep(0.05)
         raise OpentrackerError(f"opentracker did not answer on {self.announce_url}: {last}")
-
-    def stop(self, timeout: float = 5.0) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            stop_group(process, timeout, "opentracker")
-        self.port = None
-        if self._owns_workdir and self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
-
-    def __enter__(self) -> Opentracker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log_tail(self, size: int = 4000) -> str:
         try:

@@ -10,14 +10,18 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Stopping the real services the tests run (glance-api, opentracker) as process groups."""
+"""The real services the tests run (glance-api, opentracker, nginx), as process groups."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from oslo_log import log as logging
 
@@ -47,3 +51,41 @@ def stop_group(process: subprocess.Popen, timeout: float, name: str) -> None:
         signal_group(process, signal.SIGKILL)
         process.wait(timeout=timeout)
     signal_group(process, signal.SIGKILL)
+
+
+class ServiceProcess:
+    """A service started as a process group in a work directory; ``with`` runs it.
+
+    Subclasses define :meth:`start`, set ``_process`` and ``port`` there, and name their
+    work directory ``workdir`` (removed by :meth:`stop` when they created it).
+    """
+
+    name = "service"
+    _process: subprocess.Popen[bytes] | None
+    port: int | None
+    workdir: Path | None
+    _owns_workdir: bool
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the process group (SIGTERM, then SIGKILL); remove an owned workdir."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            stop_group(process, timeout, self.name)
+        self.port = None
+        if self._owns_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
