@@ -31,6 +31,7 @@ from oslo_config import cfg
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images.swarm.engine import SwarmEngine, TorrentWatch
 from nova_torrent_images.swarm.torrent import load_torrent
+from nova_torrent_images.swarm.transfer import TransferSettings
 
 # libtorrent requests pieces in blocks of this size (its fixed block size).
 BLOCK_SIZE = 16 * 1024
@@ -55,6 +56,20 @@ def write_corrupt_copy(src: str, dst: str) -> None:
     with open(src, "rb") as f, open(dst, "wb") as out:
         while block := f.read(BLOCK_SIZE):
             out.write(bytes([block[0] ^ 0xFF]) + block[1:])
+
+
+def transfer_settings(scratch_root: str | os.PathLike, **overrides: object) -> TransferSettings:
+    """Transfer settings with a test's short timeouts; ``overrides`` replace any of them."""
+    values: dict[str, object] = {
+        "metadata_timeout": 10,
+        "stall_timeout": 10,
+        "overall_timeout": 30,
+        "progress_interval": 30,
+        "trackers": (),
+        "scratch_root": str(scratch_root),
+    }
+    values.update(overrides)
+    return TransferSettings(**values)
 
 
 def make_conf(**overrides: object) -> cfg.ConfigOpts:

@@ -26,8 +26,8 @@ from nova_torrent_images.stores.base import Slot
 from nova_torrent_images.stores.filesystem import FilesystemStore
 from nova_torrent_images.swarm import transfer
 from nova_torrent_images.swarm.torrent import make_torrent
-from nova_torrent_images.swarm.transfer import SwarmStats, TransferSettings
-from nova_torrent_images.testing.swarm import SimulatedHost
+from nova_torrent_images.swarm.transfer import SwarmStats
+from nova_torrent_images.testing.swarm import SimulatedHost, transfer_settings
 
 MiB = 1024 * 1024
 DATA = os.urandom(MiB)
@@ -62,16 +62,7 @@ def image(data=DATA, **props):
 
 
 def settings(tmp_path, **overrides):
-    values = {
-        "metadata_timeout": 10,
-        "stall_timeout": 10,
-        "overall_timeout": 30,
-        "progress_interval": 30,
-        "trackers": (),
-        "scratch_root": str(tmp_path / "scratch"),
-    }
-    values.update(overrides)
-    return TransferSettings(**values)
+    return transfer_settings(tmp_path / "scratch", **overrides)
 
 
 @pytest.fixture

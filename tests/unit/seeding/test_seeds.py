@@ -27,8 +27,8 @@ from nova_torrent_images.seeding.seeds import SeedManager, SeedSettings
 from nova_torrent_images.stores.base import CommitInfo
 from nova_torrent_images.stores.filesystem import FilesystemStore
 from nova_torrent_images.swarm.torrent import make_torrent
-from nova_torrent_images.swarm.transfer import Transfer, TransferSettings
-from nova_torrent_images.testing.swarm import SimulatedHost
+from nova_torrent_images.swarm.transfer import Transfer
+from nova_torrent_images.testing.swarm import SimulatedHost, transfer_settings
 
 MiB = 1024 * 1024
 
@@ -126,14 +126,7 @@ def test_start_with_resume_data_seeds_the_base_copy(tmp_path, host, store, resum
         # Another host fetches it from this seed alone, and gets the image's bytes.
         with SimulatedHost("compute-2") as leecher:
             dest = tmp_path / "fetched"
-            settings = TransferSettings(
-                metadata_timeout=10,
-                stall_timeout=10,
-                overall_timeout=30,
-                progress_interval=30,
-                trackers=(),
-                scratch_root=str(tmp_path / "scratch"),
-            )
+            settings = transfer_settings(tmp_path / "scratch")
             image = published.image(peers=[host.endpoint])
             job = Transfer(leecher.engine, image, str(dest), settings)
             job.run()

@@ -29,8 +29,8 @@ from nova_torrent_images.image import parse_image
 from nova_torrent_images.magnet import build_magnet
 from nova_torrent_images.swarm import transfer
 from nova_torrent_images.swarm.torrent import make_torrent
-from nova_torrent_images.swarm.transfer import Transfer, TransferSettings
-from nova_torrent_images.testing.swarm import SimulatedHost
+from nova_torrent_images.swarm.transfer import Transfer
+from nova_torrent_images.testing.swarm import SimulatedHost, transfer_settings
 
 MiB = 1024 * 1024
 
@@ -162,14 +162,7 @@ def test_a_multi_file_torrent_is_refused_and_leaves_nothing(tmp_path, empty_name
                 "torrent_magnet": magnet,
             }
         )
-        settings = TransferSettings(
-            metadata_timeout=10,
-            stall_timeout=10,
-            overall_timeout=30,
-            progress_interval=30,
-            trackers=(),
-            scratch_root=str(scratch_root),
-        )
+        settings = transfer_settings(scratch_root)
         job = Transfer(compute.engine, image, str(cache / "img.part"), settings)
         with pytest.raises(exception.TorrentMismatch, match="img-1.*files"):
             job.run()
@@ -181,17 +174,6 @@ def test_a_multi_file_torrent_is_refused_and_leaves_nothing(tmp_path, empty_name
 
 
 # -- leaving the swarm -----------------------------------------------------------------
-
-
-def settings_for(scratch_root, stall_timeout=10):
-    return TransferSettings(
-        metadata_timeout=10,
-        stall_timeout=stall_timeout,
-        overall_timeout=60,
-        progress_interval=30,
-        trackers=(),
-        scratch_root=str(scratch_root),
-    )
 
 
 def image_record(torrent, data, peers):
@@ -232,7 +214,7 @@ def test_a_finished_host_hands_over_what_only_it_has_before_leaving(tmp_path, mo
             first.engine,
             image_record(torrent, data, [origin.endpoint]),
             str(first_dest),
-            settings_for(tmp_path / "scratch-1"),
+            transfer_settings(tmp_path / "scratch-1", overall_timeout=60),
         )
         job.run()
         assert len(first.engine.session.get_torrents()) == 1  # still in the swarm
@@ -242,7 +224,7 @@ def test_a_finished_host_hands_over_what_only_it_has_before_leaving(tmp_path, mo
             late.engine,
             image_record(torrent, data, [first.endpoint]),
             str(late_dest),
-            settings_for(tmp_path / "scratch-2", stall_timeout=5),
+            transfer_settings(tmp_path / "scratch-2", stall_timeout=5, overall_timeout=60),
         )
         outcome = {}
 
@@ -284,7 +266,7 @@ def test_without_peers_leaving_does_not_wait(tmp_path):
             host.engine,
             image_record(torrent, data, [origin.endpoint]),
             str(tmp_path / "img"),
-            settings_for(tmp_path / "scratch"),
+            transfer_settings(tmp_path / "scratch", overall_timeout=60),
         )
         job.run()
         handle = host.engine.session.get_torrents()[0]
