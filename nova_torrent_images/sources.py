@@ -164,9 +164,8 @@ class SwarmSource:
 
     def _verify(self, image: ImageInfo, slot: Slot, check: verify.StreamingCheck | None) -> str:
         """The whole-image check of a finished download; says how it was checked."""
-        checked = "unverified"
         if not self.verify_hash:
-            return checked
+            return "unverified"
         untrusted = self.untrusted_root(image)
         if untrusted is None:
             # The torrent's size was checked against Glance before any piece; a new

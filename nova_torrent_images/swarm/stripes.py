@@ -145,21 +145,18 @@ class StripeClient:
                 conn.request("POST" if body is not None else "GET", path, body, headers or {})
                 response = conn.getresponse()
             except (http.client.HTTPException, OSError, ValueError) as exc:
-                conn.close()
+                self._drop(part)
                 # The node closed an idle keep-alive connection (or restarted): once more
                 # on a new one. A lost batch answer is re-issued later (``want``).
                 if reused and attempt == 0 and isinstance(exc, _STALE):
-                    self._local.conns.pop(part, None)
                     continue
-                self._local.conns.pop(part, None)
                 raise StripeError(image_id=self.image_id, url=url, reason=str(exc)) from exc
             if not 200 <= response.status < 300:
                 try:
                     detail = response.read(512).decode("utf-8", "replace")
                 except (http.client.HTTPException, OSError):
                     detail = ""
-                conn.close()
-                self._local.conns.pop(part, None)
+                self._drop(part)
                 raise StripeError(
                     image_id=self.image_id,
                     url=url,
@@ -167,8 +164,7 @@ class StripeClient:
                 )
             # (No length: chunked, e.g. from a proxy; the reader counts the bytes instead.)
             if expect is not None and response.length not in (expect, None):
-                conn.close()
-                self._local.conns.pop(part, None)
+                self._drop(part)
                 raise StripeError(
                     image_id=self.image_id,
                     url=url,
