@@ -519,7 +519,10 @@ def test_kill_9_while_seeding_after_the_boot(swarm_image, glance_server, hosts, 
 
 def test_kill_9_in_the_middle_of_a_swarm_download(swarm_image, glance_server, hosts, tmp_path):
     with XapiHost(tmp_path, glance_server.url) as host:
-        child = host.start_child(host.spec("boot", swarm_image, "torrent"))
+        # The seeder's limiter lets a first burst through: the child's own downlink cap
+        # keeps the download going for seconds, so the kill lands inside it.
+        spec = host.spec("boot", swarm_image, "torrent", download_rate_limit=512)
+        child = host.start_child(spec)
         scratch = host.state_dir / "scratch"
         try:
             child.stdin.write(b"go\n")
