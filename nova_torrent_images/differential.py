@@ -27,6 +27,14 @@ that has one ("Image failed safety checks"); the parent is named by the image re
 whole raw image). A restore sets the backing file to the local base copy of P
 (``qemu-img rebase -u -b P -F raw``), converts to raw into a store slot, and verifies the
 whole hash.
+
+A delta is untrusted data (whoever owns the snapshot uploaded it). Since the 2024 QCOW2
+advisories (CVE-2024-32498) Nova, Glance and Cinder check such data with oslo.utils' format
+inspector before ``qemu-img`` opens it, and so does :func:`check_delta`: it must be qcow2 and
+nothing else, pass the inspector's safety checks (no backing file, no external data file, no
+unknown incompatible features), and describe the image its record names
+(``nti_whole_size``); qemu-img's own ``info`` must agree. Every ``qemu-img`` runs with an
+explicit ``-f`` and under process limits (CPU time, address space), as Nova runs it.
 """
 
 from __future__ import annotations
@@ -41,7 +49,10 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from oslo_concurrency import processutils
 from oslo_log import log as logging
+from oslo_utils import units
+from oslo_utils.imageutils import format_inspector
 
 from nova_torrent_images import exception, verify
 from nova_torrent_images.glance import GlanceClient
@@ -107,19 +118,110 @@ def whole_view(delta: ImageInfo, chain: str | None = None) -> ImageInfo:
     )
 
 
-def qemu_img(*args: str, what: str) -> str:
-    """Run qemu-img; a failure raises ``StoreError`` with its message."""
+# Process limits of every qemu-img, as Nova's ([libvirt] images_address_space_limit=1 GiB,
+# images_cpu_time_limit=30 s): a crafted header cannot make it allocate or spin for long.
+QEMU_IMG_ADDRESS_SPACE = 1 * units.Gi
+QEMU_IMG_CPU_TIME = 30  # seconds, for the header work (create, rebase -u, info)
+# convert and commit copy the image: 3.3 s of CPU per GiB measured here (a 1 GiB image with
+# a 50 MiB delta, nearly all of it system time); three times that, and the base above.
+QEMU_IMG_CPU_PER_GIB = 10
+QEMU_IMG_TIMEOUT = 3600  # seconds of wall clock for any one run
+
+
+def copy_cpu_time(size: int) -> int:
+    """The CPU time limit of a qemu-img that copies an image of ``size`` bytes."""
+    return QEMU_IMG_CPU_TIME + QEMU_IMG_CPU_PER_GIB * -(-size // units.Gi)
+
+
+def qemu_img(*args: str, what: str, cpu_time: int = QEMU_IMG_CPU_TIME) -> str:
+    """Run qemu-img under process limits; a failure raises ``StoreError`` with its message.
+
+    Every call names the format of what it opens (``-f``): qemu-img's probing is how a
+    raw image passes for another format.
+    """
+    if "-f" not in args:
+        raise ValueError(f"qemu-img {args[0]} without -f: the format is always given")
+    limits = processutils.ProcessLimits(cpu_time=cpu_time, address_space=QEMU_IMG_ADDRESS_SPACE)
+    started: list[subprocess.Popen] = []
     try:
-        proc = subprocess.run(
-            [QEMU_IMG, *args], capture_output=True, text=True, check=False, timeout=3600
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise exception.StoreError(reason=f"qemu-img could not {what}: {exc}") from exc
-    if proc.returncode != 0:
+        out, _ = processutils.execute(
+            "env", "LC_ALL=C", "LANG=C", QEMU_IMG, *args,
+            prlimit=limits, timeout=QEMU_IMG_TIMEOUT, on_execute=started.append,
+        )  # fmt: skip
+    except processutils.ProcessExecutionError as exc:
+        if exc.exit_code in (-9, -24):  # SIGKILL, SIGXCPU: a limit was reached
+            reason = (
+                f"it was stopped by its process limits (CPU {cpu_time} s, address space "
+                f"{QEMU_IMG_ADDRESS_SPACE >> 20} MiB)"
+            )
+        else:
+            reason = (exc.stderr or "").strip() or f"exit code {exc.exit_code}"
+        raise exception.StoreError(reason=f"qemu-img could not {what}: {reason}") from exc
+    except subprocess.TimeoutExpired as exc:
+        for proc in started:
+            proc.kill()
+            proc.wait()
         raise exception.StoreError(
-            reason=f"qemu-img could not {what}: {proc.stderr.strip() or proc.returncode}"
+            reason=f"qemu-img could not {what}: no answer in {QEMU_IMG_TIMEOUT} s"
+        ) from exc
+    except OSError as exc:
+        raise exception.StoreError(reason=f"qemu-img could not {what}: {exc}") from exc
+    return out
+
+
+def check_delta(path: str, *, image_id: str, whole_size: int | None = None) -> int:
+    """Check the untrusted delta ``path`` before any qemu-img opens it; its virtual size.
+
+    As Nova checks an image before ``qemu-img`` (``do_image_deep_inspection``, then
+    ``qemu_img_info``): the format inspector must find qcow2 and only qcow2, its safety
+    checks must pass (no backing file, which also rules out ``json:`` specs; no external
+    data file; no unknown incompatible feature), and the virtual size must be that of
+    ``whole_size`` (the record's ``nti_whole_size``, rounded up to a sector); then
+    ``qemu-img info`` (under limits) must agree. Raises :class:`UnsafeImage`, naming the
+    check that failed.
+    """
+
+    def refuse(check: str, reason: str) -> exception.UnsafeImage:
+        LOG.error("Image %s: its delta failed the format check %s: %s", image_id, check, reason)
+        return exception.UnsafeImage(image_id=image_id, check=check, reason=reason)
+
+    try:
+        found = format_inspector.detect_file_format(path)
+    except format_inspector.ImageFormatError as exc:
+        raise refuse("format", str(exc)) from exc
+    except OSError as exc:
+        raise exception.StoreError(
+            reason=f"cannot read the delta of image {image_id}: {exc}"
+        ) from exc
+    if found is None or str(found) != "qcow2":
+        raise refuse("format", f"the data is {found or 'of no known format'}, not qcow2")
+    try:
+        found.safety_check()
+    except format_inspector.SafetyCheckFailed as exc:
+        checks = ", ".join(sorted(exc.failures))
+        raise refuse(checks, "; ".join(str(v) for v in exc.failures.values())) from exc
+    except format_inspector.ImageFormatError as exc:
+        raise refuse("format", str(exc)) from exc
+    size = found.virtual_size
+    if whole_size is not None and not 0 <= size - whole_size < 512:
+        raise refuse(
+            "virtual_size",
+            f"it is of a {size}-byte image, the record says {WHOLE_SIZE}={whole_size}",
         )
-    return proc.stdout
+    # qemu's own reading of the header must agree (Nova checks qemu-img info as well).
+    info = json.loads(
+        qemu_img("info", "--output=json", "-f", "qcow2", path, what=f"read image {image_id}")
+    )
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if info.get("format") != "qcow2":
+        raise refuse("qemu-img info", f"qemu-img reads it as {info.get('format')}")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise refuse("qemu-img info", f"backing file {info.get('backing-filename')!r}")
+    if data.get("data-file") or data.get("data-file-raw"):
+        raise refuse("qemu-img info", f"external data file {data.get('data-file')!r}")
+    if int(info.get("virtual-size", -1)) != size:
+        raise refuse("qemu-img info", f"virtual size {info.get('virtual-size')}, not {size}")
+    return size
 
 
 def hash_prefix(path: str, size: int) -> str:
@@ -148,29 +250,51 @@ def make_delta(parent_path: str, parent_image_id: str, disk_path: str, out_path:
     return os.path.getsize(out_path)
 
 
-def reconstruct(delta_path: str, parent_path: str, out_path: str, *, in_place: bool) -> int:
-    """Write the whole raw image of ``delta_path`` over ``parent_path``; its virtual size."""
+def reconstruct(
+    delta_path: str,
+    parent_path: str,
+    out_path: str,
+    *,
+    in_place: bool,
+    image_id: str = "unknown",
+    whole_size: int | None = None,
+) -> int:
+    """Write the whole raw image of ``delta_path`` over ``parent_path``; its virtual size.
+
+    The delta is checked first (:func:`check_delta`, for image ``image_id`` of
+    ``whole_size`` bytes): nothing opens it before.
+    """
+    size = check_delta(delta_path, image_id=image_id, whole_size=whole_size)
     qemu_img(
         "rebase", "-q", "-u", "-f", "qcow2", "-b", parent_path, "-F", "raw", delta_path,
         what="point the delta at the local parent",
     )  # fmt: skip
-    info = json.loads(qemu_img("info", "--output=json", "-f", "qcow2", delta_path, what="read"))
     args = ["convert", "-q", "-f", "qcow2", "-O", "raw"]
     if in_place:
         args.append("-n")  # a device or a file that exists: written as it is
-    qemu_img(*args, delta_path, out_path, what="rebuild the whole image")
-    return int(info["virtual-size"])
+    qemu_img(
+        *args, delta_path, out_path, what="rebuild the whole image", cpu_time=copy_cpu_time(size)
+    )
+    return size
 
 
-def commit_into(delta_path: str, clone_path: str) -> int:
-    """Write the delta's clusters into ``clone_path`` (a copy of the parent); virtual size."""
+def commit_into(
+    delta_path: str, clone_path: str, *, image_id: str = "unknown", whole_size: int | None = None
+) -> int:
+    """Write the delta's clusters into ``clone_path`` (a copy of the parent); virtual size.
+
+    The delta is checked first, as by :func:`reconstruct`.
+    """
+    size = check_delta(delta_path, image_id=image_id, whole_size=whole_size)
     qemu_img(
         "rebase", "-q", "-u", "-f", "qcow2", "-b", clone_path, "-F", "raw", delta_path,
         what="point the delta at the parent's clone",
     )  # fmt: skip
-    info = json.loads(qemu_img("info", "--output=json", "-f", "qcow2", delta_path, what="read"))
-    qemu_img("commit", "-q", "-f", "qcow2", delta_path, what="write the delta into the clone")
-    return int(info["virtual-size"])
+    qemu_img(
+        "commit", "-q", "-f", "qcow2", delta_path,
+        what="write the delta into the clone", cpu_time=copy_cpu_time(size),
+    )  # fmt: skip
+    return size
 
 
 @contextlib.contextmanager
@@ -212,24 +336,34 @@ class DeltaSource:
     ) -> FetchResult:
         """Rebuild ``image`` (the whole view) into ``slot``, verified; typed errors only."""
         start = time.monotonic()
+        checked = {"image_id": self.delta.id, "whole_size": image.size}
         try:
+            if self.delta.disk_format != "qcow2":
+                raise exception.UnsafeImage(
+                    image_id=self.delta.id,
+                    check="disk_format",
+                    reason=f"its record says {self.delta.disk_format!r}; a delta is qcow2",
+                )
             with scratch_file(self.scratch_dir, self.delta.id) as tmp:
                 got = self.glance.download(self.delta, tmp, verify_hash=self.verify_hash)
                 if self.in_parent_clone:
-                    size = commit_into(tmp, slot.path)
+                    size = commit_into(tmp, slot.path, **checked)
                 else:
                     with self.store.seed_path(self.parent) as parent_path:
-                        size = reconstruct(tmp, parent_path, slot.path, in_place=slot.preallocated)
-            # qcow2 sizes are whole 512-byte sectors; the image may end inside one.
-            if not 0 <= size - image.size < 512:
-                raise exception.StoreError(
-                    reason=f"the delta is of a {size}-byte image, not {WHOLE_SIZE}={image.size}"
-                )
+                        size = reconstruct(
+                            tmp, parent_path, slot.path, in_place=slot.preallocated, **checked
+                        )
+            # qcow2 sizes are whole 512-byte sectors (check_delta allowed no more); the
+            # image may end inside one.
             if size != image.size and not slot.preallocated:
                 os.truncate(slot.path, image.size)
             verify.verify_file(image, slot.path, exact_size=not slot.preallocated)
         except exception.DeltaChainError:
             raise
+        except exception.UnsafeImage as exc:  # the chain named, the check kept as the cause
+            raise exception.DeltaChainError(
+                image_id=self.delta.id, chain=self.chain, reason=str(exc)
+            ) from exc
         except (exception.IntegrityError, exception.StoreError) as exc:
             raise exception.DeltaChainError(
                 image_id=self.delta.id, chain=self.chain, reason=f"the delta is corrupt: {exc}"

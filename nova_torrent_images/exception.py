@@ -164,6 +164,15 @@ class DeltaChainError(TorrentImagesError):
     msg_fmt = "Differential image %(image_id)s (chain %(chain)s) cannot be restored: %(reason)s"
 
 
+class UnsafeImage(TorrentImagesError):
+    """Untrusted image data failed a format check; qemu-img never opened it."""
+
+    msg_fmt = (
+        "Image %(image_id)s: its data failed the format check '%(check)s' (%(reason)s); "
+        "it was not handed to qemu-img, and was discarded"
+    )
+
+
 class NotPublishable(TorrentImagesError):
     """The image cannot be published as a torrent; nothing was changed."""
 

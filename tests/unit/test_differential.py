@@ -17,6 +17,7 @@ Glance; qemu-img is real (tools/install-system-packages installs it).
 """
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -333,3 +334,144 @@ def test_a_disk_that_changed_most_of_its_parent_is_uploaded_whole(xen, glance):
     assert rec["disk_format"] == "raw" and "nti_parent_image" not in rec
     assert glance.uploads["snap-w"][0] == whole
     assert "snap-w" in {b.image_id for b in handler.pipeline(xen.session).store.list()}
+
+
+# -- untrusted deltas: checked before qemu-img opens them -----------------------------
+
+QEMU_LOG = "qemu-img.log"
+
+
+@pytest.fixture
+def recorded_qemu_img(tmp_path, monkeypatch):
+    """A qemu-img first on PATH that logs its limits and arguments, then runs the real one."""
+    real = shutil.which("qemu-img")
+    wrappers = tmp_path / "wrappers"
+    wrappers.mkdir()
+    log = tmp_path / QEMU_LOG
+    script = wrappers / "qemu-img"
+    script.write_text(
+        f'#!/bin/sh\necho "cpu=$(ulimit -t) as=$(ulimit -v) $*" >> {log}\nexec {real} "$@"\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrappers}:{os.environ['PATH']}")
+    log.write_text("")
+    return log
+
+
+def qemu(*args):
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def craft(tmp_path, kind):
+    """A qcow2 delta of D1 over DATA made hostile in one way; the host file it points at."""
+    secret = tmp_path / "host-secret"
+    path = tmp_path / f"{kind}.qcow2"
+    size = str(len(D1))
+    if kind == "data_file":
+        # Its clusters are the bytes of a file of the host (the external data file).
+        qemu("create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on",
+             str(path), size)  # fmt: skip
+        secret.write_bytes(b"a file of the host " * (len(D1) // 19 + 1))
+    elif kind == "json_backing":
+        spec = json.dumps({"driver": "raw", "file": {"driver": "file", "filename": str(secret)}})
+        secret.write_bytes(b"a file of the host " * (len(D1) // 19 + 1))
+        qemu("create", "-q", "-f", "qcow2", "-u", "-b", f"json:{spec}", "-F", "raw",
+             str(path), size)  # fmt: skip
+    elif kind == "virtual_size":
+        parent, disk = tmp_path / "vs.parent", tmp_path / "vs.disk"
+        parent.write_bytes(DATA)
+        disk.write_bytes(D1)
+        differential.make_delta(str(parent), "img-1", str(disk), str(path))
+        qemu("resize", "-q", "-f", "qcow2", str(path), "1T")  # a TiB for a 1 MiB record
+    elif kind == "unknown_features":
+        parent, disk = tmp_path / "uf.parent", tmp_path / "uf.disk"
+        parent.write_bytes(DATA)
+        disk.write_bytes(D1)
+        differential.make_delta(str(parent), "img-1", str(disk), str(path))
+        header = bytearray(path.read_bytes())
+        header[0x48 + 7] |= 0x80  # an incompatible feature bit nobody defined
+        path.write_bytes(bytes(header))
+    return path.read_bytes()
+
+
+def add_crafted(glance, tmp_path, kind, image_id="s-evil"):
+    glance.add(
+        image_id,
+        craft(tmp_path, kind),
+        disk_format="qcow2",
+        nti_parent_image="img-1",
+        nti_whole_size=str(len(D1)),
+        nti_whole_hash=hashlib.sha512(D1).hexdigest(),
+    )
+
+
+HOSTILE = {
+    "data_file": "data_file",
+    "json_backing": "backing_file",
+    "virtual_size": "virtual_size",
+    "unknown_features": "unknown_features",
+}
+
+
+def refused_check(err) -> str:
+    cause = err.value.__cause__
+    assert isinstance(cause, exception.UnsafeImage), repr(cause)
+    assert "s-evil" in str(err.value) and "img-1 <- s-evil" in str(err.value)
+    return cause.kwargs["check"]
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_xenapi_a_hostile_delta_is_refused_before_qemu_img_runs(
+    xen, glance, tmp_path, kind, recorded_qemu_img
+):
+    add_crafted(glance, tmp_path, kind)
+    recorded_qemu_img.write_text("")  # crafting ran the real qemu-img
+    with pytest.raises(exception.DeltaChainError) as err:
+        xen.handler().download_image(project(), xen.session, {"name": "vm"}, "s-evil")
+    assert recorded_qemu_img.read_text() == "", "qemu-img ran on the hostile delta"
+    assert refused_check(err) == HOSTILE[kind]
+    assert xen.roles() == ["base"]  # the verified parent; the clone slot is gone
+    assert not xen.fake.leaks(xen.baseline).vbds
+    assert scratch_empty(xen.conf.torrent_images.state_dir)
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_filesystem_a_hostile_delta_is_refused_before_qemu_img_runs(
+    fs, glance, tmp_path, kind, recorded_qemu_img
+):
+    add_crafted(glance, tmp_path, kind)
+    recorded_qemu_img.write_text("")
+    with pytest.raises(exception.DeltaChainError) as err:
+        fs.restore("s-evil")
+    assert recorded_qemu_img.read_text() == "", "qemu-img ran on the hostile delta"
+    assert refused_check(err) == HOSTILE[kind]
+    assert fs.files() == ["img-1.base", "img-1.json"]
+    assert scratch_empty(fs.conf.torrent_images.state_dir)
+
+
+def test_a_delta_whose_record_is_not_qcow2_is_refused_unread(fs, glance, recorded_qemu_img):
+    glance.records["s-1"]["disk_format"] = "raw"
+    requests = glance.data_requests
+    with pytest.raises(exception.DeltaChainError) as err:
+        fs.restore("s-1")
+    assert err.value.__cause__.kwargs["check"] == "disk_format"
+    assert glance.data_requests == requests + 1  # the parent only
+    assert recorded_qemu_img.read_text() == ""
+
+
+def test_every_qemu_img_of_a_restore_names_its_format_under_limits(fs, recorded_qemu_img):
+    base = fs.restore("s-2")
+    with open(base.ref, "rb") as f:
+        assert f.read() == D2
+    runs = recorded_qemu_img.read_text().splitlines()
+    assert {line.split()[2] for line in runs} == {"info", "rebase", "convert"}
+    for line in runs:
+        cpu, address_space, *args = line.split()
+        assert "-f" in args
+        assert cpu != "cpu=unlimited" and address_space == f"as={1024 * 1024}", line
+
+
+def test_qemu_img_without_a_format_is_never_run(recorded_qemu_img, tmp_path):
+    with pytest.raises(ValueError, match="-f"):
+        differential.qemu_img("info", str(tmp_path / "x"), what="read")
+    assert recorded_qemu_img.read_text() == ""
