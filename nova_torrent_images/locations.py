@@ -34,12 +34,15 @@ hash as it is written, as on the Glance path.
 
 from __future__ import annotations
 
+import errno
+import http.client
 import json
 import os
+import socket
+import stat
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +99,13 @@ class Resume:
         self.hasher.update(data)
         self.offset += len(data)
 
+    def mark(self) -> tuple[int, Any]:
+        """Where a source starts: :meth:`rewind` goes back there if it is refused."""
+        return self.offset, self.hasher.copy()
+
+    def rewind(self, mark: tuple[int, Any]) -> None:
+        self.offset, self.hasher = mark[0], mark[1].copy()
+
 
 def _open_slot(slot: Slot, offset: int):
     mode = "r+b" if slot.preallocated or os.path.exists(slot.path) else "wb"
@@ -112,8 +122,12 @@ def _copy(
     image: ImageInfo,
     resume: Resume,
     progress: ProgressCallback | None,
+    pace: Callable[[int], None] | None = None,
 ) -> None:
-    """Append what ``read`` gives to the slot from ``resume.offset``, up to the image size."""
+    """Append what ``read`` gives to the slot from ``resume.offset``, up to the image size.
+
+    ``pace(n)`` is told of every chunk read, and raises to abandon a slow source.
+    """
     with _open_slot(slot, resume.offset) as out:
         while resume.offset < image.size:
             chunk = read(min(CHUNK, image.size - resume.offset))
@@ -121,14 +135,25 @@ def _copy(
                 break
             out.write(chunk)
             resume.wrote(chunk)
+            if pace is not None:
+                pace(len(chunk))
             if progress is not None:
                 progress(resume.offset, image.size, 0, 0)
         out.flush()
         os.fsync(out.fileno())
 
 
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
 class FileLocationSource:
-    """A ``file://`` location on storage this host mounts."""
+    """A ``file://`` location on storage this host mounts (``location_file_prefixes``).
+
+    Glance's record names the path, and whoever may add a location to an image chooses it:
+    only regular files under the configured mounts are read, never through a symbolic link
+    (the file actually opened is checked, so a link swapped in meanwhile is caught too).
+    """
 
     kind = "file"
 
@@ -139,28 +164,83 @@ class FileLocationSource:
         location: Location,
         resume: Resume,
         *,
-        stall_timeout: float,
+        settings: LocationSettings,
         progress: ProgressCallback | None = None,
     ) -> int:
-        path = urllib.parse.urlsplit(location.url).path
+        def refuse(reason: str) -> LocationError:
+            return LocationError(image_id=image.id, location=location.url, reason=reason)
+
+        parts = urllib.parse.urlsplit(location.url)
+        path = urllib.parse.unquote(parts.path)
+        if parts.netloc not in ("", "localhost") or os.path.normpath(path) != path:
+            raise refuse("it is not a plain absolute path on this host")
+        prefixes = [os.path.normpath(p) for p in settings.file_prefixes if p.strip()]
+        prefix = next((p for p in prefixes if _under(path, p)), None)
+        if prefix is None:
+            raise refuse(
+                "it is outside [torrent_images] location_file_prefixes="
+                f"{','.join(settings.file_prefixes) or '(none)'}"
+            )
+        # The real path of the file must be the one named, under the mount's real path:
+        # no symbolic link anywhere below the prefix (the operator's mount may be one).
+        expected = os.path.join(os.path.realpath(prefix), os.path.relpath(path, prefix))
         try:
-            size = os.path.getsize(path)
-            if size != image.size:
-                raise LocationError(
-                    image_id=image.id,
-                    location=location.url,
-                    reason=f"it holds {size} bytes, Glance says {image.size}",
-                )
-            with open(path, "rb") as src:
+            # O_NOFOLLOW: not a link itself; O_NONBLOCK: a FIFO does not hang the open.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise refuse("it is a symbolic link; locations are read only as named") from exc
+            raise refuse(str(exc)) from exc
+        with os.fdopen(fd, "rb") as src:
+            try:
+                st = os.fstat(fd)
+                opened = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError as exc:
+                raise refuse(str(exc)) from exc
+            if not stat.S_ISREG(st.st_mode):
+                raise refuse("it is not a regular file (a device, a FIFO, a directory)")
+            if opened != expected:
+                raise refuse(f"it leads through a symbolic link to {opened}")
+            if st.st_size != image.size:
+                raise refuse(f"it holds {st.st_size} bytes, Glance says {image.size}")
+            try:
+                os.set_blocking(fd, True)
                 src.seek(resume.offset)
                 _copy(src.read, slot, image, resume, progress)
-        except OSError as exc:
-            raise LocationError(image_id=image.id, location=location.url, reason=str(exc)) from exc
+            except OSError as exc:
+                raise refuse(str(exc)) from exc
         return image.size
 
 
+class _Pace:
+    """Abandons a source that sends less than ``min_rate`` bytes/s over any ``window``."""
+
+    def __init__(self, min_rate: int, window: float, fail: Callable[[str], Exception]) -> None:
+        self.min_rate, self.window, self._fail = min_rate, window, fail
+        self._since, self._bytes = time.monotonic(), 0
+
+    def __call__(self, n: int) -> None:
+        self._bytes += n
+        elapsed = time.monotonic() - self._since
+        if elapsed < self.window:
+            return
+        if self._bytes < self.min_rate * elapsed:
+            raise self._fail(
+                f"it sent {self._bytes / elapsed / 1024:.0f} KiB/s over {elapsed:.1f}s, less "
+                f"than [torrent_images] location_min_rate={self.min_rate // 1024}"
+            )
+        self._since, self._bytes = time.monotonic(), 0
+
+
 class HTTPLocationSource:
-    """An ``http(s)://`` location or zone cache, read with Range requests."""
+    """An ``http(s)://`` location or zone cache, read with Range requests.
+
+    Read where it is named or not at all: a redirect is refused (it could lead anywhere
+    the host can reach). The headers must arrive within ``location_stall_timeout``, the
+    body at ``location_min_rate`` at least, and the answer must be of exactly the range
+    asked for; otherwise the next source continues where this one stopped (or, for an
+    answer longer than the image, where it started).
+    """
 
     kind = "http"
 
@@ -171,34 +251,89 @@ class HTTPLocationSource:
         location: Location,
         resume: Resume,
         *,
-        stall_timeout: float,
+        settings: LocationSettings,
         progress: ProgressCallback | None = None,
     ) -> int:
+        def fail(reason: str) -> LocationError:
+            return LocationError(image_id=image.id, location=location.url, reason=reason)
+
+        mark = resume.mark()
         start = resume.offset
-        request = urllib.request.Request(
-            location.url, headers={"Range": f"bytes={start}-{image.size - 1}"}
+        parts = urllib.parse.urlsplit(location.url)
+        connection_class = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         )
+        # The socket timeout is the stall timeout: no byte for that long is a stall.
+        conn = connection_class(parts.hostname, parts.port, timeout=settings.stall_timeout)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        late = threading.Event()
         try:
-            # The socket timeout is the stall timeout: no byte for that long is a stall.
-            with urllib.request.urlopen(request, timeout=stall_timeout) as response:  # noqa: S310
-                if start and response.status != 206:
-                    raise LocationError(
-                        image_id=image.id,
-                        location=location.url,
-                        reason=f"asked for bytes {start}- and got HTTP {response.status}",
-                    )
-                _copy(response.read, slot, image, resume, progress)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise LocationError(
-                image_id=image.id, location=location.url, reason=f"{exc} at byte {resume.offset}"
-            ) from exc
+            conn.connect()
+            # The whole header must come within the stall timeout, not a byte at a time.
+            timer = threading.Timer(settings.stall_timeout, _cut, (conn, late))
+            timer.start()
+            try:
+                conn.request("GET", target, headers={"Range": f"bytes={start}-{image.size - 1}"})
+                response = conn.getresponse()
+            finally:
+                timer.cancel()
+            if late.is_set():  # cut off: what came before the cut is no answer
+                raise OSError("cut off")
+            self._check_answer(response, start, image.size, fail)
+            pace = None
+            if settings.min_rate:
+                pace = _Pace(settings.min_rate, settings.stall_timeout, fail)
+            _copy(response.read1, slot, image, resume, progress, pace)
+            if resume.offset == image.size and response.read1(1):
+                resume.rewind(mark)
+                raise fail(f"it sent more than the {image.size - start} bytes asked for")
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            if late.is_set():
+                raise fail(
+                    f"no complete answer within [torrent_images] location_stall_timeout="
+                    f"{settings.stall_timeout:g}s"
+                ) from exc
+            raise fail(f"{exc} at byte {resume.offset}") from exc
+        finally:
+            conn.close()
         if resume.offset != image.size:
-            raise LocationError(
-                image_id=image.id,
-                location=location.url,
-                reason=f"the body ended at byte {resume.offset} of {image.size}",
-            )
+            raise fail(f"the body ended at byte {resume.offset} of {image.size}")
         return resume.offset - start
+
+    @staticmethod
+    def _check_answer(
+        response: http.client.HTTPResponse,
+        start: int,
+        size: int,
+        fail: Callable[[str], LocationError],
+    ) -> None:
+        """The answer is the range asked for, announced as such, or it is refused."""
+        if 300 <= response.status < 400:
+            raise fail(
+                f"it redirects (HTTP {response.status}) to {response.getheader('Location')!r}; "
+                "a location is read where Glance says it is, or not at all"
+            )
+        if response.status not in (200, 206) or (start and response.status != 206):
+            raise fail(f"asked for bytes {start}- and got HTTP {response.status}")
+        if response.status == 206:
+            expected = f"bytes {start}-{size - 1}/{size}"
+            got = (response.getheader("Content-Range") or "").strip()
+            if got != expected:
+                raise fail(f"it answered Content-Range {got!r}, not {expected!r}")
+        length = response.getheader("Content-Length")
+        if length is not None and length.strip() != str(size - start):
+            raise fail(f"it announced {length} bytes, not the {size - start} asked for")
+
+
+def _cut(conn: http.client.HTTPConnection, late: threading.Event) -> None:
+    """Shut a connection whose answer is late (the reading thread then fails)."""
+    late.set()
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed meanwhile
 
 
 def load_source(kind: str) -> Any:
@@ -212,6 +347,8 @@ class LocationSettings:
     zone_caches: tuple[str, ...]
     stall_timeout: float
     state_dir: str
+    file_prefixes: tuple[str, ...] = ()  # where file:// locations may be read
+    min_rate: int = 0  # bytes/s an http(s) location must send at least
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> LocationSettings:
@@ -222,6 +359,8 @@ class LocationSettings:
             tuple(opts.zone_caches),
             float(opts.location_stall_timeout),
             opts.state_dir,
+            tuple(opts.location_file_prefixes),
+            opts.location_min_rate * 1024,
         )
 
 
@@ -339,7 +478,7 @@ def fetch_from_locations(
                 slot,
                 location,
                 resume,
-                stall_timeout=settings.stall_timeout,
+                settings=settings,
                 progress=progress,
             )
         except LocationError as exc:

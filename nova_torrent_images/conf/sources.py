@@ -52,7 +52,24 @@ source_opts = [
         default=30,
         min=1,
         help="Seconds without a byte after which a location or zone cache counts as "
-        "stalled and the next source continues where it stopped.",
+        "stalled and the next source continues where it stopped. An http(s) location "
+        "must also send its answer's headers within this long.",
+    ),
+    cfg.IntOpt(
+        "location_min_rate",
+        default=1024,
+        min=0,
+        help="KiB/s an http(s) location or zone cache must send at least, measured over "
+        "every location_stall_timeout seconds; a slower one is abandoned and the next "
+        "source continues where it stopped. 0: no minimum (only location_stall_timeout).",
+    ),
+    cfg.ListOpt(
+        "location_file_prefixes",
+        default=[],
+        help="Directories under which this host reads file:// image locations: the "
+        "mounts of a shared image store (e.g. /mnt/glance/images/). A file:// location "
+        "outside them, reached through a symbolic link, or that is not a regular file (a "
+        "device, a FIFO) is refused. Empty: file:// locations are not read.",
     ),
 ]
 

@@ -116,7 +116,10 @@ def located(tmp_path_factory, glance_installed):  # noqa: F811
         server.stop()
 
 
-def host_conf(tmp_path, **overrides):
+def host_conf(tmp_path, server=None, **overrides):
+    """A host that mounts ``server``'s file store (its file:// locations), if given."""
+    if server is not None:
+        overrides.setdefault("location_file_prefixes", [str(server.data_dir)])
     return make_conf(
         state_dir=str(tmp_path / "state"),
         mode="none",
@@ -148,7 +151,7 @@ def test_the_location_ranked_first_serves(located, tmp_path, first):
     reads = data_reads(server, image.id)
     dest = tmp_path / "image.raw"
     result = fetch_to_file(
-        image, str(dest), conf=host_conf(tmp_path, location_preference=[first]), glance=glance
+        image, str(dest), conf=host_conf(tmp_path, server, location_preference=[first]), glance=glance
     )
     assert result.source == "location" and result.location.startswith(first)
     assert hashlib.sha512(dest.read_bytes()).hexdigest() == image.hash_value
@@ -165,7 +168,7 @@ def test_a_stalled_location_falls_through_and_the_next_continues(located, tmp_pa
     result = fetch_to_file(
         image,
         str(dest),
-        conf=host_conf(tmp_path, location_preference=["http://", "file://"]),
+        conf=host_conf(tmp_path, server, location_preference=["http://", "file://"]),
         glance=glance,
     )
     assert time.monotonic() - started < 15
@@ -182,6 +185,6 @@ def test_zone_affinity_ranks_a_location_of_this_zone_first(located, tmp_path):
     glance = GlanceClient.for_endpoint(server.url)
     image = glance.image_info(record["id"])
     result = fetch_to_file(
-        image, str(tmp_path / "image.raw"), conf=host_conf(tmp_path, zone="zone-b"), glance=glance
+        image, str(tmp_path / "image.raw"), conf=host_conf(tmp_path, server, zone="zone-b"), glance=glance
     )
     assert result.location == web.url  # its metadata names zone-b

@@ -18,6 +18,7 @@ import hashlib
 import http.server
 import os
 import threading
+import time
 
 import pytest
 
@@ -59,6 +60,8 @@ def settings(tmp_path, **kw):
         "zone_caches": (),
         "stall_timeout": 1.0,
         "state_dir": str(tmp_path),
+        "file_prefixes": (str(tmp_path),),
+        "min_rate": 0,
     }
     values.update(kw)
     return LocationSettings(**values)
@@ -147,3 +150,210 @@ def test_every_location_failing_names_them_all(tmp_path):
     with pytest.raises(LocationError) as failed:
         fetch_from_locations(img, slot, settings(tmp_path), verify_hash=True)
     assert "/nonexistent/a" in str(failed.value) and "127.0.0.1:9" in str(failed.value)
+
+
+# -- locations that must not be read -----------------------------------------------
+
+
+def good_copy(tmp_path):
+    whole = tmp_path / "mount" / "whole"
+    whole.parent.mkdir(exist_ok=True)
+    whole.write_bytes(DATA)
+    return f"file://{whole}"
+
+
+def fetch_first_then_good(tmp_path, url, **kw):
+    """Fetch with ``url`` ranked first and a good file:// copy second."""
+    img = image([{"url": url}, {"url": good_copy(tmp_path)}])
+    slot = Slot("img-1", len(DATA), str(tmp_path / "slot"))
+    kw.setdefault("preference", (url,))
+    result = fetch_from_locations(img, slot, settings(tmp_path, **kw), verify_hash=True)
+    assert result.location == good_copy(tmp_path)
+    assert (tmp_path / "slot").read_bytes() == DATA
+    return result
+
+
+def refusal(caplog) -> str:
+    return " ".join(r.getMessage() for r in caplog.records if "trying the next" in r.getMessage())
+
+
+def test_a_file_location_outside_the_mount_prefixes_is_refused(tmp_path, caplog):
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes(DATA)
+    fetch_first_then_good(tmp_path, f"file://{outside}", file_prefixes=(str(tmp_path / "mount"),))
+    assert "outside [torrent_images] location_file_prefixes" in refusal(caplog)
+    caplog.clear()
+    # Dot segments do not climb out of a mount either.
+    mount = tmp_path / "mount"
+    dotted = f"file://{mount}/../elsewhere"
+    fetch_first_then_good(tmp_path, dotted, file_prefixes=(str(mount),))
+    assert "not a plain absolute path" in refusal(caplog)
+
+
+def test_a_file_location_with_no_prefixes_configured_is_refused(tmp_path, caplog):
+    whole = tmp_path / "whole"
+    whole.write_bytes(DATA)
+    slot = Slot("img-1", len(DATA), str(tmp_path / "slot"))
+    with pytest.raises(LocationError, match="location_file_prefixes=\\(none\\)"):
+        fetch_from_locations(
+            image([{"url": f"file://{whole}"}]),
+            slot,
+            settings(tmp_path, file_prefixes=()),
+            verify_hash=True,
+        )
+
+
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_a_file_location_through_a_symlink_is_refused(tmp_path, caplog, where):
+    secret = tmp_path / "secret"
+    secret.write_bytes(DATA)  # the right bytes even: the link alone is refused
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    if where == "file":
+        (mount / "link").symlink_to(secret)
+        url = f"file://{mount}/link"
+    else:
+        (mount / "dir").symlink_to(tmp_path)
+        url = f"file://{mount}/dir/secret"
+    fetch_first_then_good(tmp_path, url, file_prefixes=(str(mount),))
+    assert "symbolic link" in refusal(caplog)
+
+
+def test_a_file_location_to_a_device_or_fifo_is_refused(tmp_path, caplog):
+    fetch_first_then_good(tmp_path, "file:///dev/zero", file_prefixes=("/dev", str(tmp_path)))
+    assert "not a regular file" in refusal(caplog)
+    caplog.clear()
+    fifo = tmp_path / "mount" / "fifo"
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    fetch_first_then_good(tmp_path, f"file://{fifo}")  # opening it must not hang
+    assert time.monotonic() - started < 5
+    assert "not a regular file" in refusal(caplog)
+
+
+class Misbehaving(http.server.ThreadingHTTPServer):
+    """Answers every GET the way ``mode`` says; counts requests."""
+
+    daemon_threads = True
+
+    def __init__(self, mode: str, redirect_to: str = "") -> None:
+        self.mode, self.redirect_to, self.requests = mode, redirect_to, 0
+        self.stop = threading.Event()
+        super().__init__(("127.0.0.1", 0), _MisbehavingHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/img"
+
+    def close(self) -> None:
+        self.stop.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _MisbehavingHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        server = self.server
+        server.requests += 1
+        mode = server.mode
+        if mode == "redirect":
+            self.send_response(302)
+            self.send_header("Location", server.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if mode == "slow-headers":  # a slowloris: one header byte at a time
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"x" * 1000:
+                if server.stop.wait(0.05):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            return
+        body = DATA
+        if mode == "more":  # no length announced, and more bytes than the image
+            body = DATA + b"and then some"
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+        elif mode == "announces-more":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(DATA) + 10))
+            self.end_headers()
+        elif mode == "less":  # announces the image, sends less, closes
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(DATA)))
+            self.end_headers()
+            body = DATA[: len(DATA) // 3]
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(DATA)))
+            self.end_headers()
+        if mode == "slow-body":  # a byte stream that never stalls long, at 40 KiB/s
+            for at in range(0, len(body), 2048):
+                if server.stop.wait(0.05):
+                    return
+                self.wfile.write(body[at : at + 2048])
+                self.wfile.flush()
+            return
+        self.wfile.write(body)
+        self.close_connection = True
+
+
+@pytest.fixture
+def misbehaving():
+    made = []
+
+    def make(mode, **kw):
+        made.append(Misbehaving(mode, **kw))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def test_an_http_location_that_redirects_elsewhere_is_refused(tmp_path, caplog, misbehaving):
+    elsewhere = misbehaving("fine")
+    server = misbehaving("redirect", redirect_to=elsewhere.url)
+    fetch_first_then_good(tmp_path, server.url)
+    assert "redirects (HTTP 302)" in refusal(caplog) and elsewhere.url in refusal(caplog)
+    assert elsewhere.requests == 0  # never followed
+
+
+def test_an_http_location_whose_headers_trickle_is_abandoned(tmp_path, caplog, misbehaving):
+    server = misbehaving("slow-headers")
+    started = time.monotonic()
+    fetch_first_then_good(tmp_path, server.url, stall_timeout=1.0)
+    assert time.monotonic() - started < 10
+    assert "no complete answer within" in refusal(caplog)
+
+
+def test_an_http_location_that_sends_slowly_is_abandoned(tmp_path, caplog, misbehaving):
+    server = misbehaving("slow-body")
+    started = time.monotonic()
+    result = fetch_first_then_good(tmp_path, server.url, stall_timeout=1.0, min_rate=1024 * 1024)
+    assert time.monotonic() - started < 10
+    assert "location_min_rate=1024" in refusal(caplog)
+    assert result.bytes_from_location == len(DATA)
+
+
+@pytest.mark.parametrize("mode", ["more", "announces-more", "less"])
+def test_an_http_location_that_sends_another_size_is_refused(
+    tmp_path, caplog, misbehaving, mode
+):
+    server = misbehaving(mode)
+    fetch_first_then_good(tmp_path, server.url)
+    said = refusal(caplog)
+    expected = {
+        "more": "more than the",
+        "announces-more": "it announced",
+        "less": "at byte",
+    }[mode]
+    assert expected in said, said
