@@ -38,6 +38,7 @@ from collections.abc import Callable
 from oslo_log import log as logging
 
 from nova_torrent_images import exception, qos
+from nova_torrent_images.swarm.landing import PieceLanding
 from nova_torrent_images.utils import parse_host_port
 
 LOG = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ class StripeClient:
         self._lock = threading.Lock()  # the worker's streams share the client
         self._local = threading.local()  # this thread's connections: part -> connection
         self._path = f"/v1/torrents/{info_hash}"
+        # Other hosts fetching this image's stripes, as the last answer said (None: the
+        # origin does not say): a host alone lands its stripes itself (swarm/landing.py).
+        self.others_fetching: int | None = None
 
     def _connection(self, part: int) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection to node ``part``, and whether it was used before."""
@@ -230,6 +234,9 @@ class StripeClient:
                     image_id=self.image_id, url=self.urls[part], reason=f"bad answer: {exc}"
                 ) from exc
             self._introduce(answer.get("peers") or [])
+            fetching = answer.get("fetching")
+            if isinstance(fetching, int) and not isinstance(fetching, bool):
+                self.others_fetching = fetching
             pieces = [int(p) for p in answer.get("pieces", [])]
             if want is None and answer.get("done"):
                 with self._lock:
@@ -326,7 +333,10 @@ class StripeWorker:
         missing: Callable[[], list[int]],
         progress: Callable[[], int],
         offer: Callable[[int, bytes | bytearray], None] | None = None,
+        landing: PieceLanding | None = None,
     ) -> None:
+        """``landing``: while this host is alone, pieces are written by it instead of
+        ``add_piece`` (see :mod:`nova_torrent_images.swarm.landing`)."""
         self.client = client
         self.piece_length = piece_length
         self.size = size
@@ -334,6 +344,10 @@ class StripeWorker:
         self._missing = missing  # pieces the torrent still lacks
         self._progress = progress  # bytes the torrent has (to tell a quiet swarm)
         self._offer = offer
+        self.landing = landing
+        self._announcing: threading.Thread | None = None
+        self._announce_lock = threading.Lock()
+        self.storage_error: OSError | None = None  # writing a landed piece failed
         self._stop = threading.Event()
         self.failed: StripeError | None = None
         self.bytes_fetched = 0
@@ -371,6 +385,8 @@ class StripeWorker:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=HTTP_TIMEOUT + 5)
+        if self._announcing is not None:
+            self._announcing.join(timeout=HTTP_TIMEOUT + 5)
         if self._hasher is not None:
             # What was fetched is hashed before stop returns: cheaper than reading it back.
             with self._hash_ready:
@@ -433,9 +449,44 @@ class StripeWorker:
     def _fetch_assigned(self) -> None:
         while not self._stop.is_set():
             batch = self.client.next_batch()
+            if self.landing is not None and self.client.others_fetching:
+                self.stop_landing("the origin says other hosts fetch this image")
             if batch is None:
                 return
             self._fetch(*batch)
+
+    def stop_landing(self, why: str) -> None:
+        """Another host needs pieces: stripes go to libtorrent from now on, and so do the
+        pieces landed so far (read back, in a thread of their own). Idempotent."""
+        if self.landing is None:
+            return
+        with self._announce_lock:
+            if self._announcing is not None or not self.landing.active:
+                return
+            self._announcing = threading.Thread(
+                target=self._announce_landed, args=(why,), name="stripes-announce", daemon=True
+            )
+            self._announcing.start()
+
+    def _announce_landed(self, why: str) -> None:
+        qos.lower_thread_priority()
+        landing = self.landing
+        assert landing is not None
+        pieces = landing.stop()
+        LOG.info(
+            "Image %s: %s; the %d pieces this host landed itself go to the swarm",
+            self.client.image_id,
+            why,
+            len(pieces),
+        )
+        try:
+            for piece in pieces:
+                if self._stop.is_set():
+                    return
+                self._add_piece(piece, landing.read(piece))
+        except OSError as exc:
+            self.storage_error = exc
+            LOG.error("Image %s: reading landed pieces back failed: %s", self.client.image_id, exc)
 
     def _fetch_what_went_missing(self) -> None:
         last, quiet_since = self._progress(), time.monotonic()
@@ -480,9 +531,29 @@ class StripeWorker:
             for i, (piece, data) in enumerate(zip(run, buffers, strict=True)):
                 if self._hasher is not None:
                     self._to_hash(start + i * self.piece_length, data)
+                if self.landing is not None and self._land(piece, data) is not None:
+                    continue
                 self._add_piece(piece, data)
             if self._stop.is_set():
                 return
+
+    def _land(self, piece: int, data: bytearray) -> bool | None:
+        """Write ``piece`` into the destination ourselves; None: hand it to libtorrent."""
+        try:
+            landed = self.landing.land(piece, data)
+        except OSError as exc:
+            self.storage_error = exc
+            self._stop.set()
+            LOG.error("Image %s: writing piece %d failed: %s", self.client.image_id, piece, exc)
+            return False
+        if landed is False:
+            LOG.warning(
+                "Image %s: piece %d from the origin's stripes failed its v2 hash check; "
+                "it is fetched again",
+                self.client.image_id,
+                piece,
+            )
+        return landed
 
 
 def _runs(pieces: list[int]) -> list[list[int]]:

@@ -536,3 +536,58 @@ def test_a_response_that_falls_behind_books_the_rest_again(fake_clock):
     fake_clock[0] = 51.0
     other.wait(1000)
     assert fake_clock[0] == 51.0  # the other one was never held up
+
+
+def landing_worker(srv, entry, tmp_path, add_piece):
+    from nova_torrent_images.swarm.landing import PieceLanding
+
+    client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+    landing = PieceLanding(str(tmp_path / "slot"), piece_length=256 * 1024, size=SIZE, layer=None)
+    worker = StripeWorker(
+        client,
+        piece_length=256 * 1024,
+        size=SIZE,
+        add_piece=add_piece,
+        missing=list,
+        progress=lambda: 0,
+        landing=landing,
+    )
+    return worker, landing
+
+
+def test_a_lone_host_lands_every_piece_and_hands_libtorrent_none(server, tmp_path):
+    srv, entry, data = server
+    added = {}
+    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: d}))
+    worker.start()
+    for thread in worker._threads:
+        thread.join(timeout=10)
+    worker.stop()
+    assert worker.client.others_fetching == 0
+    assert not added and landing.landed() == set(range(13))
+    landing.close()
+    assert (tmp_path / "slot").read_bytes() == data
+    # Another host needs pieces after all: every landed piece goes to libtorrent, as stored.
+    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: d}))
+    for i in range(13):
+        landing.land(i, bytearray(data[i * 256 * 1024 : (i + 1) * 256 * 1024]))
+    worker.stop_landing("a test")
+    worker._announcing.join(timeout=10)
+    assert b"".join(bytes(added[p]) for p in range(13)) == data
+    landing.close()
+
+
+def test_a_host_told_that_others_fetch_lands_nothing(server, tmp_path):
+    srv, entry, data = server
+    stripes = srv.dispenser.image(entry.info_hash_v2)
+    srv.dispenser.peers(stripes, "127.0.0.8:6881")  # another host asked just now
+    added = {}
+    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: d}))
+    worker.start()
+    for thread in worker._threads:
+        thread.join(timeout=10)
+    worker.stop()
+    assert worker.client.others_fetching == 1
+    assert not landing.landed() and not landing.active
+    assert b"".join(bytes(added[p]) for p in range(13)) == data
+    landing.close()
