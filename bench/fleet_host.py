@@ -68,7 +68,7 @@ class ThreadCPU:
     network, disk and hashing threads) by their kernel name, ``native``.
     """
 
-    SAMPLE = 0.05
+    SAMPLE = 0.5
 
     def __init__(self) -> None:
         self._tick = os.sysconf("SC_CLK_TCK")

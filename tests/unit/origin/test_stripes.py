@@ -558,7 +558,7 @@ def landing_worker(srv, entry, tmp_path, add_piece):
 def test_a_lone_host_lands_every_piece_and_hands_libtorrent_none(server, tmp_path):
     srv, entry, data = server
     added = {}
-    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: d}))
+    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: bytes(d)}))
     worker.start()
     for thread in worker._threads:
         thread.join(timeout=10)
@@ -568,7 +568,7 @@ def test_a_lone_host_lands_every_piece_and_hands_libtorrent_none(server, tmp_pat
     landing.close()
     assert (tmp_path / "slot").read_bytes() == data
     # Another host needs pieces after all: every landed piece goes to libtorrent, as stored.
-    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: d}))
+    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: bytes(d)}))
     for i in range(13):
         landing.land(i, bytearray(data[i * 256 * 1024 : (i + 1) * 256 * 1024]))
     worker.stop_landing("a test")
@@ -582,7 +582,7 @@ def test_a_host_told_that_others_fetch_lands_nothing(server, tmp_path):
     stripes = srv.dispenser.image(entry.info_hash_v2)
     srv.dispenser.peers(stripes, "127.0.0.8:6881")  # another host asked just now
     added = {}
-    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: d}))
+    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: bytes(d)}))
     worker.start()
     for thread in worker._threads:
         thread.join(timeout=10)
@@ -591,3 +591,44 @@ def test_a_host_told_that_others_fetch_lands_nothing(server, tmp_path):
     assert not landing.landed() and not landing.active
     assert b"".join(bytes(added[p]) for p in range(13)) == data
     landing.close()
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_piece_buffers_are_used_again_only_when_nobody_keeps_them(server, keeps):
+    srv, entry, data = server
+    client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+    offered, added = {}, {}
+
+    def offer(offset, chunk):
+        offered[offset] = chunk if keeps else bytes(chunk)  # kept: by reference
+        return keeps
+
+    worker = StripeWorker(
+        client,
+        piece_length=256 * 1024,
+        size=SIZE,
+        add_piece=lambda p, chunk: added.update({p: bytes(chunk)}),
+        missing=list,
+        progress=lambda: 0,
+        offer=offer,
+    )
+    worker.start()
+    for thread in worker._threads:
+        thread.join(timeout=10)
+    worker.stop()
+    # Whatever was reused, what the hash kept still holds the bytes it was given.
+    assert b"".join(bytes(offered[o]) for o in sorted(offered)) == data
+    assert b"".join(added[p] for p in range(13)) == data
+
+
+def test_the_buffer_pool_gives_back_whole_pieces_only_and_keeps_few():
+    from nova_torrent_images.swarm.stripes import BufferPool
+
+    pool = BufferPool(1024, limit_bytes=2048)
+    first, short = pool.get(1024), pool.get(100)
+    pool.put(first)
+    pool.put(short)  # a last, short piece is not kept
+    assert pool.get(1024) is first and len(pool.get(100)) == 100
+    for buffer in [bytearray(1024) for _ in range(5)]:
+        pool.put(buffer)
+    assert len(pool._free) == 2
