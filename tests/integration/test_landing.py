@@ -27,6 +27,7 @@ from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
 from nova_torrent_images.stores import open_store
 from nova_torrent_images.testing.swarm import SimulatedHost
 from tests.integration.test_stripes import CAP, published, sha512_of  # noqa: F401
+from tests.integration.test_xenapi import xenserver  # noqa: F401
 
 MiB = 1024 * 1024
 
@@ -122,3 +123,20 @@ def test_a_host_that_joins_gets_the_landed_pieces_by_bittorrent(published, tmp_p
     assert egress <= 1.1 * image.size, f"origin sent {egress / image.size:.2f} copies"
     for name in ("early", "late"):
         assert sha512_of(str(tmp_path / f"{name}.raw")) == image.hash_value
+
+
+def test_a_lone_xenapi_host_lands_the_stripes_in_its_vdi(published, xenserver, tmp_path):  # noqa: F811
+    from nova_torrent_images.handler import TorrentImageHandler
+    from tests.integration.test_xenapi import make_handler, our_vdis, vdi_sha512
+
+    glance, image, node, _ = published
+    fake, session = xenserver
+    with SimulatedHost("xen-compute") as compute:
+        handler = make_handler(TorrentImageHandler, compute, glance, fake, tmp_path)
+        root = handler.download_image(None, session, {"name": "vm-1"}, image.id)["root"]["uuid"]
+        fetched = handler.pipeline(session).fetches[image.id]
+        handler.shutdown()
+    # Written into the VDI's device by this host (a loop device when run as root).
+    assert fetched.swarm.bytes_landed == image.size
+    assert vdi_sha512(fake, root, image.size) == image.hash_value
+    assert len(our_vdis(fake, "base")) == 1 and not our_vdis(fake, "slot")
