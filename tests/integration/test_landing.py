@@ -140,3 +140,27 @@ def test_a_lone_xenapi_host_lands_the_stripes_in_its_vdi(published, xenserver, t
     assert fetched.swarm.bytes_landed == image.size
     assert vdi_sha512(fake, root, image.size) == image.hash_value
     assert len(our_vdis(fake, "base")) == 1 and not our_vdis(fake, "slot")
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["whole-image-hash", "trusted-root"])
+def test_a_corrupt_stripe_never_reaches_the_base_copy(published, tmp_path, trusted):  # noqa: F811
+    glance, image, node, _ = published
+    entry = node.publisher.registry.get(image.id)
+    with open(entry.data_path, "r+b") as f:  # the origin's copy rots after publishing
+        f.seek(5 * MiB + 123)
+        byte = f.read(1)
+        f.seek(5 * MiB + 123)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with SimulatedHost(
+        "lone",
+        trust_torrent_root=trusted,
+        stall_timeout=4,
+        image_cache_dir=str(tmp_path / "cache"),
+    ) as host:
+        pipeline = ImagePipeline(host.conf, open_store(host.conf, "filesystem"), engine=host.engine)
+        delivery = pipeline.ensure_base(image, glance)
+        pipeline.shutdown()
+    # The swarm path failed (the piece's v2 root, or the whole-image hash, caught it) and
+    # the verified Glance download took over.
+    assert delivery.fetch.source == "glance" and delivery.fetch.fallback_reason
+    assert sha512_of(delivery.base.ref) == image.hash_value
