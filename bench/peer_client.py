@@ -44,7 +44,7 @@ from nova_torrent_images.testing.swarm import next_loopback_address  # noqa: E40
 _TICK = os.sysconf("SC_CLK_TCK")
 HOOK = """#!/bin/sh
 # aria2 calls this once a BitTorrent download is complete (GID, files, path).
-date +%s.%N > "$3.done"
+date +%s.%N > "$3.done.tmp" && mv "$3.done.tmp" "$3.done"
 """
 
 
@@ -147,7 +147,7 @@ def run_fleet(
                 marks = [m for m in os.listdir(directory) if m.endswith(".done")]
                 if marks:
                     with open(os.path.join(directory, marks[0])) as f:
-                        done[i] = float(f.read().strip()) - t0
+                        done[i] = float(f.read().strip()) - t0  # written whole (mv)
                 elif procs[i].poll() is not None:
                     raise RuntimeError(f"aria2c {i} exited with {procs[i].returncode}")
             time.sleep(0.05)
@@ -168,7 +168,7 @@ def run_fleet(
         path = next(
             os.path.join(directory, f)
             for f in os.listdir(directory)
-            if not f.endswith((".done", ".aria2", ".log"))
+            if not f.endswith((".done", ".tmp", ".aria2", ".log"))
         )
         with open(path, "rb") as f:
             if hashlib.file_digest(f, "sha512").hexdigest() != v1.sha512:
