@@ -122,7 +122,8 @@ def run_fleet(
     t0 = time.time()
     for i in range(n):
         directory = os.path.join(root, f"aria2-{i}")
-        os.makedirs(directory, exist_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)  # a run before left its done marker
+        os.makedirs(directory)
         args = aria2.command(
             v1.torrent,
             directory,
