@@ -372,8 +372,9 @@ class StripeWorker:
     ) -> None:
         """``add_piece(piece, data)`` must copy ``data`` (libtorrent's binding does): the
         buffer is used again. ``offer(offset, data)`` returns True when it keeps ``data``
-        (the buffer is then not used again). ``landing``: while this host is alone, pieces are written by it
-        instead of ``add_piece`` (see :mod:`nova_torrent_images.swarm.landing`)."""
+        (the buffer is then not used again). ``landing``: while this host is alone, it writes
+        the pieces itself instead of ``add_piece`` (see
+        :mod:`nova_torrent_images.swarm.landing`)."""
         self.client = client
         self.piece_length = piece_length
         self.size = size
