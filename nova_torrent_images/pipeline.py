@@ -171,6 +171,8 @@ class ImagePipeline:
 
         self.store.remove_stale_slots(try_lock=self.locks.try_hold)
         remove_stale_scratch(self._swarm().settings.scratch_root)
+        if self.store.capabilities.seeds:
+            self.resume.remove_orphans(lambda: (b.image_id for b in self.store.list()))
         qos.apply_cgroup(self.conf, getattr(self.store, "directory", None) or self.state_dir)
         if self.seeds is not None:
             self.seeds.resume_all()
