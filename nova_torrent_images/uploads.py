@@ -352,12 +352,10 @@ def local_resume_data(
     The torrent is made here as the origin made it (named by the image id, the magnet's
     v1/v2 kind, the default piece size); only when its info-hashes are the magnet's (the
     trust root is Glance's record) is it used. None otherwise (another piece size). The
-    resume data comes from ``engine`` (a paused torrent, removed again): resume data
-    written without a session lacks the v2 hash trees, and peers then get nothing.
+    resume data itself comes from the swarm (:func:`~.swarm.recipes.local_resume_data`).
     """
-    import libtorrent as lt
-
-    from nova_torrent_images.swarm.torrent import load_torrent, make_torrent
+    from nova_torrent_images.swarm import recipes
+    from nova_torrent_images.swarm.torrent import make_torrent
 
     magnet = image.magnet
     if magnet is None:
@@ -369,29 +367,19 @@ def local_resume_data(
     )
     with store.seed_path(base) as path:
         torrent = make_torrent(path, name=image.id, version=version, size=base.size)
-    if (torrent.info_hash_v1, torrent.info_hash_v2) != (
-        magnet.info_hash_v1,
-        magnet.info_hash_v2,
-    ):
-        LOG.info(
-            "Image %s: the torrent made from the kept snapshot is not the published one "
-            "(another piece size?); this host does not seed it",
-            image.id,
+        if (torrent.info_hash_v1, torrent.info_hash_v2) != (
+            magnet.info_hash_v1,
+            magnet.info_hash_v2,
+        ):
+            LOG.info(
+                "Image %s: the torrent made from the kept snapshot is not the published one "
+                "(another piece size?); this host does not seed it",
+                image.id,
+            )
+            return None
+        return recipes.local_resume_data(
+            engine, torrent.data, path, label=f"metadata of snapshot {image.id}"
         )
-        return None
-    params = lt.add_torrent_params()
-    params.ti = load_torrent(torrent.data)
-    params.save_path = os.path.dirname(os.path.abspath(path))
-    params.renamed_files = {0: os.path.abspath(path)}
-    flags = lt.torrent_flags.default_flags | lt.torrent_flags.seed_mode | lt.torrent_flags.paused
-    params.flags = flags & ~lt.torrent_flags.auto_managed
-    watch = engine.add_torrent(params, label=f"metadata of snapshot {image.id}")
-    try:
-        watch.handle.save_resume_data(lt.save_resume_flags_t.save_info_dict)
-        saved = watch.wait_for(lt.save_resume_data_alert, 10.0)
-    finally:
-        engine.remove_torrent(watch)
-    return saved.resume_data if saved is not None else None
 
 
 def seed_published_snapshots(pipeline: Any, glance: GlanceClient) -> list[str]:
