@@ -48,6 +48,15 @@ class SnapshotGlance(StubGlance):
             "visibility": "private",
         }
 
+    def remove_properties(self, image_id, names):
+        if self.down:
+            raise exception.GlanceUnavailable(
+                image_id=image_id, operation="update", attempts=1, reason="refused", option="x"
+            )
+        self.removed.append((image_id, list(names)))
+        for name in names:
+            self.records.get(image_id, {}).pop(name, None)
+
     def get_image(self, image_id):
         if self.down:
             raise exception.GlanceUnavailable(
