@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import MiB, median, percentile, write_image  # noqa: E402
+from common import MiB, median, percentile, spread, write_image  # noqa: E402
 
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
 from nova_torrent_images.testing.origin_node import start_origin_node  # noqa: E402
@@ -149,18 +149,18 @@ def _spawn(
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of this process and of ``pids`` so far."""
+def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """User + system CPU so far of this process (the origin side) and of ``pids``."""
     own = os.times()
-    total = own.user + own.system
+    hosts = 0.0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+            hosts += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
         except (OSError, IndexError, ValueError):
             pass
-    return total
+    return own.user + own.system, hosts
 
 
 def _machine_ticks() -> tuple[int, int, int]:
@@ -215,7 +215,8 @@ def run_hosts(
             h.send("go")
         deadline = time.monotonic() + RUN_TIMEOUT
         results = [h.wait_for("done", deadline) for h in hosts]
-        sent, cpu = egress() - egress_before, _cpu_seconds(pids) - cpu_before
+        sent, cpu = egress() - egress_before, _cpu_seconds(pids)
+        cpu = tuple(after - before for after, before in zip(cpu, cpu_before, strict=True))
         ticks = [
             after - before for after, before in zip(_machine_ticks(), ticks_before, strict=True)
         ]
@@ -237,7 +238,9 @@ def run_hosts(
         "t0": t0,
         "per_host": per_host,
         "egress_bytes": sent,
-        "cpu_seconds": cpu,
+        "cpu_seconds": cpu[0] + cpu[1],
+        # The compute hosts' processes alone, from the go to the last host done.
+        "host_cpu_seconds": cpu[1],
         # Share of the machine's CPU time that was busy (and stolen by the hypervisor)
         # from the go to the last host done: near 1, the run was CPU bound.
         "machine_busy": ticks[0] / ticks[2] if ticks[2] else 0.0,
@@ -289,6 +292,10 @@ def _summary(run: dict, size: int, floor: float, *, detail: bool) -> dict:
         "cpu_seconds": round(run["cpu_seconds"], 1),
         "cpu_floor": round(run["cpu_seconds"] / (os.cpu_count() or 1), 2),
         "cpu_busy": round(run["cpu_seconds"] / (os.cpu_count() or 1) / seconds, 2),
+        # What each delivered GiB cost the compute hosts (user + system).
+        "host_cpu_s_per_gib": round(
+            run.get("host_cpu_seconds", 0.0) / (len(run["per_host"]) * size / 2**30), 3
+        ),
         "machine_busy": round(run.get("machine_busy", 0.0), 2),
         "machine_steal": round(run.get("machine_steal", 0.0), 2),
     }
@@ -342,13 +349,18 @@ def run(
     http: bool = True,
     detail: bool = True,
     variants: tuple[tuple[str, ...], ...] = VARIANTS,
+    repeats: dict[str, int] | None = None,
+    peer_client: int = 0,
 ) -> dict:
     """One fleet of ``hosts``: plain HTTP first, then torrent, from one capped origin.
 
     ``variants`` are (result key, compute store, option=value...) tuples, each a torrent
     run of its own with a fresh origin node: ``file`` is ``fetch_to_file`` (no seeding
     after the fetch), ``filesystem`` the libvirt hosts' store (the base copy is seeded once
-    committed); the options are ``[torrent_images]`` overrides of the hosts.
+    committed); the options are ``[torrent_images]`` overrides of the hosts. ``repeats``
+    runs some variants several times (key -> runs): the run of median time is reported,
+    with min/median/max of every figure. ``peer_client`` runs that many fleets of aria2c
+    hosts (``aria2``, see peer_client.py) from the same origin after the torrent runs.
     """
     root = workdir or tempfile.mkdtemp(prefix="nti-bench-fleet-")
     os.makedirs(root, exist_ok=True)
@@ -356,12 +368,14 @@ def run(
     floor = size / cap
     image_path = os.path.join(root, "image.raw")
     write_image(image_path, size)
+    keep_image = bool(peer_client)  # published again as a v1 torrent for aria2c
     out: dict = {"hosts": hosts, "size_mib": size_mib, "cap_mib": cap_mib, "floor": floor}
     tracker_node = None
     try:
         with HTTPOrigin(os.path.join(root, "origin"), upload_rate=cap) as origin:
             record = origin.create_image(image_path, name="bench-fleet")
-            os.unlink(image_path)
+            if not keep_image:
+                os.unlink(image_path)
             image_id = record["id"]
             if http:
                 run_http = run_hosts(
@@ -378,18 +392,27 @@ def run(
                 _clean(root, "http", hosts)
             tracker_node = _start_tracker(root) if tracker else None
             for key, store, *overrides in variants:
-                out[key] = _torrent_fleet(
-                    origin,
-                    image_id,
-                    root,
-                    hosts,
-                    cap_mib,
-                    tracker_node,
-                    key,
-                    store,
-                    detail,
-                    tuple(overrides),
+                runs = [
+                    _torrent_fleet(
+                        origin,
+                        image_id,
+                        root,
+                        hosts,
+                        cap_mib,
+                        tracker_node,
+                        key,
+                        store,
+                        detail,
+                        tuple(overrides),
+                    )
+                    for _ in range((repeats or {}).get(key, 1))
+                ]
+                out[key] = _repeated(runs)
+            if peer_client:
+                out["aria2"] = _peer_fleets(
+                    origin, image_path, root, hosts, cap_mib, tracker_node, peer_client
                 )
+                os.unlink(image_path)
         out["tracker"] = tracker_node is not None
         if http:
             for key, *_ in variants:
@@ -448,6 +471,73 @@ def _torrent_fleet(
     return summary
 
 
+REPEATED = ("seconds", "time_over_floor", "origin_egress", "host_cpu_s_per_gib", "machine_busy")
+
+
+def _repeated(runs: list[dict]) -> dict:
+    """The run of median time, with min/median/max of the figures over every run."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        out["repeats"] = {k: spread([r[k] for r in runs]) for k in REPEATED if k in runs[0]}
+    return out
+
+
+def _peer_fleets(origin, image_path, root, hosts, cap_mib, tracker_node, runs) -> dict:
+    """``runs`` fleets of aria2c hosts fetching the image as a v1 torrent (peer_client.py)."""
+    import peer_client
+
+    why = peer_client.ensure_aria2c()
+    if why is None and tracker_node is None:
+        why = "no tracker to introduce aria2c hosts to each other"
+    if why is not None:
+        print(f"bench: no aria2 fleet: {why}", flush=True)
+        return {"skipped": why}
+    results, errors = [], []
+    for i in range(runs):
+        try:
+            results.append(_peer_fleet(origin, image_path, root, hosts, cap_mib, tracker_node, i))
+        except Exception as exc:  # noqa: BLE001  a peer client's failure is reported, not fatal
+            errors.append(repr(exc))
+            print(f"bench: aria2 fleet run {i} failed: {exc!r}", flush=True)
+    if not results:
+        return {"skipped": f"every aria2 fleet run failed: {'; '.join(errors)}"}
+    return {**_repeated(results), "client": "aria2c 1.36, v1 torrent, no stripes"}
+
+
+def _peer_fleet(origin, image_path, root, hosts, cap_mib, tracker_node, i) -> dict:
+    """One fleet of aria2c hosts from a v1 origin node of its own."""
+    import peer_client
+
+    size = origin.images[next(iter(origin.images))]["size"]
+    floor = size / (cap_mib * MiB)
+    workdir = os.path.join(root, f"aria2-run-{i}")
+    v1 = peer_client.V1Origin(
+        origin, image_path, workdir, cap_kib=cap_mib * 1024, tracker=tracker_node
+    )
+    try:
+        got = peer_client.run_fleet(
+            hosts, v1, workdir, tracker_url=tracker_node.announce_url, cap_kib=cap_mib * 1024
+        )
+    finally:
+        v1.stop()
+        v1.node.publisher.unpublish(v1.record["id"])
+    result = {
+        "seconds": got["seconds"],
+        "time_over_floor": round(got["seconds"] / floor, 3),
+        "origin_egress": round(got["egress_bytes"] / size, 3),
+        "host_cpu_s_per_gib": got["cpu_s_per_gib"],
+        "done_times": got["done_times"],
+        "p50": round(median(got["done_times"]), 3),
+    }
+    print(
+        f"aria2 fleet {hosts} hosts: {got['seconds']:.1f} s = {result['time_over_floor']:.2f}x "
+        f"floor, egress {result['origin_egress']:.2f}x, {got['cpu_s_per_gib']:.2f} CPU-s/GiB",
+        flush=True,
+    )
+    return result
+
+
 def _clean(root: str, prefix: str, n: int) -> None:
     """Drop the fetched images (keep the logs): a 32-host run is 2 GiB of copies."""
     for i in range(n):
@@ -489,6 +579,7 @@ def scale_curve(
         h = result.get("http", {"seconds": float("nan")})
         if http:
             row.update(
+                http_host_cpu_s_per_gib=h["host_cpu_s_per_gib"],
                 http_time_over_floor=h["time_over_floor"],
                 http_origin_egress=h["origin_egress"],
                 http_seconds=h["seconds"],
@@ -505,6 +596,7 @@ def scale_curve(
                     f"{prefix}p50": t["p50"],
                     f"{prefix}done_times": t["done_times"],
                     f"{prefix}cpu_floor": t["cpu_floor"],
+                    f"{prefix}host_cpu_s_per_gib": t["host_cpu_s_per_gib"],
                     f"{prefix}machine_busy": t["machine_busy"],
                     f"{prefix}phases_median": t.get("phases_median"),
                     f"{prefix}slowest_host": t.get("slowest_host"),

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 
 from nova_torrent_images.glance import GlanceClient
@@ -56,6 +57,51 @@ class CappedGlance(GlanceClient):
         for chunk in super().iter_data(image_id):
             self._bucket.take(len(chunk))
             yield chunk
+
+
+class ThreadCPU:
+    """CPU seconds (user + system) of this process's threads, by name, sampled.
+
+    Linux keeps each thread's times in /proc/self/task; a sampler thread reads them every
+    :data:`SAMPLE` seconds and keeps the last figure of threads that ended since. Python
+    threads are named by their ``threading`` name (digits dropped), the others (libtorrent's
+    network, disk and hashing threads) by their kernel name, ``native``.
+    """
+
+    SAMPLE = 0.5
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._last: dict[int, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="bench-sampler", daemon=True).start()
+
+    def _sample(self) -> None:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / self._tick
+            name = names.get(int(tid)) or "native"
+            name = name.rstrip("0123456789-_ ()") or name
+            with self._lock:
+                self._last[int(tid)] = (name, seconds)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.SAMPLE):
+            self._sample()
+
+    def totals(self) -> dict[str, float]:
+        self._sample()
+        out: dict[str, float] = {}
+        with self._lock:
+            for name, seconds in self._last.values():
+                out[name] = out.get(name, 0.0) + seconds
+        return out
 
 
 def emit(event: str, **fields: object) -> None:
@@ -206,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         if line.strip() == "stop" or not line:
             return 0
     started = time.time()
+    sampler = ThreadCPU()
+    cpu_at_go, threads_at_go = os.times(), sampler.totals()
     pipeline = None
     try:
         image = glance.image_info(args.image_id)
@@ -221,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         emit("done", error=f"{type(exc).__name__}: {exc}", started=started, done=time.time())
     else:
         done = time.time()
+        cpu = os.times()
+        threads = {
+            name: round(t - threads_at_go.get(name, 0.0), 3)
+            for name, t in sampler.totals().items()
+            if t - threads_at_go.get(name, 0.0) >= 0.005
+        }
         swarm = result.swarm
         emit(
             "done",
@@ -239,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             timeline=timeline,
             stripes=[(round(t, 3), kind, n) for t, kind, n in marks[:400]],
             log=events.seen,
+            # The host's own CPU from its go to its done (user + system, every thread).
+            cpu_user=round(cpu.user - cpu_at_go.user, 3),
+            cpu_system=round(cpu.system - cpu_at_go.system, 3),
+            thread_cpu=threads,
             **({"pieces": pieces} if DEBUG else {}),
         )
     # Keep the session (and its connections) up until every host is done.

@@ -138,21 +138,24 @@ class StreamingCheck:
         """Bytes hashed before :meth:`finish` (offered, or caught up during the download)."""
         return self._offset
 
-    def offer(self, offset: int, data: bytes | bytearray) -> None:
+    def offer(self, offset: int, data: bytes | bytearray) -> bool:
         """Hash ``data`` if it continues the in-order prefix, or keep it until it does.
 
         Bytes that arrive ahead of the prefix (parallel requests) wait in memory, at most
         :data:`MAX_WAITING` of them; beyond that they are read back at :meth:`finish`.
+        Returns whether ``data`` was kept: the caller must not change it then.
         """
         with self._lock:
             if offset + len(data) > self.image.size or offset < self._offset:
-                return
+                return False
             if offset > self._offset:
                 if self._waiting_bytes + len(data) <= MAX_WAITING:
                     self._waiting[offset] = data
                     self._waiting_bytes += len(data)
-                return
+                    return True
+                return False
             self._advance(data)
+            return False
 
     def _advance(self, data: bytes | bytearray) -> None:
         """Hash ``data`` at the prefix, then whatever waited right behind it (under the lock)."""

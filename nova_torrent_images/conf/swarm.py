@@ -109,6 +109,16 @@ swarm_opts += [
         "(comma-separated http URLs with IP addresses inside allowed_peer_cidrs), as "
         "'nova-torrent-images publish' writes it.",
     ),
+    cfg.BoolOpt(
+        "land_stripes",
+        default=True,
+        help="While no other host needs pieces from this one (a lone boot), write the "
+        "origin's stripes into the destination directly, checked once (against the v2 "
+        "piece layer with trust_torrent_root, else by the whole-image hash), instead of "
+        "handing each piece to libtorrent, which copies, writes, reads back and hashes it "
+        "again. Once another host needs pieces, the pieces landed so far go to libtorrent "
+        "and the rest of the download is as with this option off.",
+    ),
 ]
 
 ALL_OPTS = swarm_opts

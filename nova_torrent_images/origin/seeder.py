@@ -27,7 +27,10 @@ Why it behaves as it does:
   hosts fetching 128 MiB: 1.0x the image from the origin with it, 2.2-2.4x without. libtorrent
   2.x cannot reveal the first piece while a connection is still in its handshake (every
   magnet peer's case), and only its 10-second timer reveals one later: a swarm starts
-  about ten seconds late. ``origin_super_seeding = false`` trades egress for that delay.
+  about ten seconds late. ``origin_super_seeding = false`` trades egress for that delay;
+  the default ``auto`` turns it off on a node that serves stripes, whose BitTorrent port
+  only other clients use (this project's hosts fetch the stripes), so a lone standard
+  client is served at once instead of ten seconds late and a piece at a time.
 * **Seed mode**: published data was verified against Glance when it was written, so it is
   not rehashed at start-up; libtorrent checks each piece the first time it is served.
 * **Web seed only here** (``origin_web_seed``): when an entry's data is missing the seeder
@@ -130,6 +133,14 @@ class OriginSeeder:
         self._stripes_served_before_stop = 0
 
     # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def super_seeding(self) -> bool:
+        """Whether published images are super-seeded (``origin_super_seeding``)."""
+        value = str(self.opts.origin_super_seeding).lower()
+        if value == "auto":
+            return not self.opts.origin_stripe_listen
+        return value == "true"
+
     def start(self) -> OriginSeeder:
         """Start the session and seed what the registry holds; does not block."""
         self.registry.ensure()
@@ -168,7 +179,7 @@ class OriginSeeder:
             f"{self.opts.origin_upload_rate_limit} KiB/s"
             if self.opts.origin_upload_rate_limit
             else "none",
-            "on" if self.opts.origin_super_seeding else "off",
+            "on" if self.super_seeding else "off",
             "on" if self.opts.origin_web_seed else "off",
             f"every {self.opts.origin_check_interval}s"
             if self.opts.origin_check_interval
@@ -353,7 +364,7 @@ class OriginSeeder:
                 url,
             )
         watch = self.engine.add_torrent(params, label=f"origin seed {entry.image_id}")
-        if mode == "seed" and self.opts.origin_super_seeding:
+        if mode == "seed" and self.super_seeding:
             watch.set_super_seeding(True)
         self._seeds[entry.image_id] = SeededImage(
             entry, watch, mode, time.monotonic(), partial_path=partial

@@ -173,6 +173,15 @@ class StripeDispenser:
                 del stripes.peers[stale]
         return recent[:MAX_PEERS]
 
+    def fetching(self, stripes: ImageStripes, peer: str | None) -> int:
+        """How many hosts other than ``peer`` asked for this image's stripes lately.
+
+        A host told none lands its stripes itself (swarm/landing.py) until one shows up.
+        """
+        now = self._clock()
+        with self._lock:
+            return sum(1 for p, t in stripes.peers.items() if p != peer and now - t < ACTIVE_WINDOW)
+
     def assign(
         self,
         stripes: ImageStripes,
@@ -417,6 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "pieces": pieces,
                 "done": done,
                 "peers": peers,
+                "fetching": self.server.dispenser.fetching(stripes, peer),
                 "piece_length": stripes.piece_length,
                 "num_pieces": stripes.num_pieces,
             }

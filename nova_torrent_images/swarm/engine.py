@@ -41,6 +41,14 @@ KiB = 1024
 # Short sleeps between pops: every handoff (metadata, flush, resume data, removal) waits
 # for the pump, so its latency adds up per download; an idle pop costs microseconds.
 PUMP_INTERVAL = 0.01
+# libtorrent hands out rate-limit quota, and answers control messages of a rate-limited
+# peer, once per tick (500 ms by default): a capped download then runs well below its cap
+# (a lone 64 MiB download capped at 16 MiB/s: 11.6 MiB/s) and every hand-over between hosts
+# waits for a tick. Measured on fleets of 64 MiB, caps 16 MiB/s (time over the 4 s floor):
+# 4 hosts 1.60x at 500 ms, 1.14x at 100 ms; 8 hosts 1.54-1.64x at 500 ms, 1.27-1.35x at
+# 100, 1.18x at 50, 1.10-1.14x at 25; the same CPU at every tick, and no change on a
+# CPU-bound 16-host fleet.
+TICK_INTERVAL_MS = 50
 BLOCK_SIZE = 16 * 1024  # libtorrent's transfer unit
 ALERT_MASK = (
     lt.alert_category.error
@@ -98,6 +106,7 @@ def build_settings(opts: cfg.ConfigOpts.GroupAttr, listen: list[str] | None = No
         "enable_outgoing_utp": False,
         "enable_incoming_utp": False,
         "alert_mask": int(ALERT_MASK),
+        "tick_interval": TICK_INTERVAL_MS,
         "alert_queue_size": 100000,
         "upload_rate_limit": opts.upload_rate_limit * KiB,
         "download_rate_limit": opts.download_rate_limit * KiB,

@@ -97,8 +97,15 @@ def seed_params(resume_data: bytes, *, path: str, trackers: list[str]) -> lt.add
 
     Seed mode with no file check: a device's size reads as 0, which would otherwise force
     a full recheck; pieces are still hashed lazily the first time a peer asks for them.
+    The base copy is whole and verified, whatever the download's libtorrent saw of it (a
+    lone host lands the origin's stripes itself, swarm/landing.py): libtorrent turns seed
+    mode off when resume data lists a missing piece or a piece not to download, so the
+    resume data's piece state is dropped.
     """
     params = lt.read_resume_data(resume_data)
+    params.have_pieces = []
+    params.piece_priorities = []
+    params.unfinished_pieces = {}
     params.save_path = os.path.dirname(path)
     params.renamed_files = {0: path}
     params.trackers = list(dict.fromkeys([*params.trackers, *trackers]))

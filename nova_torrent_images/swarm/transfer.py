@@ -47,6 +47,8 @@ from nova_torrent_images import exception, qos, utils, verify
 from nova_torrent_images.image import ImageInfo
 from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
+from nova_torrent_images.swarm.landing import PieceLanding
+from nova_torrent_images.swarm.merkle import PieceLayer
 from nova_torrent_images.swarm.stripes import (
     StripeClient,
     StripeError,
@@ -92,6 +94,7 @@ class TransferSettings:
     scratch_root: str  # transfers' scratch directories live under it
     use_origin_stripes: bool = True
     stripes_property: str = "torrent_stripes"
+    land_stripes: bool = True
     allowed_peer_cidrs: tuple[str, ...] = ()
 
     @classmethod
@@ -106,6 +109,7 @@ class TransferSettings:
             scratch_root=os.path.join(opts.state_dir, "scratch"),
             use_origin_stripes=opts.use_origin_stripes,
             stripes_property=opts.stripes_property,
+            land_stripes=opts.land_stripes,
             allowed_peer_cidrs=tuple(opts.allowed_peer_cidrs),
         )
 
@@ -118,6 +122,7 @@ class SwarmStats:
     bytes_from_origin: int = 0  # origin seeders named by x.pe, and web seeds
     bytes_from_peers: int = 0  # every other peer: other compute hosts
     bytes_from_stripes: int = 0  # of bytes_from_origin: the origin's stripes over HTTP
+    bytes_landed: int = 0  # of bytes_from_stripes: written by this host, not libtorrent
     peers_seen: int = 0
     hash_failures: int = 0
     peers_banned: int = 0  # peers libtorrent banned or refused (peer_ban/blocked)
@@ -220,6 +225,8 @@ class Transfer:
         self.check = check
         self._stripes: StripeWorker | None = None
         self._pending_stripes: StripeClient | None = None
+        self._landing: PieceLanding | None = None
+        self._layer: PieceLayer | None = None  # the v2 piece layer of the origin's torrent
         self._excluded: list[str] = []
         self._peers: list[tuple[str, int]] = []
         self._scratch: str | None = None
@@ -278,15 +285,37 @@ class Transfer:
                     ours,
                 )
                 return None
+        if self.check is None and self.opts.land_stripes:
+            # Without a whole-image hash a landed piece is checked on its own v2 root.
+            try:
+                self._layer = PieceLayer.from_torrent(torrent)
+            except ValueError as exc:
+                LOG.info("Image %s: stripes go to libtorrent: %s", self.image.id, exc)
         return client, torrent
 
-    def _start_stripes(self, client: StripeClient) -> None:
+    def _landing_for(self, status: lt.torrent_status, piece_length: int) -> PieceLanding | None:
+        """Land the stripes here when no host needs pieces from this one, and it is safe.
+
+        Safe: each landed byte is checked either by the whole-image hash (``check``) or
+        by its piece's v2 root (``_layer``); without either, libtorrent checks them.
+        """
+        if not self.opts.land_stripes or (self.check is None and self._layer is None):
+            return None
+        if status.num_peers > status.num_seeds:
+            return None  # a host that lacks pieces is connected already
+        return PieceLanding(
+            self.destination, piece_length=piece_length, size=self.image.size, layer=self._layer
+        )
+
+    def _start_stripes(self, client: StripeClient, status: lt.torrent_status) -> None:
         handle = self._watch.handle
         info = handle.torrent_file()
+        self._landing = landing = self._landing_for(status, info.piece_length())
 
         def missing() -> list[int]:
             pieces = handle.status(lt.torrent_handle.query_pieces).pieces
-            return [i for i, have in enumerate(pieces) if not have]
+            landed = landing.landed() if landing is not None else ()
+            return [i for i, have in enumerate(pieces) if not have and i not in landed]
 
         allowed = self.engine.allows_peer
 
@@ -302,15 +331,35 @@ class Transfer:
             size=self.image.size,
             add_piece=lambda piece, data: handle.add_piece(piece, data, 0),
             missing=missing,
-            progress=lambda: handle.status().total_wanted_done,
+            progress=lambda: self._done_bytes(handle.status()),
             offer=self.check.offer if self.check is not None else None,
+            landing=landing,
         ).start()
         LOG.info(
-            "Image %s: fetching this host's stripes from %s; the origin's BitTorrent port "
-            "is left to other clients",
+            "Image %s: fetching this host's stripes from %s%s; the origin's BitTorrent "
+            "port is left to other clients",
             self.image.id,
             ", ".join(client.urls),
+            " and writing them itself while no other host needs pieces"
+            if landing is not None
+            else "",
         )
+
+    def _unknown_landed(self, status: lt.torrent_status) -> int:
+        """Bytes landed here that libtorrent does not have (it never saw them)."""
+        landing = self._landing
+        if landing is None or not landing.bytes_landed:
+            return 0
+        pieces = status.pieces
+        if len(pieces) != self._watch.handle.torrent_file().num_pieces():
+            pieces = self._watch.handle.status(lt.torrent_handle.query_pieces).pieces
+        length = landing.piece_length
+        return sum(
+            min(length, self.image.size - p * length) for p in landing.landed() if not pieces[p]
+        )
+
+    def _done_bytes(self, status: lt.torrent_status) -> int:
+        return status.total_wanted_done + self._unknown_landed(status)
 
     def _start_read_behind(self) -> None:
         self._read_behind = threading.Thread(
@@ -338,10 +387,15 @@ class Transfer:
         def stripes_hold(piece: int) -> bool:  # bytes on their way to the hash already
             return self._stripes is not None and self._stripes.awaits_offer(piece)
 
+        def final(piece: int) -> bool:  # checked by libtorrent, or landed by this host
+            return handle.have_piece(piece) or (
+                self._landing is not None and self._landing.has(piece)
+            )
+
         try:
             while not self._stop_reading.wait(READ_BEHIND_INTERVAL):
                 piece = self.check.streamed // piece_length
-                while piece < count and handle.have_piece(piece) and not stripes_hold(piece):
+                while piece < count and final(piece) and not stripes_hold(piece):
                     piece += 1
                 upto = min(piece * piece_length, self.image.size)
                 if upto > self.check.streamed:
@@ -435,6 +489,10 @@ class Transfer:
                     self.stats.bytes_from_origin += self._stripes.bytes_fetched
                     self.stats.bytes_total += self._stripes.bytes_fetched
                     self.stats.bytes_from_stripes = self._stripes.bytes_fetched
+                if self._landing is not None:
+                    self.stats.bytes_landed = self._landing.bytes_landed
+                    self.stats.hash_failures += self._landing.rejected
+                    self._landing.close()
         except BaseException:
             self.leave()
             if created:
@@ -510,23 +568,34 @@ class Transfer:
                 status = handle.status()
             if self._pending_stripes is not None and status.state not in _CHECKING:
                 # Not while libtorrent checks the files: add_piece then drops the pieces.
-                self._start_stripes(self._pending_stripes)
+                self._start_stripes(self._pending_stripes, status)
                 self._pending_stripes = None
             if self.check is not None and self._read_behind is None:
                 self._start_read_behind()
             if self._excluded and self._stripes is not None and self._stripes.failed:
                 self._stripes_failed()
-            if status.total_wanted_done > last_done:
-                last_done, last_progress = status.total_wanted_done, now
+            done = status.total_wanted_done
+            if self._landing is not None:
+                self._check_landing(status)
+                done = self._done_bytes(status)
+            if done > last_done:
+                last_done, last_progress = done, now
             if self.progress is not None:
                 self.progress(
-                    status.total_wanted_done,
-                    status.total_wanted,
-                    status.download_payload_rate,
-                    status.num_peers,
+                    done, status.total_wanted, status.download_payload_rate, status.num_peers
                 )
             if status.is_finished and status.total_wanted_done >= status.total_wanted:
                 self._finish_stats(status)
+                return
+            if self._landing is not None and done >= status.total_wanted:
+                # Complete with pieces libtorrent never saw: it must fetch none of them.
+                self._watch.handle.set_flags(lt.torrent_flags.upload_mode)
+                self._finish_stats(status)
+                LOG.info(
+                    "Image %s: %d MiB of it landed by this host from the origin's stripes",
+                    self.image.id,
+                    self._landing.bytes_landed // MiB,
+                )
                 return
             percent = 100.0 * status.progress
             if now - last_progress > self.opts.stall_timeout:
@@ -551,6 +620,18 @@ class Transfer:
                     status.num_peers,
                     status.num_seeds,
                 )
+
+    def _check_landing(self, status: lt.torrent_status) -> None:
+        """Stop landing once another host needs pieces; fail on a write error."""
+        worker = self._stripes
+        if worker is None:
+            return
+        if worker.storage_error is not None:
+            raise exception.TorrentStorageError(
+                image_id=self.image.id, path=self.destination, reason=str(worker.storage_error)
+            )
+        if self._landing.active and status.num_peers > status.num_seeds:
+            worker.stop_landing("a host that lacks pieces connected")
 
     def _on_alert(self, alert: AlertEvent) -> None:
         if alert.is_a(lt.hash_failed_alert):

@@ -59,7 +59,8 @@ def start_origin_node(
     *,
     upload_kib: int,
     tracker=None,
-    super_seeding: bool = True,
+    super_seeding: bool | str = "auto",
+    torrent_format: str | None = None,
     stripes: bool = True,
 ) -> OriginNode:
     """Start an origin seeder (uplink capped at ``upload_kib``) advertising itself.
@@ -73,10 +74,12 @@ def start_origin_node(
         "glance_noauth": True,
         "origin_state_dir": state_dir,
         "origin_upload_rate_limit": upload_kib,
-        "origin_super_seeding": super_seeding,
+        "origin_super_seeding": str(super_seeding).lower(),
         "origin_check_interval": 0,
         "listen_interfaces": [f"{address}:0"],
     }
+    if torrent_format is not None:
+        settings["origin_torrent_format"] = torrent_format
     if stripes:
         settings["origin_stripe_listen"] = f"{address}:0"
     if tracker is not None:

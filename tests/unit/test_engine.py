@@ -48,6 +48,8 @@ def test_engine_applies_settings_and_peer_classes():
         settings = eng.session.get_settings()
         assert settings["enable_dht"] is False
         assert settings["upload_rate_limit"] == 100 * 1024
+        # Rate-limit quota and a capped peer's answers come once per tick (bench/RESULTS.md).
+        assert settings["tick_interval"] == engine.TICK_INTERVAL_MS < 500
         assert eng.listen_port > 0
         assert eng.session.get_ip_filter().access("8.8.8.8") == 1
     finally:

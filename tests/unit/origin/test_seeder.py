@@ -85,12 +85,25 @@ def test_missing_data_without_web_seed_is_reported_and_retried(publisher, caplog
         seeder.stop()
 
 
-def test_super_seeding_can_be_turned_off(publisher):
-    publisher.conf.set_override("origin_super_seeding", False, "torrent_images")
+@pytest.mark.parametrize(
+    "setting,stripes,expected",
+    [
+        (False, False, False),
+        ("False", False, False),
+        ("true", True, True),
+        ("auto", False, True),  # hosts use the BitTorrent port: one copy per piece
+        ("auto", True, False),  # only other clients use it: served at once
+    ],
+)
+def test_super_seeding_follows_the_setting_and_the_stripes(publisher, setting, stripes, expected):
+    publisher.conf.set_override("origin_super_seeding", setting, "torrent_images")
+    if stripes:
+        publisher.conf.set_override("origin_stripe_listen", "127.0.0.1:0", "torrent_images")
     seeder = OriginSeeder(publisher.conf, publisher=publisher).start()
     try:
         handle = seeder._seeds[IMAGE_ID].watch.handle
-        assert not handle.status().flags & lt.torrent_flags.super_seeding
+        assert bool(handle.status().flags & lt.torrent_flags.super_seeding) is expected
+        assert seeder.super_seeding is expected
     finally:
         seeder.stop()
 

@@ -385,9 +385,29 @@ def test_rate_limited_ranges_are_served_and_counted(published):
         srv.stop()
 
 
+def make_worker(srv, entry, add_piece, **kwargs):
+    """A stripe worker of the test image (13 pieces of 256 KiB), not yet started."""
+    client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+    return StripeWorker(
+        client,
+        piece_length=256 * 1024,
+        size=SIZE,
+        add_piece=add_piece,
+        missing=list,
+        progress=lambda: 0,
+        **kwargs,
+    )
+
+
+def run_to_end(worker):
+    worker.start()
+    for thread in worker._threads:  # nothing missing afterwards: each stream ends
+        thread.join(timeout=10)
+    worker.stop()
+
+
 def test_the_worker_adds_every_piece_and_offers_every_byte(server):
     srv, entry, data = server
-    client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
     added, offered, held_when_added = {}, {}, {}
     lock = threading.Lock()
 
@@ -401,19 +421,8 @@ def test_the_worker_adds_every_piece_and_offers_every_byte(server):
         held_when_added[piece] = worker.awaits_offer(piece) or offered.get(piece * 256 * 1024)
         added[piece] = bytes(chunk)
 
-    worker = StripeWorker(
-        client,
-        piece_length=256 * 1024,
-        size=SIZE,
-        add_piece=add_piece,
-        missing=list,
-        progress=lambda: 0,
-        offer=offer,
-    )
-    worker.start()
-    for thread in worker._threads:
-        thread.join(timeout=10)
-    worker.stop()  # the hashing thread has taken every fetched byte when stop returns
+    worker = make_worker(srv, entry, add_piece, offer=offer)
+    run_to_end(worker)  # the hashing thread has taken every fetched byte when stop returns
     assert worker.failed is None and worker.bytes_fetched == SIZE
     assert all(held_when_added.values()) and len(held_when_added) == 13
     assert not any(worker.awaits_offer(p) for p in range(13))
@@ -536,3 +545,71 @@ def test_a_response_that_falls_behind_books_the_rest_again(fake_clock):
     fake_clock[0] = 51.0
     other.wait(1000)
     assert fake_clock[0] == 51.0  # the other one was never held up
+
+
+def landing_worker(srv, entry, tmp_path, add_piece):
+    from nova_torrent_images.swarm.landing import PieceLanding
+
+    landing = PieceLanding(str(tmp_path / "slot"), piece_length=256 * 1024, size=SIZE, layer=None)
+    return make_worker(srv, entry, add_piece, landing=landing), landing
+
+
+def test_a_lone_host_lands_every_piece_and_hands_libtorrent_none(server, tmp_path):
+    srv, entry, data = server
+    added = {}
+    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: bytes(d)}))
+    run_to_end(worker)
+    assert worker.client.others_fetching == 0
+    assert not added and landing.landed() == set(range(13))
+    landing.close()
+    assert (tmp_path / "slot").read_bytes() == data
+    # Another host needs pieces after all: every landed piece goes to libtorrent, as stored.
+    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: bytes(d)}))
+    for i in range(13):
+        landing.land(i, bytearray(data[i * 256 * 1024 : (i + 1) * 256 * 1024]))
+    worker.stop_landing("a test")
+    worker._announcing.join(timeout=10)
+    assert b"".join(bytes(added[p]) for p in range(13)) == data
+    landing.close()
+
+
+def test_a_host_told_that_others_fetch_lands_nothing(server, tmp_path):
+    srv, entry, data = server
+    stripes = srv.dispenser.image(entry.info_hash_v2)
+    srv.dispenser.peers(stripes, "127.0.0.8:6881")  # another host asked just now
+    added = {}
+    worker, landing = landing_worker(srv, entry, tmp_path, lambda p, d: added.update({p: bytes(d)}))
+    run_to_end(worker)
+    assert worker.client.others_fetching == 1
+    assert not landing.landed() and not landing.active
+    assert b"".join(bytes(added[p]) for p in range(13)) == data
+    landing.close()
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_piece_buffers_are_used_again_only_when_nobody_keeps_them(server, keeps):
+    srv, entry, data = server
+    offered, added = {}, {}
+
+    def offer(offset, chunk):
+        offered[offset] = chunk if keeps else bytes(chunk)  # kept: by reference
+        return keeps
+
+    worker = make_worker(srv, entry, lambda p, chunk: added.update({p: bytes(chunk)}), offer=offer)
+    run_to_end(worker)
+    # Whatever was reused, what the hash kept still holds the bytes it was given.
+    assert b"".join(bytes(offered[o]) for o in sorted(offered)) == data
+    assert b"".join(added[p] for p in range(13)) == data
+
+
+def test_the_buffer_pool_gives_back_whole_pieces_only_and_keeps_few():
+    from nova_torrent_images.swarm.stripes import BufferPool
+
+    pool = BufferPool(1024, limit_bytes=2048)
+    first, short = pool.get(1024), pool.get(100)
+    pool.put(first)
+    pool.put(short)  # a last, short piece is not kept
+    assert pool.get(1024) is first and len(pool.get(100)) == 100
+    for buffer in [bytearray(1024) for _ in range(5)]:
+        pool.put(buffer)
+    assert len(pool._free) == 2
