@@ -261,6 +261,7 @@ class QueuedUpload:
     # Set on the record, and removed from it, before the data goes (:func:`send`).
     properties: dict[str, Any] | None = None
     clear: list[str] = dataclasses.field(default_factory=list)
+    size: int = 0  # bytes of the kept copy (the queued-upload metric); 0 when unknown
 
     def delay(self) -> float:
         return min(MAX_RETRY_DELAY, RETRY_DELAY * 2 ** max(0, self.attempts - 1))
@@ -330,6 +331,11 @@ class UploadQueue:
     ) -> QueuedUpload:
         """Keep a read-only copy of disk ``ref`` and queue its upload as ``image_id``."""
         kept = store.keep_for_upload(ref, image_id, project_id)
+        try:
+            size = store.disk_size(kept)
+        except Exception as exc:  # noqa: BLE001  only the metric lacks it
+            LOG.warning("Image %s: size of the kept copy %s unknown: %s", image_id, kept, exc)
+            size = 0
         entry = QueuedUpload(
             image_id=image_id,
             store=store.name,
@@ -340,6 +346,7 @@ class UploadQueue:
             parent_ref=parent_ref,
             properties=properties or None,
             clear=list(clear),
+            size=size,
         )
         entry.next_attempt = time.time() + entry.delay()
         try:

@@ -372,6 +372,9 @@ class FilesystemStore(BaseCopyStore):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
+    def disk_size(self, ref: str) -> int:
+        return os.path.getsize(ref)
+
     def kept_for_upload(self) -> dict[str, str]:
         kept: dict[str, str] = {}
         try:

@@ -185,6 +185,9 @@ def test_upload_while_glance_is_down_is_queued_and_done_after_a_restart(host, ca
         f.write(b"later")
     # Still down: a retry counts an attempt and backs off.
     pipeline = handler.pipeline(host.session)
+    pipeline.write_metrics()
+    assert pipeline.metrics.value("nti_queued_uploads") == 1
+    assert pipeline.metrics.value("nti_queued_upload_bytes") == len(expected)
     assert pipeline.retry_uploads(force=True) == []
     with open(path) as f:
         assert json.load(f)["attempts"] == 2
@@ -199,6 +202,9 @@ def test_upload_while_glance_is_down_is_queued_and_done_after_a_restart(host, ca
 
     assert host.glance.uploads["snap-1"][0] == expected
     assert queued(host) == []
+    pipeline.write_metrics()
+    assert pipeline.metrics.value("nti_queued_uploads") == 0
+    assert pipeline.metrics.value("nti_queued_upload_bytes") == 0
     assert "queued-upload" not in host.roles()
     reads = host.glance.data_requests
     restored = restarted.download_image(project(), host.session, {"name": "vm-2"}, "snap-1")
