@@ -190,9 +190,10 @@ class ImagePipeline:
             status_file.write(self.state_dir, self.store.name, self.seeds.status())
 
     def write_metrics(self) -> None:
-        """Refresh the store and seed gauges, then write ``metrics_textfile`` if set."""
+        """Refresh the store, seed and queued-upload gauges, then write ``metrics_textfile``."""
         if self.store.capabilities.keeps_base_copies:
             self.metrics.observe_store(self.store, self.seeds)
+        self.metrics.observe_uploads(self.uploads.list())
         if self.metrics_textfile:
             self.metrics.write_textfile(self.metrics_textfile)
 
