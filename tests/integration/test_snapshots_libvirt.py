@@ -412,3 +412,66 @@ def test_a_differential_image_never_reaches_nova_as_the_bare_delta(
         assert data_gets(glance_server, record["id"], expect=0) == 0  # Nova read no delta
     finally:
         client.images.delete(record["id"])
+
+
+def test_libvirt_saved_snapshot_is_seeded_once_published(
+    libvirt_host,
+    hosts,
+    glance,
+    nova_conf,  # noqa: F811
+    context,  # noqa: F811
+    glance_server,
+    tmp_path,
+):
+    """A raw libvirt snapshot kept by the saving host is seeded by it once published."""
+    from nova_torrent_images.pipeline import fetch_to_file
+    from nova_torrent_images.swarm.torrent import make_torrent
+
+    saver = libvirt_host("saver")
+    hook = saver.install()
+    data = os.urandom(6 * MiB + 4096)
+    extract = tmp_path / "extract.raw"  # Nova's snapshot_extract with snapshot_image_format=raw
+    extract.write_bytes(data)
+    client = glance_server.client()
+    snap_id = client.images.create(name="snap", image_type="snapshot")["id"]
+    try:
+        with open(extract, "rb") as f:
+            nova_glance.API().update(
+                context,
+                snap_id,
+                {"disk_format": "raw", "container_format": "bare", "properties": {}},
+                f,
+            )
+        extract.unlink()
+        pipeline = hook.pipeline()
+        kept = pipeline.store.lookup(snap_id)
+        assert kept.source == "snapshot" and sha512_of(kept.ref) == hashlib.sha512(data).hexdigest()
+        assert pipeline.seed_published_snapshots() == []  # not published yet
+        assert snap_id not in pipeline.seeds.seeding()
+
+        # The origin publishes it: a torrent of Glance's bytes, named by the image id.
+        published = tmp_path / "published.raw"
+        published.write_bytes(b"".join(glance.iter_data(snap_id)))
+        torrent = make_torrent(str(published), name=snap_id)
+        magnet = torrent.magnet(peers=[saver.host.endpoint], max_length=None)
+        client.images.update(snap_id, is_torrentable="true", torrent_magnet=magnet)
+
+        assert pipeline.seed_published_snapshots() == [snap_id]
+        assert snap_id in pipeline.seeds.seeding()
+        assert pipeline.seed_published_snapshots() == []  # once
+
+        # Another host gets it from the saving host alone, verified against Glance.
+        peer = hosts("peer", stall_timeout=20)
+        gets = data_gets(glance_server, snap_id)
+        result = fetch_to_file(
+            glance.image_info(snap_id),
+            str(tmp_path / "peer.raw"),
+            conf=peer.conf,
+            glance=None,
+            engine=peer.engine,
+        )
+        assert result.source == "torrent"
+        assert (tmp_path / "peer.raw").read_bytes() == data
+        assert data_gets(glance_server, snap_id) == gets
+    finally:
+        client.images.delete(snap_id)
