@@ -297,6 +297,19 @@ def commit_into(
     return size
 
 
+def convert(src: str, src_format: str, dst: str, dst_format: str) -> None:
+    """Write the image ``src`` (``src_format``) into the new file ``dst`` as ``dst_format``.
+
+    The libvirt integration's two conversions: a qcow2 snapshot into the raw disk a delta
+    is made from, and a rebuilt raw image into the qcow2 Nova expects of a differential
+    image (its Glance record says qcow2, and Nova checks the bytes against it).
+    """
+    qemu_img(
+        "convert", "-q", "-f", src_format, "-O", dst_format, src, dst,
+        what=f"convert {src} ({src_format}) to {dst_format}",
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def scratch_file(directory: str, name: str) -> Iterator[str]:
     """A path in ``directory`` removed afterwards, whatever happens."""

@@ -31,7 +31,6 @@ Handlers are loaded by name through stevedore (:func:`load_handler`), from the
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -169,33 +168,24 @@ class GlanceImageHandler:
         parent = None
         if self.conf.torrent_images.differential_snapshots and store.capabilities.adopts_disks:
             parent = store.parent_base(ref)  # the disk is a clone of this base copy
-        scratch = os.path.join(self.conf.torrent_images.state_dir, "deltas")
-        try:
-            sent = uploads.send(store, glance, image_id, ref, parent, scratch)
-        except exception.GlanceUnavailable as exc:
-            if not store.capabilities.adopts_disks:
-                raise
-            self.pipeline(session).uploads.enqueue(
-                store, image_id, ref, project_id, exc, parent.ref if parent else None
-            )
-            return
-        LOG.info(
-            "Image %s: uploaded %d KiB from VDI %s of %s%s",
+        sent = uploads.save(
+            self.pipeline(session),
+            glance,
             image_id,
-            sent.size >> 10,
             ref,
-            _instance_label(instance),
-            f", a delta against image {sent.parent_image}" if sent.parent_image else "",
+            parent,
+            project_id,
+            clear=uploads.not_inherited(self.conf),
         )
-        if not store.capabilities.adopts_disks:
-            return
-        try:
-            image = uploads.kept_image(glance, image_id, sent)
-            if image is not None:
-                self.pipeline(session).adopt_disk(image, ref, project_id)
-        except exception.TorrentImagesError as exc:
-            # The upload is done; only the local copy is missing (a restore downloads it).
-            LOG.warning("Image %s: uploaded, but not kept as a base copy: %s", image_id, exc)
+        if sent is not None:
+            LOG.info(
+                "Image %s: uploaded %d KiB from VDI %s of %s%s",
+                image_id,
+                sent.size >> 10,
+                ref,
+                _instance_label(instance),
+                f", a delta against image {sent.parent_image}" if sent.parent_image else "",
+            )
 
     def shutdown(self) -> None:
         """Stop seeding (detaching read-only views) before the process exits."""

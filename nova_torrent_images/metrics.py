@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from nova_torrent_images.seeding.seeds import SeedManager
     from nova_torrent_images.sources import FetchResult
     from nova_torrent_images.stores.base import BaseCopyStore
+    from nova_torrent_images.uploads import QueuedUpload
 
 LOG = logging.getLogger(__name__)
 
@@ -154,6 +155,14 @@ class Metrics:
             registry=r,
         )
         self.base_copies = Gauge("nti_base_copies", "Base copies in the store.", registry=r)
+        self.queued_uploads = Gauge(
+            "nti_queued_uploads", "Snapshot uploads waiting for Glance.", registry=r
+        )
+        self.queued_upload_bytes = Gauge(
+            "nti_queued_upload_bytes",
+            "Bytes of the snapshots kept read-only while their upload waits for Glance.",
+            registry=r,
+        )
         self._textfile_lock = threading.Lock()
         for source in BYTE_SOURCES:
             self.image_bytes.labels(source=source)
@@ -211,6 +220,12 @@ class Metrics:
         seeding = [s for s in statuses if s.seeding]
         self.seeds.set(len(seeding))
         self.seed_uploaded.set(sum(s.bytes_up for s in seeding))
+
+    def observe_uploads(self, queued: Iterable[QueuedUpload]) -> None:
+        """Set the queued-upload gauges from the queue's entries (``size`` in bytes)."""
+        entries = list(queued)
+        self.queued_uploads.set(len(entries))
+        self.queued_upload_bytes.set(sum(e.size for e in entries))
 
     # -- exposition ----------------------------------------------------------------------
     def write_textfile(self, path: str) -> None:

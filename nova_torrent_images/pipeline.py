@@ -171,6 +171,8 @@ class ImagePipeline:
 
         self.store.remove_stale_slots(try_lock=self.locks.try_hold)
         remove_stale_scratch(self._swarm().settings.scratch_root)
+        if self.store.capabilities.seeds:
+            self.resume.remove_orphans(lambda: (b.image_id for b in self.store.list()))
         qos.apply_cgroup(self.conf, getattr(self.store, "directory", None) or self.state_dir)
         if self.seeds is not None:
             self.seeds.resume_all()
@@ -188,9 +190,10 @@ class ImagePipeline:
             status_file.write(self.state_dir, self.store.name, self.seeds.status())
 
     def write_metrics(self) -> None:
-        """Refresh the store and seed gauges, then write ``metrics_textfile`` if set."""
+        """Refresh the store, seed and queued-upload gauges, then write ``metrics_textfile``."""
         if self.store.capabilities.keeps_base_copies:
             self.metrics.observe_store(self.store, self.seeds)
+        self.metrics.observe_uploads(self.uploads.list())
         if self.metrics_textfile:
             self.metrics.write_textfile(self.metrics_textfile)
 

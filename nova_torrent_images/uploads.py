@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from oslo_log import log as logging
@@ -106,6 +107,25 @@ def uploaded_image(glance: GlanceClient, image_id: str, size: int, digest: str) 
     return image
 
 
+def not_inherited(conf: Any) -> tuple[str, ...]:
+    """Properties a snapshot must not carry over from the image its instance booted.
+
+    Nova copies the booted image's properties into the snapshot's record (its
+    ``image_*`` system metadata): the torrent's would name another image's magnet, a
+    chain's would make a whole upload pass for a delta. They are removed before the data
+    goes; a delta sets its own again.
+    """
+    opts = conf.torrent_images
+    return (
+        opts.torrentable_property,
+        opts.magnet_property,
+        opts.bound_hash_property,
+        differential.PARENT,
+        differential.WHOLE_SIZE,
+        differential.WHOLE_HASH,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Sent:
     """What went to Glance: its size and sha512, and the parent image of a delta."""
@@ -122,8 +142,20 @@ def send(
     ref: str,
     parent: BaseCopy | None,
     scratch_dir: str,
+    *,
+    properties: dict[str, Any] | None = None,
+    clear: Iterable[str] = (),
 ) -> Sent:
-    """Upload disk ``ref``: whole, or with a ``parent`` base copy as a delta against it."""
+    """Upload disk ``ref``: whole, or with a ``parent`` base copy as a delta against it.
+
+    First ``properties`` are set (the record a Glance outage kept from being written) and
+    the properties named in ``clear`` removed (:func:`not_inherited`).
+    """
+    if properties:
+        glance.set_properties(image_id, **properties)
+    clear = list(clear)
+    if clear:
+        glance.remove_properties(image_id, clear)
     if parent is not None:
         sent = differential.upload_delta(store, glance, image_id, ref, parent, scratch_dir)
         if sent is not None:
@@ -137,6 +169,76 @@ def kept_image(glance: GlanceClient, image_id: str, sent: Sent) -> ImageInfo | N
     if image is not None and sent.parent_image:
         image = differential.whole_view(image)
     return image
+
+
+def keep(
+    pipeline: Any, glance: GlanceClient, image_id: str, sent: Sent, ref: str, project_id: str | None
+) -> None:
+    """Make the uploaded disk ``ref`` the image's base copy when Glance holds its bytes.
+
+    Never raises for a failure of its own: the upload is done, only the local copy is
+    missing then (a restore downloads the image).
+    """
+    try:
+        image = kept_image(glance, image_id, sent)
+        if image is not None:
+            pipeline.adopt_disk(image, ref, project_id)
+    except exception.TorrentImagesError as exc:
+        LOG.warning("Image %s: uploaded, but not kept as a base copy: %s", image_id, exc)
+
+
+def save(
+    pipeline: Any,
+    glance: GlanceClient,
+    image_id: str,
+    ref: str,
+    parent: BaseCopy | None,
+    project_id: str | None,
+    *,
+    properties: dict[str, Any] | None = None,
+    clear: Iterable[str] = (),
+    before: Callable[[], None] | None = None,
+) -> Sent | None:
+    """A snapshot's upload, as both virt drivers make it (doc/source/snapshots.rst).
+
+    ``before()`` runs first (the libvirt driver's own record update); then disk ``ref`` of
+    the pipeline's store is sent (:func:`send`: whole, or as a delta against ``parent``),
+    and kept as the image's base copy when Glance holds exactly its bytes. When Glance
+    cannot take it (:class:`~exception.GlanceUnavailable`, also from ``before``) a
+    read-only copy is kept and the upload queued, with ``clear`` and ``properties`` (what
+    ``before`` writes) for the retry. Returns what was sent, or None when queued.
+    """
+    store = pipeline.store
+    clear = tuple(clear)
+    try:
+        if before is not None:
+            before()
+        sent = send(
+            store,
+            glance,
+            image_id,
+            ref,
+            parent,
+            os.path.join(pipeline.state_dir, "deltas"),
+            clear=clear,
+        )
+    except exception.GlanceUnavailable as exc:
+        if not store.capabilities.adopts_disks:
+            raise
+        pipeline.uploads.enqueue(
+            store,
+            image_id,
+            ref,
+            project_id,
+            exc,
+            parent.ref if parent else None,
+            properties=properties,
+            clear=clear,
+        )
+        return None
+    if store.capabilities.adopts_disks:
+        keep(pipeline, glance, image_id, sent, ref, project_id)
+    return sent
 
 
 def find_base(store: BaseCopyStore, ref: str | None) -> BaseCopy | None:
@@ -156,6 +258,10 @@ class QueuedUpload:
     next_attempt: float = 0.0
     last_error: str = ""
     parent_ref: str | None = None  # the parent base copy of a differential upload
+    # Set on the record, and removed from it, before the data goes (:func:`send`).
+    properties: dict[str, Any] | None = None
+    clear: list[str] = dataclasses.field(default_factory=list)
+    size: int = 0  # bytes of the kept copy (the queued-upload metric); 0 when unknown
 
     def delay(self) -> float:
         return min(MAX_RETRY_DELAY, RETRY_DELAY * 2 ** max(0, self.attempts - 1))
@@ -219,9 +325,17 @@ class UploadQueue:
         project_id: str | None,
         error: Exception,
         parent_ref: str | None = None,
+        *,
+        properties: dict[str, Any] | None = None,
+        clear: Iterable[str] = (),
     ) -> QueuedUpload:
         """Keep a read-only copy of disk ``ref`` and queue its upload as ``image_id``."""
         kept = store.keep_for_upload(ref, image_id, project_id)
+        try:
+            size = store.disk_size(kept)
+        except Exception as exc:  # noqa: BLE001  only the metric lacks it
+            LOG.warning("Image %s: size of the kept copy %s unknown: %s", image_id, kept, exc)
+            size = 0
         entry = QueuedUpload(
             image_id=image_id,
             store=store.name,
@@ -230,6 +344,9 @@ class UploadQueue:
             attempts=1,
             last_error=str(error),
             parent_ref=parent_ref,
+            properties=properties or None,
+            clear=list(clear),
+            size=size,
         )
         entry.next_attempt = time.time() + entry.delay()
         try:
@@ -308,7 +425,16 @@ class UploadQueue:
                 # The parent base copy went meanwhile: upload whole, undoing what an
                 # earlier attempt may have set for a delta.
                 glance.set_properties(e.image_id, disk_format="raw", **{differential.PARENT: ""})
-            sent = send(store, glance, e.image_id, e.ref, parent, scratch_dir)
+            sent = send(
+                store,
+                glance,
+                e.image_id,
+                e.ref,
+                parent,
+                scratch_dir,
+                properties=e.properties,
+                clear=e.clear,
+            )
         except exception.ImageNotFound:
             LOG.warning(
                 "Image %s: deleted from Glance while its upload was queued; the kept copy "
@@ -352,12 +478,10 @@ def local_resume_data(
     The torrent is made here as the origin made it (named by the image id, the magnet's
     v1/v2 kind, the default piece size); only when its info-hashes are the magnet's (the
     trust root is Glance's record) is it used. None otherwise (another piece size). The
-    resume data comes from ``engine`` (a paused torrent, removed again): resume data
-    written without a session lacks the v2 hash trees, and peers then get nothing.
+    resume data itself comes from the swarm (:func:`~.swarm.recipes.local_resume_data`).
     """
-    import libtorrent as lt
-
-    from nova_torrent_images.swarm.torrent import load_torrent, make_torrent
+    from nova_torrent_images.swarm import recipes
+    from nova_torrent_images.swarm.torrent import make_torrent
 
     magnet = image.magnet
     if magnet is None:
@@ -369,29 +493,19 @@ def local_resume_data(
     )
     with store.seed_path(base) as path:
         torrent = make_torrent(path, name=image.id, version=version, size=base.size)
-    if (torrent.info_hash_v1, torrent.info_hash_v2) != (
-        magnet.info_hash_v1,
-        magnet.info_hash_v2,
-    ):
-        LOG.info(
-            "Image %s: the torrent made from the kept snapshot is not the published one "
-            "(another piece size?); this host does not seed it",
-            image.id,
+        if (torrent.info_hash_v1, torrent.info_hash_v2) != (
+            magnet.info_hash_v1,
+            magnet.info_hash_v2,
+        ):
+            LOG.info(
+                "Image %s: the torrent made from the kept snapshot is not the published one "
+                "(another piece size?); this host does not seed it",
+                image.id,
+            )
+            return None
+        return recipes.local_resume_data(
+            engine, torrent.data, path, label=f"metadata of snapshot {image.id}"
         )
-        return None
-    params = lt.add_torrent_params()
-    params.ti = load_torrent(torrent.data)
-    params.save_path = os.path.dirname(os.path.abspath(path))
-    params.renamed_files = {0: os.path.abspath(path)}
-    flags = lt.torrent_flags.default_flags | lt.torrent_flags.seed_mode | lt.torrent_flags.paused
-    params.flags = flags & ~lt.torrent_flags.auto_managed
-    watch = engine.add_torrent(params, label=f"metadata of snapshot {image.id}")
-    try:
-        watch.handle.save_resume_data(lt.save_resume_flags_t.save_info_dict)
-        saved = watch.wait_for(lt.save_resume_data_alert, 10.0)
-    finally:
-        engine.remove_torrent(watch)
-    return saved.resume_data if saved is not None else None
 
 
 def seed_published_snapshots(pipeline: Any, glance: GlanceClient) -> list[str]:

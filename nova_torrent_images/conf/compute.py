@@ -226,11 +226,14 @@ seeding_opts = [
         "differential_snapshots",
         default=False,
         help="Upload a snapshot of an instance whose disk is a clone of a base copy of "
-        "image P as a qcow2 overlay holding only the clusters that differ from P, with the "
+        "image P (on libvirt: a qcow2 overlay of it, or P is the record's base_image_ref, "
+        "and a Glance client of this library's own is configured) as a qcow2 overlay "
+        "holding only the clusters that differ from P, with the "
         "image properties nti_parent_image, nti_whole_size and nti_whole_hash "
         "(doc/source/snapshots.rst). Restores then need P (and its parents) on the "
         "restoring host; consumers that do not know chains need 'nova-torrent-images "
-        "export'. Off: snapshots are uploaded whole, as raw.",
+        "export'. Off: snapshots are uploaded whole (raw on XenServer, Nova's format on "
+        "libvirt).",
     ),
 ]
 

@@ -30,8 +30,10 @@ glance_opts = [
         help="Glance API endpoint this library talks to (the XenAPI image handlers, the "
         "command line tools, the origin seeder). Inside nova-compute the request's token is "
         "used against it; when unset, the endpoint comes from the Keystone catalog through "
-        "the [torrent_images_glance] credentials. The libvirt integration uses Nova's own "
-        "Glance client instead.",
+        "the [torrent_images_glance] credentials. On libvirt hosts downloads use Nova's own "
+        "Glance client; snapshots through this library (differential, queued while Glance "
+        "is down) and restores of differential images need this one "
+        "(doc/source/snapshots.rst).",
     ),
     cfg.BoolOpt(
         "glance_noauth",

@@ -22,12 +22,9 @@ response body through one token bucket shared by all connections. Demo use only.
 from __future__ import annotations
 
 import http.client
-import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
-from nova_torrent_images.utils import RateLimiter
+from nova_torrent_images.testing.local_http import CappedHTTPServer, OwnedHandler
 
 CHUNK = 256 * 1024
 # Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded; the body is framed anew.
@@ -44,58 +41,20 @@ _HOP = {
 }
 
 
-class CappedProxy:
+class CappedProxy(CappedHTTPServer):
     """``url`` forwards to ``upstream``; bodies share ``upload_rate`` bytes/s."""
+
+    thread_name = "capped-proxy"
 
     def __init__(self, upstream: str, upload_rate: int, host: str = "127.0.0.1") -> None:
         parts = urllib.parse.urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port or 80)
         self.prefix = parts.path.rstrip("/")
-        self.limiter = RateLimiter(upload_rate)
-        self.bytes_served = 0
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(_Handler):
-            owner = proxy
-
-        self._server = ThreadingHTTPServer((host, 0), Handler)
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def count(self, n: int) -> None:
-        with self._lock:
-            self.bytes_served += n
-
-    def start(self) -> CappedProxy:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="capped-proxy", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> CappedProxy:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        super().__init__(_Handler, host, upload_rate)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(OwnedHandler):
     owner: CappedProxy
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
 
     def do_HEAD(self) -> None:  # noqa: N802
         self._forward(body=False)
@@ -127,9 +86,11 @@ class _Handler(BaseHTTPRequestHandler):
                 data = response.read(CHUNK)
                 if not data:
                     break
-                owner.limiter.take(len(data))
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                owner.count(len(data))
+                if chunked:
+                    self.wfile.write(b"%x\r\n" % len(data))
+                owner.send_body(self.wfile, data)
+                if chunked:
+                    self.wfile.write(b"\r\n")
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
         except OSError:

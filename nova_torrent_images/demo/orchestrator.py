@@ -24,9 +24,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
 from nova_torrent_images import exception
+from nova_torrent_images.cmd.progress import HostProgress
 from nova_torrent_images.testing.swarm import next_loopback_address
 
 MiB = 1024 * 1024
@@ -240,12 +239,7 @@ def _boot_all(
 ) -> None:
     """Boot ``number`` on every host at once (with ``glance_url``: the plain HTTP fetch)."""
     kind = "http" if glance_url else "boot"
-    bars = {
-        p.name: tqdm(
-            total=size, unit="B", unit_scale=True, desc=f"  {p.name}", leave=True, position=i
-        )
-        for i, p in enumerate(procs)
-    }
+    displays = {p.name: HostProgress(f"  {p.name}", size, position=i) for i, p in enumerate(procs)}
     for p in procs:
         p.send(
             f"http {number} {image_id} {glance_url}" if glance_url else f"boot {number} {image_id}"
@@ -259,25 +253,23 @@ def _boot_all(
                     event = p.events.get_nowait()
                 except queue.Empty:
                     break
-                bar = bars[name]
+                display = displays[name]
                 if event["event"] == "progress":
-                    bar.update(event["done"] - bar.n)
-                    bar.set_postfix(peers=event["peers"], refresh=False)
+                    display.update(event["done"], event["peers"])
                 elif event["event"] == kind:
-                    bar.update(size - bar.n)
-                    bar.set_postfix_str(event.get("source", "failed"))
+                    display.finish(event.get("source", "failed"))
                     p.boots[number] = event
                     del pending[name]
                     break
                 elif event["event"] == "exit":
+                    display.finish("host process exited")
                     p.boots[number] = {"error": "host process exited"}
                     del pending[name]
                     break
         time.sleep(0.1)
-    for p in pending.values():
+    for name, p in pending.items():
+        displays[name].finish(f"no answer in {BOOT_TIMEOUT}s")
         p.boots[number] = {"error": f"no answer in {BOOT_TIMEOUT}s"}
-    for bar in bars.values():
-        bar.close()
     print()
 
 

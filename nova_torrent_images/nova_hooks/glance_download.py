@@ -80,7 +80,8 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_torrent_images import conf as nti_conf
-from nova_torrent_images import exception, stores, verify
+from nova_torrent_images import differential, exception, stores, verify
+from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.image import ImageInfo, parse_image
 from nova_torrent_images.nova_hooks import glance_upload
 from nova_torrent_images.pipeline import ImagePipeline
@@ -164,12 +165,42 @@ class TorrentDownloads:
         self._pipeline_lock = threading.Lock()
         self._warned_copy = False
 
+    # -- this library's own Glance client (snapshots, differential images) -------------
+    def glance_configured(self) -> bool:
+        """Whether ``[torrent_images] glance_endpoint`` or Keystone settings are given.
+
+        Downloads need no Glance client of ours (Nova's own download is their fallback);
+        snapshots through this library and differential images do.
+        """
+        opts = self.conf.torrent_images
+        return bool(opts.glance_endpoint) or bool(self.conf[nti_conf.GLANCE_GROUP].auth_type)
+
+    def glance(self, context: Any) -> GlanceClient:
+        """A Glance client acting as the request's user, or ConfigError saying what to set."""
+        if not self.glance_configured():
+            raise exception.ConfigError(
+                option="glance_endpoint",
+                reason="not set, and no [torrent_images_glance] auth_type either: snapshots "
+                "through this library and differential images need a Glance client of its "
+                "own on libvirt hosts (doc/source/snapshots.rst)",
+            )
+        return GlanceClient.for_context(context, self.conf)
+
     def pipeline(self) -> ImagePipeline:
-        """The store, swarm engine and seeds of this process, recovered on first use."""
+        """The store, swarm engine and seeds of this process, recovered on first use.
+
+        With a Glance client of its own it also retries queued snapshot uploads and seeds
+        kept snapshots once published (the service's credentials: no user token lasts).
+        """
         with self._pipeline_lock:
             if self._pipeline is None:
                 store = self._store or stores.open_store(self.conf, "filesystem")
-                pipeline = ImagePipeline(self.conf, store, engine=self._engine)
+                factory = None
+                if self.glance_configured():
+                    factory = functools.partial(self.glance, None)
+                pipeline = ImagePipeline(
+                    self.conf, store, engine=self._engine, glance_factory=factory
+                )
                 # Drop slots a crash left behind, seed base copies again, start the policy.
                 pipeline.start()
                 self._pipeline = pipeline
@@ -203,6 +234,7 @@ class TorrentDownloads:
         """
         refusal = _swarm_refusal(data, dst_path, trusted_certs)
         if refusal is not None:
+            self._refuse_delta(service, context, image_id, refusal)
             LOG.debug("Image %s: Nova's own download: %s", image_id, refusal)
             return False
         project_id = getattr(context, "project_id", None)
@@ -225,6 +257,8 @@ class TorrentDownloads:
                 exc,
             )
             return False
+        if differential.parent_id(image):
+            return self._download_delta(context, image, dst_path, project_id)
         try:
             how = self._place(image, dst_path, project_id)
         except exception.NotTorrentable as exc:
@@ -254,6 +288,74 @@ class TorrentDownloads:
             return False
         LOG.info("Image %s: %s is a %s of the verified base copy", image_id, dst_path, how)
         return True
+
+    # -- differential images (doc/source/snapshots.rst) --------------------------------
+    def _download_delta(
+        self, context: Any, image: ImageInfo, dst_path: str, project_id: str | None
+    ) -> bool:
+        """Rebuild a differential image over its parent's base copy; never Nova's download.
+
+        Nova's own download would hand over the delta alone: a qcow2 without its backing
+        file, which boots as a disk of zeros where the instance did not write. Any failure
+        is therefore Nova's ``CouldNotFetchImage``. Nova gets the whole image as the qcow2
+        its Glance record announces (Nova checks the bytes against ``disk_format``).
+        """
+        try:
+            glance = self.glance(context)
+            delivery = self.pipeline().ensure_base(
+                image,
+                glance,
+                use=lambda base: self._export_qcow2(image.id, base, dst_path),
+                project_id=project_id,
+            )
+        except Exception as exc:  # noqa: BLE001  typed for Nova, whatever it was
+            LOG.error(
+                "Image %s is a differential snapshot and could not be rebuilt: %s",
+                image.id,
+                exc,
+                exc_info=not isinstance(exc, exception.TorrentImagesError),
+            )
+            raise nova_exception.CouldNotFetchImage(
+                message=f"image {image.id} is a differential snapshot (its parent "
+                f"{differential.parent_id(image)}) that could not be rebuilt: {exc}",
+                image_id=image.id,
+            ) from exc
+        LOG.info(
+            "Image %s: %s is the whole image rebuilt over its parent, as qcow2 (%s)",
+            image.id,
+            dst_path,
+            "rebuilt now" if delivery.downloaded else "base copy already here",
+        )
+        return True
+
+    def _refuse_delta(self, service: Any, context: Any, image_id: str, refusal: str) -> None:
+        """Raise ``CouldNotFetchImage`` if Nova's own download would be of a delta."""
+        try:
+            image = image_from_nova(service.show(context, image_id), self.conf)
+        except Exception:  # noqa: BLE001  Nova's own download reports it properly
+            return
+        parent = differential.parent_id(image)
+        if parent:
+            raise nova_exception.CouldNotFetchImage(
+                message=f"image {image_id} is a differential snapshot (its parent {parent}) "
+                f"and this download stays on Nova's own path ({refusal}), which would give "
+                "the delta alone; restore it into a file (or 'nova-torrent-images export')",
+                image_id=image_id,
+            )
+
+    def _export_qcow2(self, image_id: str, base: BaseCopy, dst_path: str) -> str:
+        """Write the whole image (a raw base copy) into ``dst_path`` as qcow2."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst_path)  # never written through: see _link_or_copy
+        try:
+            differential.convert(base.ref, "raw", dst_path, "qcow2")
+            os.chmod(dst_path, 0o644)
+            with open(dst_path, "rb") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            verify.discard(dst_path)
+            raise
+        return "qcow2 conversion"
 
     def _place(self, image: ImageInfo, dst_path: str, project_id: str | None) -> str:
         # Linked under the image's lock: eviction cannot take the base copy meanwhile.

@@ -22,8 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Callable, Iterable
+
+from oslo_log import log as logging
 
 from nova_torrent_images import utils
+
+LOG = logging.getLogger(__name__)
 
 
 class ResumeFiles:
@@ -52,3 +58,32 @@ class ResumeFiles:
     def remove(self, image_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(image_id))
+
+    def image_ids(self) -> list[str]:
+        """The images that have resume data here."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted(n[: -len(".resume")] for n in names if n.endswith(".resume"))
+
+    def remove_orphans(self, base_copies: Callable[[], Iterable[str]]) -> list[str]:
+        """Remove resume data of images without a base copy; return their ids.
+
+        The store's metadata is the registry: resume data of an image it does not list is
+        what a kill between the base copy's destroy and :meth:`remove` left. Files written
+        after the listing began (a download that committed meanwhile) are kept.
+        """
+        listed_at = time.time()
+        keep = set(base_copies())
+        removed = []
+        for image_id in self.image_ids():
+            if image_id in keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self._path(image_id)).st_mtime >= listed_at:
+                    continue
+                os.unlink(self._path(image_id))
+                removed.append(image_id)
+                LOG.info("Image %s: removed resume data left without a base copy", image_id)
+        return removed

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -263,6 +264,11 @@ class BaseCopyStore(abc.ABC):
     def drop_kept(self, ref: str) -> None:
         """Delete a copy made by :meth:`keep_for_upload`; missing is not an error."""
         raise self._unsupported("keeping disks for queued uploads")
+
+    def disk_size(self, ref: str) -> int:
+        """The size in bytes of the disk ``ref`` (a queued upload's kept copy)."""
+        with self.attached(ref, "RO") as path, open(path, "rb") as f:
+            return f.seek(0, os.SEEK_END)
 
     def begin_from(self, base: BaseCopy, image_id: str, size: int) -> Slot:
         """Like :meth:`begin_download`, but the slot already holds ``base``'s bytes."""

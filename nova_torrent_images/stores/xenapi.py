@@ -481,6 +481,10 @@ class XenAPIStore(BaseCopyStore):
             self._detach(vbd)
         self._destroy_vdi(vdi_ref)
 
+    def disk_size(self, ref: str) -> int:
+        """A kept copy's virtual size, from its record (no attach)."""
+        return int(self.call("VDI.get_virtual_size", self.call("VDI.get_by_uuid", ref)))
+
     def begin_from(self, base: BaseCopy, image_id: str, size: int) -> Slot:
         """A download VDI that is a ``VDI.clone`` of ``base`` (copy on write), attached RW.
 

@@ -10,13 +10,15 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""How a torrent joins the session: the three add-torrent recipes, in one place.
+"""How a torrent joins the session: the add-torrent recipes, in one place.
 
 * :func:`download_params` -- a compute host fetching an image by magnet, straight into
   its destination, in upload mode until the metadata is checked;
 * :func:`seed_params` -- a compute host seeding a verified base copy from its resume data;
 * :func:`origin_params` -- an origin node seeding published data from the .torrent, or
-  fetching it again through a web seed when its data is missing.
+  fetching it again through a web seed when its data is missing;
+* :func:`local_resume_data` -- resume data for local bytes nobody downloaded (a snapshot
+  the host saved), made through a paused torrent of the session.
 
 None of them is auto-managed or paused: libtorrent's queue would otherwise park a seed or
 a download behind others.
@@ -25,6 +27,7 @@ a download behind others.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import libtorrent as lt
 
@@ -133,3 +136,25 @@ def origin_params(
         params.url_seeds = [web_seed]
         params.flags = _flags()
     return params
+
+
+def local_resume_data(engine: Any, torrent_data: bytes, path: str, label: str) -> bytes | None:
+    """Resume data to seed ``path`` (its bytes already checked) under ``torrent_data``.
+
+    It comes from ``engine``, through a paused torrent in seed mode that is removed again:
+    resume data written without a session lacks the v2 hash trees, and peers then get
+    nothing. None when libtorrent gave none within 10 seconds.
+    """
+    params = lt.add_torrent_params()
+    params.ti = load_torrent(torrent_data)
+    params.save_path = os.path.dirname(os.path.abspath(path))
+    params.renamed_files = {0: os.path.abspath(path)}
+    flags = lt.torrent_flags.default_flags | lt.torrent_flags.seed_mode | lt.torrent_flags.paused
+    params.flags = flags & ~lt.torrent_flags.auto_managed
+    watch = engine.add_torrent(params, label=label)
+    try:
+        watch.handle.save_resume_data(lt.save_resume_flags_t.save_info_dict)
+        saved = watch.wait_for(lt.save_resume_data_alert, 10.0)
+    finally:
+        engine.remove_torrent(watch)
+    return saved.resume_data if saved is not None else None

@@ -32,10 +32,9 @@ import threading
 import time
 import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from nova_torrent_images.utils import RateLimiter
+from nova_torrent_images.testing.local_http import CappedHTTPServer, OwnedHandler
 
 CHUNK = 256 * 1024
 SCHEMA = {
@@ -46,8 +45,10 @@ SCHEMA = {
 }
 
 
-class HTTPOrigin:
-    """A threaded HTTP server on ``host`` with a free port; a context manager."""
+class HTTPOrigin(CappedHTTPServer):
+    """The origin on a free port of ``host``; a context manager."""
+
+    thread_name = "http-origin"
 
     def __init__(
         self, workdir: str | None = None, host: str = "127.0.0.1", upload_rate: int = 0
@@ -57,43 +58,15 @@ class HTTPOrigin:
         os.makedirs(self.workdir, exist_ok=True)
         self.images: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
-        self.limiter = RateLimiter(upload_rate)
-        self.bytes_served = 0
-        origin = self
-
-        class Handler(_Handler):
-            server_origin = origin
-
-        self._server = ThreadingHTTPServer((host, 0), Handler)
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__(_Handler, host, upload_rate)
 
     def data_path(self, image_id: str) -> str:
         return os.path.join(self.workdir, image_id)
 
-    def start(self) -> HTTPOrigin:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, daemon=True, name="http-origin"
-        )
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> HTTPOrigin:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def create_image(self, path: str, name: str = "image", **properties: str) -> dict:
         """Create an active raw image from a file (copied in), like an upload."""
@@ -151,12 +124,8 @@ class HTTPOrigin:
             )
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_origin: HTTPOrigin
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass  # quiet: the demo prints its own table
+class _Handler(OwnedHandler):
+    owner: HTTPOrigin
 
     def _json(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()
@@ -175,16 +144,16 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _image(self, image_id: str) -> dict[str, Any] | None:
-        with self.server_origin.lock:
-            return self.server_origin.images.get(image_id)
+        with self.owner.lock:
+            return self.owner.images.get(image_id)
 
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?")[0]
         if path == "/v2/schemas/image":
             return self._json(200, SCHEMA)
         if path == "/v2/images":
-            with self.server_origin.lock:
-                return self._json(200, {"images": list(self.server_origin.images.values())})
+            with self.owner.lock:
+                return self._json(200, {"images": list(self.owner.images.values())})
         match = re.fullmatch(r"/v2/images/([^/]+)(/file)?", path)
         image = self._image(match.group(1)) if match else None
         if image is None:
@@ -213,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
-        origin = self.server_origin
+        origin = self.owner
         with open(origin.data_path(image["id"]), "rb") as f:
             f.seek(start)
             left = end - start + 1
@@ -221,16 +190,13 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = f.read(min(CHUNK, left))
                 if not chunk:
                     break
-                origin.limiter.take(len(chunk))
-                self.wfile.write(chunk)
+                origin.send_body(self.wfile, chunk)
                 left -= len(chunk)
-                with origin.lock:
-                    origin.bytes_served += len(chunk)
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path != "/v2/images":
             return self._empty(HTTPStatus.NOT_FOUND)
-        record = self.server_origin._new_record(json.loads(self._body() or b"{}"))
+        record = self.owner._new_record(json.loads(self._body() or b"{}"))
         self._json(201, record)
 
     def do_PUT(self) -> None:  # noqa: N802
@@ -240,11 +206,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._empty(HTTPStatus.NOT_FOUND)
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             stream = _ChunkedReader(self.rfile)
-            self.server_origin._store_data(image, stream)
+            self.owner._store_data(image, stream)
         else:
-            self.server_origin._store_data(
-                image, self.rfile, int(self.headers.get("Content-Length") or 0)
-            )
+            self.owner._store_data(image, self.rfile, int(self.headers.get("Content-Length") or 0))
         self._empty(HTTPStatus.NO_CONTENT)
 
     def do_PATCH(self) -> None:  # noqa: N802
@@ -252,7 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
         image = self._image(match.group(1)) if match else None
         if image is None:
             return self._empty(HTTPStatus.NOT_FOUND)
-        with self.server_origin.lock:
+        with self.owner.lock:
             for op in json.loads(self._body() or b"[]"):
                 key = op["path"].lstrip("/")
                 if op["op"] in ("add", "replace"):
@@ -265,12 +229,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:  # noqa: N802
         match = re.fullmatch(r"/v2/images/([^/]+)", self.path)
-        with self.server_origin.lock:
-            image = self.server_origin.images.pop(match.group(1), None) if match else None
+        with self.owner.lock:
+            image = self.owner.images.pop(match.group(1), None) if match else None
         if image is None:
             return self._empty(HTTPStatus.NOT_FOUND)
         try:
-            os.unlink(self.server_origin.data_path(image["id"]))
+            os.unlink(self.owner.data_path(image["id"]))
         except FileNotFoundError:
             pass
         self._empty(HTTPStatus.NO_CONTENT)

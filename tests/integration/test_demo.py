@@ -42,3 +42,8 @@ def test_demo_runs(origin):
     rows = [line for line in result.stdout.splitlines() if line.startswith("compute-")]
     assert len(rows) == 2 and all(line.rstrip().endswith("yes") for line in rows)
     assert "origin egress" in result.stdout
+    # Captured output is not a terminal: plain milestone lines, no cursor escapes.
+    for stream in (result.stdout, result.stderr):
+        assert "\x1b" not in stream and "\r" not in stream
+    assert "compute-1: started" in result.stdout
+    assert any(line.strip().startswith("compute-2: done in") for line in result.stdout.splitlines())

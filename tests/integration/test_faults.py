@@ -56,6 +56,7 @@ from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.handler import GlanceImageHandler, TorrentImageHandler
 from nova_torrent_images.magnet import build_magnet
 from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
+from nova_torrent_images.seeding.resume import ResumeFiles
 from nova_torrent_images.stores.filesystem import FilesystemStore
 from nova_torrent_images.stores.xenapi import TAG
 from nova_torrent_images.swarm.torrent import make_torrent
@@ -302,6 +303,12 @@ class XapiHost:
             }.get(role, "a VDI this library does not account for")
             found.append(f"{what}: {why}")
         found += [f"{n} base copies of image {i}" for i, n in bases.items() if n > 1]
+        resumes = ResumeFiles.in_state_dir(str(self.state_dir))
+        found += [
+            f"resume data of image {i} without a base copy"
+            for i in resumes.image_ids()
+            if i not in bases
+        ]
         scratch = self.state_dir / "scratch"
         if scratch.is_dir() and os.listdir(scratch):
             found.append(f"scratch directories left: {sorted(os.listdir(scratch))}")
@@ -558,6 +565,8 @@ def boot_then_delete_instance(image: Image):
             root = handler.download_image(None, session, {"name": "gone"}, image.id)
             x = session.xenapi
             x.VDI.destroy(x.VDI.get_by_uuid(root["root"]["uuid"]))
+            # As a swarm download leaves it: the eviction must not leave it behind.
+            ResumeFiles.in_state_dir(str(host.state_dir)).save(image.id, b"resume data")
         finally:
             handler.shutdown()
             session.xenapi.session.logout()

@@ -38,8 +38,8 @@ from oslo_config import cfg
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images import exception, verify
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.image import parse_image
 from nova_torrent_images.testing.http_origin import SCHEMA, _ChunkedReader
+from nova_torrent_images.testing.images import image_info
 
 IMAGE_ID = "6f1b7c1e-3c1a-4d7e-9a55-0c2f5d4e8b21"
 DATA = os.urandom(3 * 1024 * 1024 + 12345)  # glanceclient reads 1 MiB chunks
@@ -206,16 +206,7 @@ def client(server, **overrides) -> GlanceClient:
 
 
 def image():
-    return parse_image(
-        {
-            "id": IMAGE_ID,
-            "status": "active",
-            "size": len(DATA),
-            "disk_format": "raw",
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(DATA).hexdigest(),
-        }
-    )
+    return image_info(DATA, IMAGE_ID)
 
 
 # -- download: failures that stay ------------------------------------------------------

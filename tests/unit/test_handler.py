@@ -22,7 +22,7 @@ import pytest
 from nova_torrent_images import exception
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.handler import GlanceImageHandler, TorrentImageHandler, load_handler
-from nova_torrent_images.stores.filesystem import FilesystemStore
+from nova_torrent_images.stores.output import OutputFileStore
 from nova_torrent_images.stores.xenapi import TAG
 from nova_torrent_images.swarm import engine as swarm_engine
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, MiB
@@ -49,6 +49,13 @@ class StubGlance(GlanceClient):
         self.record, self.body = dict(record), body
         self.data_requests = 0
         self.uploads = {}
+        self.removed = []  # (image id, property names) asked to go
+
+    def remove_properties(self, image_id, names):
+        self.removed.append((image_id, list(names)))
+        if image_id == self.record["id"]:
+            for name in names:
+                self.record.pop(name, None)
 
     def get_image(self, image_id):
         if image_id != self.record["id"]:
@@ -153,13 +160,18 @@ def test_upload_image_sends_exactly_the_vdi_bytes(host):
     data, size = host.glance.uploads["snap-1"]
     assert data == expected and size == len(expected)
     assert host.fake.leaks(host.baseline).vbds == ()  # the read-only view is detached
+    # Nova copied the booted image's properties into the snapshot's record; the torrent's
+    # and a chain's are wrong for the new bytes and went before them.
+    [(image_id, removed)] = host.glance.removed
+    assert image_id == "snap-1"
+    assert {"is_torrentable", "torrent_magnet", "nti_parent_image"} <= set(removed)
 
 
 def test_upload_needs_a_store_that_attaches_disks(host, tmp_path):
     handler = GlanceImageHandler(
         host.conf,
         glance_factory=lambda context: host.glance,
-        store_factory=lambda session: FilesystemStore(str(tmp_path / "images")),
+        store_factory=lambda session: OutputFileStore(str(tmp_path / "out.raw")),
     )
     with pytest.raises(exception.StoreError, match="snap-1"):
         handler.upload_image(None, host.session, {"name": "vm-1"}, "snap-1", ["some-uuid"])

@@ -123,6 +123,14 @@ def test_store_and_seed_gauges():
     assert m.value("nti_seeds") == 2 and m.value("nti_seed_uploaded_bytes") == 75
 
 
+def test_queued_upload_gauges_count_entries_and_their_bytes():
+    m = Metrics()
+    m.observe_uploads([SimpleNamespace(size=300), SimpleNamespace(size=700)])
+    assert m.value("nti_queued_uploads") == 2 and m.value("nti_queued_upload_bytes") == 1000
+    m.observe_uploads([])  # all uploaded
+    assert m.value("nti_queued_uploads") == 0 and m.value("nti_queued_upload_bytes") == 0
+
+
 def test_textfile_is_replaced_atomically_and_parses(tmp_path, monkeypatch):
     m = Metrics()
     m.fetch_succeeded(FetchResult("b", "ref", "glance", 3.0, bytes_from_glance=1000))

@@ -19,9 +19,9 @@ import pytest
 
 from nova_torrent_images import exception
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.image import parse_image
 from nova_torrent_images.metrics import get_metrics
 from nova_torrent_images.pipeline import fetch_to_file
+from nova_torrent_images.testing.images import image_info
 from nova_torrent_images.testing.swarm import make_conf
 
 DATA = os.urandom(300_000)
@@ -41,16 +41,7 @@ class StubGlance(GlanceClient):
 
 
 def image(**props):
-    rec = {
-        "id": "img-1",
-        "status": "active",
-        "size": len(DATA),
-        "disk_format": "raw",
-        "os_hash_algo": "sha512",
-        "os_hash_value": hashlib.sha512(DATA).hexdigest(),
-    }
-    rec.update(props)
-    return parse_image(rec)
+    return image_info(DATA, **props)
 
 
 def test_glance_path_verifies(tmp_path):
@@ -110,23 +101,11 @@ def test_a_base_copy_is_not_evicted_between_finding_and_using_it(tmp_path):
     from nova_torrent_images.stores.filesystem import FilesystemStore
 
     data_a, data_b = os.urandom(600_000), os.urandom(600_000)
-
-    def record(image_id, data):
-        return parse_image(
-            {
-                "id": image_id,
-                "status": "active",
-                "size": len(data),
-                "disk_format": "raw",
-                "os_hash_algo": "sha512",
-                "os_hash_value": hashlib.sha512(data).hexdigest(),
-            }
-        )
-
+    image_a, image_b = image_info(data_a, "img-a"), image_info(data_b, "img-b")
     conf = make_conf(state_dir=str(tmp_path / "state"), mode="none", store_quota=1)
     store = FilesystemStore(str(tmp_path / "images"))
     pipeline = ImagePipeline(conf, store, seeding=False)
-    pipeline.ensure_base(record("img-a", data_a), StubGlance(data_a))
+    pipeline.ensure_base(image_a, StubGlance(data_a))
     cloning, release = threading.Event(), threading.Event()
 
     def slow_clone(base):
@@ -137,13 +116,13 @@ def test_a_base_copy_is_not_evicted_between_finding_and_using_it(tmp_path):
     booted = {}
     boot_a = threading.Thread(
         target=lambda: booted.update(
-            a=pipeline.ensure_base(record("img-a", data_a), StubGlance(b""), use=slow_clone).used
+            a=pipeline.ensure_base(image_a, StubGlance(b""), use=slow_clone).used
         )
     )
     boot_a.start()
     assert cloning.wait(10)
     # Image B needs room; the quota (1 MiB) holds one image: A is the LRU candidate.
-    pipeline.ensure_base(record("img-b", data_b), StubGlance(data_b))
+    pipeline.ensure_base(image_b, StubGlance(data_b))
     release.set()
     boot_a.join(10)
 

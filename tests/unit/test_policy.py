@@ -13,24 +13,15 @@
 import pytest
 
 from nova_torrent_images import policy
-from nova_torrent_images.image import parse_image
+from nova_torrent_images.testing.images import image_info
 from nova_torrent_images.testing.swarm import make_conf
 
 MAGNET = "magnet:?xt=urn:btih:" + "a" * 40
 
 
 def image(**props):
-    rec = {
-        "id": "img",
-        "status": "active",
-        "size": 64 << 20,
-        "disk_format": "raw",
-        "os_hash_algo": "sha512",
-        "os_hash_value": "0" * 128,
-        "torrent_magnet": MAGNET,
-    }
-    rec.update(props)
-    return parse_image({k: v for k, v in rec.items() if v is not None})
+    fields = {"size": 64 << 20, "os_hash_value": "0" * 128, "torrent_magnet": MAGNET}
+    return image_info(image_id="img", **{**fields, **props})
 
 
 @pytest.mark.parametrize(

@@ -235,11 +235,10 @@ def priority_now():
 
 
 def test_a_download_runs_lowered_and_the_caller_gets_its_priority_back(tmp_path):
-    import hashlib
 
     from nova_torrent_images.glance import GlanceClient
-    from nova_torrent_images.image import parse_image
     from nova_torrent_images.pipeline import fetch_to_file
+    from nova_torrent_images.testing.images import image_info
 
     data = os.urandom(300_000)
     seen = []
@@ -252,16 +251,7 @@ def test_a_download_runs_lowered_and_the_caller_gets_its_priority_back(tmp_path)
             seen.append(priority_now())
             return iter([data])
 
-    image = parse_image(
-        {
-            "id": "img-qos",
-            "status": "active",
-            "size": len(data),
-            "disk_format": "raw",
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(data).hexdigest(),
-        }
-    )
+    image = image_info(data, "img-qos")
     if not qos.may_raise_priority(0):
         pytest.skip("this process may not raise a nice value again")
 

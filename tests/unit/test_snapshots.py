@@ -48,6 +48,15 @@ class SnapshotGlance(StubGlance):
             "visibility": "private",
         }
 
+    def remove_properties(self, image_id, names):
+        if self.down:
+            raise exception.GlanceUnavailable(
+                image_id=image_id, operation="update", attempts=1, reason="refused", option="x"
+            )
+        self.removed.append((image_id, list(names)))
+        for name in names:
+            self.records.get(image_id, {}).pop(name, None)
+
     def get_image(self, image_id):
         if self.down:
             raise exception.GlanceUnavailable(
@@ -176,6 +185,9 @@ def test_upload_while_glance_is_down_is_queued_and_done_after_a_restart(host, ca
         f.write(b"later")
     # Still down: a retry counts an attempt and backs off.
     pipeline = handler.pipeline(host.session)
+    pipeline.write_metrics()
+    assert pipeline.metrics.value("nti_queued_uploads") == 1
+    assert pipeline.metrics.value("nti_queued_upload_bytes") == len(expected)
     assert pipeline.retry_uploads(force=True) == []
     with open(path) as f:
         assert json.load(f)["attempts"] == 2
@@ -190,6 +202,9 @@ def test_upload_while_glance_is_down_is_queued_and_done_after_a_restart(host, ca
 
     assert host.glance.uploads["snap-1"][0] == expected
     assert queued(host) == []
+    pipeline.write_metrics()
+    assert pipeline.metrics.value("nti_queued_uploads") == 0
+    assert pipeline.metrics.value("nti_queued_upload_bytes") == 0
     assert "queued-upload" not in host.roles()
     reads = host.glance.data_requests
     restored = restarted.download_image(project(), host.session, {"name": "vm-2"}, "snap-1")

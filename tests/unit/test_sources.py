@@ -19,7 +19,6 @@ import pytest
 
 from nova_torrent_images import exception, verify
 from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.image import parse_image
 from nova_torrent_images.magnet import build_magnet
 from nova_torrent_images.sources import GlanceSource, SwarmSource
 from nova_torrent_images.stores.base import Slot
@@ -27,6 +26,7 @@ from nova_torrent_images.stores.filesystem import FilesystemStore
 from nova_torrent_images.swarm import transfer
 from nova_torrent_images.swarm.torrent import make_torrent
 from nova_torrent_images.swarm.transfer import SwarmStats
+from nova_torrent_images.testing.images import image_info
 from nova_torrent_images.testing.swarm import SimulatedHost, transfer_settings
 
 MiB = 1024 * 1024
@@ -48,17 +48,7 @@ class StubGlance(GlanceClient):
 
 
 def image(data=DATA, **props):
-    return parse_image(
-        {
-            "id": "img-1",
-            "status": "active",
-            "size": len(data),
-            "disk_format": "raw",
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(data).hexdigest(),
-            **props,
-        }
-    )
+    return image_info(data, **props)
 
 
 def settings(tmp_path, **overrides):

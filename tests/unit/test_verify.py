@@ -23,23 +23,14 @@ from unittest import mock
 import pytest
 
 from nova_torrent_images import exception, verify
-from nova_torrent_images.image import parse_image
+from nova_torrent_images.testing.images import image_info
 
 DATA = os.urandom(200_000)
 DIGEST = hashlib.sha512(DATA).hexdigest()
 
 
 def image(**props):
-    record = {
-        "id": "img-v",
-        "status": "active",
-        "size": len(DATA),
-        "disk_format": "raw",
-        "os_hash_algo": "sha512",
-        "os_hash_value": DIGEST,
-    }
-    record.update(props)
-    return parse_image(record)
+    return image_info(DATA, "img-v", **props)
 
 
 # -- check_digest ----------------------------------------------------------------------

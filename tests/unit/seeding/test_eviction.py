@@ -12,19 +12,18 @@
 
 """The eviction policy on a real filesystem store (no swarm needed)."""
 
-import hashlib
 import os
 import time
 
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.image import parse_image
 from nova_torrent_images.locks import ImageLocks
 from nova_torrent_images.seeding.eviction import EvictionPolicy, EvictionSettings
 from nova_torrent_images.seeding.resume import ResumeFiles
 from nova_torrent_images.stores.base import CommitInfo
 from nova_torrent_images.stores.filesystem import FilesystemStore
+from nova_torrent_images.testing.images import image_info
 from nova_torrent_images.testing.swarm import make_conf
 
 MiB = 1024 * 1024
@@ -32,14 +31,7 @@ MiB = 1024 * 1024
 
 def add_base(store, image_id, size=MiB, last_used=None):
     data = os.urandom(size)
-    image = parse_image(
-        {
-            "id": image_id,
-            "size": size,
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(data).hexdigest(),
-        }
-    )
+    image = image_info(data, image_id)
     slot = store.begin_download(image_id, size)
     with open(slot.path, "wb") as f:
         f.write(data)

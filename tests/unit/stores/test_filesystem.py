@@ -15,6 +15,7 @@
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 
@@ -260,7 +261,9 @@ def test_capabilities():
     caps = FilesystemStore.capabilities
     assert caps.seeds and caps.clones and caps.keeps_base_copies
     assert not caps.writes_in_place and caps.disk_formats is None
-    assert not caps.attach_for_upload
+    # Snapshots on libvirt hosts (doc/source/snapshots.rst): uploaded through the store,
+    # kept, queued, and differential images rebuilt in a copy of the parent.
+    assert caps.attach_for_upload and caps.adopts_disks and caps.clone_slots
 
 
 def test_part_owner_pid():
@@ -268,3 +271,107 @@ def test_part_owner_pid():
     assert filesystem.part_owner_pid(".out.img.part-9-1") == 9
     assert filesystem.part_owner_pid("img.base") is None
     assert filesystem.part_owner_pid("img.part-x-1") is None
+
+
+# -- snapshots: kept copies, adoption, clones of a parent, overlays ---------------------
+def test_a_kept_copy_is_read_only_tagged_and_survives_a_new_store(store, tmp_path):
+    nova_file = tmp_path / "extract"  # Nova's file: copied, never linked
+    nova_file.write_bytes(DATA)
+    kept = store.keep_for_upload(str(nova_file), "snap-1", "p-1")
+
+    assert kept == os.path.join(store.directory, "uploads", "snap-1.disk")
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o444
+    assert os.stat(kept).st_ino != os.stat(nova_file).st_ino
+    nova_file.unlink()
+    with open(os.path.join(store.directory, "uploads", "snap-1.json")) as f:
+        tags = json.load(f)
+    assert tags["role"] == "queued-upload" and tags["project"] == "p-1"
+    restarted = FilesystemStore(store.directory)
+    assert restarted.remove_stale_slots() == 0
+    assert restarted.kept_for_upload() == {kept: "snap-1"}
+    assert restarted.list() == []  # no base copy
+    restarted.drop_kept(kept)
+    assert restarted.kept_for_upload() == {}
+    assert os.listdir(os.path.join(store.directory, "uploads")) == []
+    restarted.drop_kept(kept)  # missing is no error
+    with pytest.raises(exception.StoreError):
+        restarted.drop_kept(os.path.join(store.directory, "img-1.base"))
+
+
+def test_a_crash_while_keeping_leaves_what_a_start_removes(store, dead_pid, monkeypatch):
+    monkeypatch.setattr(filesystem, "UNFINISHED_COMMIT_GRACE", -1)
+    uploads = os.path.join(store.directory, "uploads")
+    os.makedirs(uploads)
+    half = os.path.join(uploads, f"snap-1.disk.part-{dead_pid}-1")  # copy cut short
+    untagged = os.path.join(uploads, "snap-2.disk")  # renamed, tags never written
+    for path in (half, untagged):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+    assert store.remove_stale_slots() == 2
+    assert os.listdir(uploads) == []
+
+
+def test_adopting_a_file_of_the_store_links_it(store):
+    img = image("snap-1")
+    slot = store.begin_download(img.id, img.size)  # e.g. a disk converted for a delta
+    with open(slot.path, "wb") as f:
+        f.write(DATA)
+    kept = store.keep_for_upload(slot.path, img.id, None)
+    assert os.stat(kept).st_ino == os.stat(slot.path).st_ino  # no second copy
+    os.unlink(slot.path)
+
+    base = store.adopt_disk(kept, CommitInfo(img, source="snapshot"))
+    store.drop_kept(kept)
+
+    assert sha512(base.ref) == img.hash_value and base.source == "snapshot"
+    assert stat.S_IMODE(os.stat(base.ref).st_mode) == 0o444
+    assert os.stat(base.ref).st_nlink == 1 and not store.lookup(img.id).in_use
+
+
+def test_attached_is_the_file_itself_read_only(store, tmp_path):
+    disk = tmp_path / "disk"
+    disk.write_bytes(DATA)
+    with store.attached(str(disk)) as path:
+        assert path == str(disk)
+    with pytest.raises(exception.StoreError):
+        with store.attached(str(disk), "RW"):
+            pass
+    with pytest.raises(exception.StoreError):
+        with store.attached(str(tmp_path / "missing")):
+            pass
+
+
+def test_begin_from_holds_the_parent_writable_and_grown(store):
+    parent = download(store, image())
+    slot = store.begin_from(parent, "snap-1", len(DATA) + 4096)
+    assert os.path.getsize(slot.path) == len(DATA) + 4096
+    with open(slot.path, "r+b") as f:
+        assert f.read(len(DATA)) == DATA
+        f.write(b"grown")
+    assert sha512(parent.ref) == parent.hash_value  # the parent never changes
+    store.abort(slot)
+    assert sorted(os.listdir(store.directory)) == ["img-1.base", "img-1.json"]
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_parent_base_of_a_qcow2_overlay_of_a_link_of_the_base(store, tmp_path):
+    base = download(store, image())
+    nova_base = tmp_path / "_base" / "0123abcd"  # Nova's cache name, a hard link
+    nova_base.parent.mkdir()
+    os.link(base.ref, nova_base)
+    disk = tmp_path / "instance" / "disk"
+    disk.parent.mkdir()
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(nova_base), "-F", "raw", str(disk)],
+        check=True,
+    )
+    flat = tmp_path / "flat"
+    flat.write_bytes(DATA)
+
+    assert filesystem.qcow2_backing_file(str(disk)) == str(nova_base)
+    assert store.parent_base(str(disk)).image_id == "img-1"
+    assert store.parent_base(str(flat)) is None  # no qcow2
+    assert store.parent_base(str(tmp_path / "missing")) is None
+    os.unlink(nova_base)  # the backing file is no base copy of ours any more
+    nova_base.write_bytes(DATA)
+    assert store.parent_base(str(disk)) is None

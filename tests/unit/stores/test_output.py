@@ -19,24 +19,15 @@ import subprocess
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.image import parse_image
 from nova_torrent_images.stores.base import CommitInfo
 from nova_torrent_images.stores.output import OutputFileStore
+from nova_torrent_images.testing.images import image_info
 
 DATA = os.urandom(200_000)
 
 
 def image(image_id="img-1"):
-    return parse_image(
-        {
-            "id": image_id,
-            "status": "active",
-            "size": len(DATA),
-            "disk_format": "raw",
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(DATA).hexdigest(),
-        }
-    )
+    return image_info(DATA, image_id)
 
 
 @pytest.fixture

@@ -23,31 +23,19 @@ import pytest
 import XenAPI
 
 from nova_torrent_images import exception
-from nova_torrent_images.image import parse_image
 from nova_torrent_images.locks import ImageLocks
 from nova_torrent_images.stores import open_store
 from nova_torrent_images.stores.base import CommitInfo
 from nova_torrent_images.stores.xenapi import TAG, XenAPIStore
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, MiB
+from nova_torrent_images.testing.images import image_info
 from nova_torrent_images.testing.swarm import make_conf
 
 DATA = os.urandom(MiB + 4093)  # not a multiple of the SR's 2 MiB granularity
 
 
 def image(image_id="img-1", data=DATA):
-    return parse_image(
-        {
-            "id": image_id,
-            "name": "cirros",
-            "status": "active",
-            "owner": "owner-project",
-            "visibility": "private",
-            "size": len(data),
-            "disk_format": "raw",
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(data).hexdigest(),
-        }
-    )
+    return image_info(data, image_id, name="cirros", owner="owner-project", visibility="private")
 
 
 @pytest.fixture(scope="module")

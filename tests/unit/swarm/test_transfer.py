@@ -25,11 +25,11 @@ import libtorrent as lt
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.image import parse_image
 from nova_torrent_images.magnet import build_magnet
 from nova_torrent_images.swarm import transfer
 from nova_torrent_images.swarm.torrent import make_torrent
 from nova_torrent_images.swarm.transfer import Transfer
+from nova_torrent_images.testing.images import image_info
 from nova_torrent_images.testing.swarm import SimulatedHost, transfer_settings
 
 MiB = 1024 * 1024
@@ -150,17 +150,11 @@ def test_a_multi_file_torrent_is_refused_and_leaves_nothing(tmp_path, empty_name
         magnet = build_magnet(
             info_hash_v1=str(hashes.v1), info_hash_v2=str(hashes.v2), peers=[seeder.endpoint]
         )
-        image = parse_image(
-            {
-                "id": "img-1",
-                "status": "active",
-                "size": info.total_size(),
-                "disk_format": "raw",
-                "os_hash_algo": "sha512",
-                "os_hash_value": "0" * 128,
-                "is_torrentable": "true",
-                "torrent_magnet": magnet,
-            }
+        image = image_info(
+            size=info.total_size(),
+            os_hash_value="0" * 128,
+            is_torrentable="true",
+            torrent_magnet=magnet,
         )
         settings = transfer_settings(scratch_root)
         job = Transfer(compute.engine, image, str(cache / "img.part"), settings)
@@ -180,18 +174,7 @@ def image_record(torrent, data, peers):
     magnet = build_magnet(
         info_hash_v1=torrent.info_hash_v1, info_hash_v2=torrent.info_hash_v2, peers=peers
     )
-    return parse_image(
-        {
-            "id": "img-1",
-            "status": "active",
-            "size": len(data),
-            "disk_format": "raw",
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(data).hexdigest(),
-            "is_torrentable": "true",
-            "torrent_magnet": magnet,
-        }
-    )
+    return image_info(data, is_torrentable="true", torrent_magnet=magnet)
 
 
 def test_a_finished_host_hands_over_what_only_it_has_before_leaving(tmp_path, monkeypatch):
