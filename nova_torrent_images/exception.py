@@ -88,6 +88,15 @@ class OfflineBootRefused(GlanceError):
     )
 
 
+class ImageNotActive(TorrentImagesError):
+    """Glance answers, and the image is not ``active`` (deactivated, pending delete...)."""
+
+    msg_fmt = (
+        "Image %(image_id)s is %(status)s in Glance, not active: it is not booted, not even "
+        "from the base copy this host holds"
+    )
+
+
 class IntegrityError(TorrentImagesError):
     """Bytes do not match what Glance says the image is. Never handed on."""
 

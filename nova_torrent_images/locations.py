@@ -332,8 +332,8 @@ def _cut(conn: http.client.HTTPConnection, late: threading.Event) -> None:
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # closed meanwhile
+        except OSError as exc:  # closed meanwhile: the reader has already stopped
+            LOG.debug("Late answer's connection already closed: %s", exc)
 
 
 def load_source(kind: str) -> Any:

@@ -270,6 +270,10 @@ class ImagePipeline:
         project Glance just showed ``image`` to; the base copy remembers it, for boots while
         Glance is down (:meth:`offline_image`).
         """
+        if image.status not in (None, "active") and not image.offline:
+            # Glance's answer overrides what this host kept: a deactivated image is one
+            # its owner or an administrator withdrew, whatever base copy remains here.
+            raise exception.ImageNotActive(image_id=image.id, status=image.status)
         if differential.parent_id(image):
             return self._ensure_chain(
                 image, glance, [], use_torrent, progress=progress, use=use, project_id=project_id

@@ -101,3 +101,43 @@ def test_xenapi_offline_boots_respect_the_age_limit(
     current["glance"] = GlanceClient.for_endpoint(dead_endpoint(), compute.conf, timeout=2)
     with pytest.raises(exception.OfflineBootRefused, match="more than offline_boot_max_age"):
         handler.download_image(project("p-1"), session, {"name": "vm-2"}, image.id)
+
+
+def test_xenapi_an_image_withdrawn_during_the_outage_is_not_booted_once_glance_returns(
+    xenserver,  # noqa: F811
+    make_image,
+    hosts,
+    glance,
+    glance_server,
+    tmp_path,
+):
+    """Glance's answer, once it is back, overrides the base copy this host kept."""
+    fake, session = xenserver
+    deactivated = make_image(4 * MiB, name="deactivated")
+    deleted = make_image(4 * MiB, name="deleted")
+    compute = hosts("compute-1", glance_retries=0)
+    current = {"glance": glance}
+    handler = make_handler(GlanceImageHandler, compute, glance, fake, tmp_path)
+    handler._glance_factory = lambda context: current["glance"]
+    for image in (deactivated, deleted):
+        handler.download_image(project("p-1"), session, {"name": "vm"}, image.id)
+    current["glance"] = GlanceClient.for_endpoint(dead_endpoint(), compute.conf, timeout=2)
+    for image in (deactivated, deleted):  # the outage: both boot from the base copies
+        handler.download_image(project("p-1"), session, {"name": "vm"}, image.id)
+    instances = len(our_vdis(fake, "instance"))
+
+    # Meanwhile the owner withdrew one and deleted the other; then Glance comes back.
+    client = glance_server.client()
+    client.images.deactivate(deactivated.id)
+    client.images.delete(deleted.id)
+    current["glance"] = glance
+    with pytest.raises(exception.ImageNotActive, match=deactivated.id) as refused:
+        handler.download_image(project("p-1"), session, {"name": "vm"}, deactivated.id)
+    assert "deactivated" in str(refused.value)
+    with pytest.raises(exception.ImageNotFound, match=deleted.id):
+        handler.download_image(project("p-1"), session, {"name": "vm"}, deleted.id)
+    assert len(our_vdis(fake, "instance")) == instances  # nothing made for either
+
+    client.images.reactivate(deactivated.id)  # the owner's decision, again honoured
+    handler.download_image(project("p-1"), session, {"name": "vm"}, deactivated.id)
+    assert len(our_vdis(fake, "instance")) == instances + 1

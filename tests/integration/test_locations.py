@@ -151,7 +151,10 @@ def test_the_location_ranked_first_serves(located, tmp_path, first):
     reads = data_reads(server, image.id)
     dest = tmp_path / "image.raw"
     result = fetch_to_file(
-        image, str(dest), conf=host_conf(tmp_path, server, location_preference=[first]), glance=glance
+        image,
+        str(dest),
+        conf=host_conf(tmp_path, server, location_preference=[first]),
+        glance=glance,
     )
     assert result.source == "location" and result.location.startswith(first)
     assert hashlib.sha512(dest.read_bytes()).hexdigest() == image.hash_value
@@ -185,6 +188,9 @@ def test_zone_affinity_ranks_a_location_of_this_zone_first(located, tmp_path):
     glance = GlanceClient.for_endpoint(server.url)
     image = glance.image_info(record["id"])
     result = fetch_to_file(
-        image, str(tmp_path / "image.raw"), conf=host_conf(tmp_path, server, zone="zone-b"), glance=glance
+        image,
+        str(tmp_path / "image.raw"),
+        conf=host_conf(tmp_path, server, zone="zone-b"),
+        glance=glance,
     )
     assert result.location == web.url  # its metadata names zone-b

@@ -345,9 +345,7 @@ def test_an_http_location_that_sends_slowly_is_abandoned(tmp_path, caplog, misbe
 
 
 @pytest.mark.parametrize("mode", ["more", "announces-more", "less"])
-def test_an_http_location_that_sends_another_size_is_refused(
-    tmp_path, caplog, misbehaving, mode
-):
+def test_an_http_location_that_sends_another_size_is_refused(tmp_path, caplog, misbehaving, mode):
     server = misbehaving(mode)
     fetch_first_then_good(tmp_path, server.url)
     said = refusal(caplog)
