@@ -50,6 +50,7 @@ from oslo_log import log as logging
 
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images.nova_hooks import glance_download
+from nova_torrent_images.nova_hooks import xenapi as nova_xenapi
 
 LOG = logging.getLogger(__name__)
 
@@ -59,11 +60,16 @@ _STARTS_BEFORE_SERVING = "_nova_torrent_images_start"
 def prepare(conf: cfg.ConfigOpts | None = None) -> glance_download.TorrentDownloads:
     """Register the options on Nova's CONF and install the download hook.
 
+    With a Nova that carries the XenAPI driver, also make ``[xenserver] image_handler =
+    torrent`` load this library's handler (:mod:`..nova_hooks.xenapi`).
+
     Nothing reads the options yet: Nova parses its configuration (with ours in it) in its
     ``main()``, and the hook reads them at its first use.
     """
     conf = nova.conf.CONF if conf is None else conf
     nti_conf.register_opts(conf)
+    if nova_xenapi.available():  # Nova of Queens to Ussuri: [xenserver] image_handler
+        nova_xenapi.install(conf)
     return glance_download.install(conf)
 
 

@@ -72,8 +72,18 @@ policy_opts = [
     cfg.StrOpt(
         "image_handler",
         default="torrent",
-        help="Name of the image handler the XenAPI integration loads from the "
-        "nova_torrent_images.image_handlers entry point namespace ('torrent' or 'glance').",
+        help="Name of the image handler this library's own launchers (the command line, "
+        "the demo) load from the nova_torrent_images.image_handlers entry point namespace "
+        "('torrent' or 'glance'). Nova's XenAPI driver chooses with its own "
+        "[xenserver] image_handler = torrent instead.",
+    ),
+    cfg.StrOpt(
+        "nova_vhd_image_handler",
+        default="direct_vhd",
+        help="With [xenserver] image_handler = torrent, the Nova image handler (a name "
+        "Nova's [xenserver] image_handler takes: direct_vhd, vdi_local_dev, "
+        "vdi_remote_stream) that handles vhd images, which this library does not write "
+        "into VDIs. Raw images, and every snapshot upload, go through this library.",
     ),
 ]
 

@@ -57,6 +57,9 @@ from nova_torrent_images.stores.base import (
 LOG = logging.getLogger(__name__)
 
 TAG = "nti_"
+# Nova's XenAPI driver tags the VDI an image handler returned as its image cache with this
+# key (vm_utils._create_cached_image); from then on the VDI is Nova's, not a leftover.
+NOVA_IMAGE_CACHE_KEY = "image-id"
 DEVICE_WAIT = 10.0
 SYS_HYPERVISOR_UUID = "/sys/hypervisor/uuid"
 
@@ -241,7 +244,8 @@ class XenAPIStore(BaseCopyStore):
         * clones that still carry their base's tags (a crash between ``VDI.clone`` and the
           retag), removed under the image's lock (``try_lock(image_id)`` a context
           manager yielding whether it got the lock) so a live clone is never touched;
-        * instance disks whose owner process is gone and that no VM took (no VBD).
+        * instance disks whose owner process is gone and that no VM took (no VBD), unless
+          Nova's XenAPI driver made one its image cache VDI (``image-id`` in other_config).
         Base copies are never touched.
         """
         removed = 0
@@ -255,7 +259,12 @@ class XenAPIStore(BaseCopyStore):
             image_id = tags.get(TAG + "image_id")
             if role == "slot" and utils.owner_is_gone(owner):
                 what = f"download VDI (left by {owner})"
-            elif role == "instance" and utils.owner_is_gone(owner) and not self._vbds(ref):
+            elif (
+                role == "instance"
+                and NOVA_IMAGE_CACHE_KEY not in tags  # Nova adopted it as its image cache
+                and utils.owner_is_gone(owner)
+                and not self._vbds(ref)
+            ):
                 what = f"instance disk nobody took (made by {owner})"
             elif role == "base" and not rec["is_a_snapshot"] and try_lock is not None:
                 with try_lock(image_id) as locked:

@@ -837,7 +837,9 @@ class FakeXenAPI:
             **self._copied_fields(vdi),
         )
 
-    def _vdi_clone(self, session: str, vdi_ref: str, driver_params: Any) -> str:
+    def _vdi_clone(self, session: str, vdi_ref: str, driver_params: Any = None) -> str:
+        # XAPI defaults driver_params to {}; Nova's _clone_vdi passes the VDI alone.
+        driver_params = {} if driver_params is None else driver_params
         vdi = self._get("VDI", vdi_ref)
         coerce("VDI", "sm_config", driver_params)
         return self._new_vdi(vdi["SR"], vdi["virtual_size"], vdi_ref, **self._copied_fields(vdi))

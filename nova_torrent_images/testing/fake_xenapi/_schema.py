@@ -213,7 +213,7 @@ class Filter:
 
     Grammar: ``expr := and ("or" and)*``, ``and := unary ("and" unary)*``,
     ``unary := "not" unary | "(" expr ")" | "true" | "false" | operand "=" operand``,
-    ``operand := field "name" | "literal"``. Example: ``field "name_label"="base"``.
+    ``operand := field "name" | "literal"``. Example: ``field "name__label"="base"``.
     """
 
     _TOKEN = re.compile(r'\s*(?:"((?:[^"\\]|\\.)*)"|(=|\(|\))|([A-Za-z_]+))')
@@ -288,7 +288,9 @@ class Filter:
     def _operand(self) -> Callable[[Mapping[str, Any]], str | None]:
         if self._peek() == ("word", "field"):
             self._pos += 1
-            name = self._take("str")
+            # XAPI's database names a namespaced field with "__" (name__label for the
+            # API's name_label), as Nova's _find_cached_image writes it.
+            name = self._take("str").replace("__", "_")
             return lambda r: _db_string(r.get(name))
         literal = self._take("str")
         return lambda r: literal
