@@ -118,12 +118,18 @@ def whole_view(delta: ImageInfo, chain: str | None = None) -> ImageInfo:
     )
 
 
-# Process limits of every qemu-img, as Nova's ([libvirt] images_address_space_limit=1 GiB,
-# images_cpu_time_limit=30 s): a crafted header cannot make it allocate or spin for long.
+# Process limits of qemu-img's header work (info, create, rebase -u), as Nova's for
+# `qemu-img info` ([libvirt] images_address_space_limit=1 GiB, images_cpu_time_limit=30 s):
+# a crafted header cannot make it allocate or spin for long.
 QEMU_IMG_ADDRESS_SPACE = 1 * units.Gi
-QEMU_IMG_CPU_TIME = 30  # seconds, for the header work (create, rebase -u, info)
-# convert and commit copy the image: 3.3 s of CPU per GiB measured here (a 1 GiB image with
-# a 50 MiB delta, nearly all of it system time); three times that, and the base above.
+QEMU_IMG_CPU_TIME = 30  # seconds
+# The copies (convert, commit, rebase without -u) get a CPU limit by size but no address
+# space limit, as Nova's convert: their thread pool (up to 64 workers, each with a stack and
+# a malloc arena) reserves more than 1 GiB of address space, and `qemu-img commit` of a
+# 64 MiB delta aborts here under 1 GiB ("qemu_thread_create: Resource temporarily
+# unavailable"). An untrusted delta reaches a copy only after the format inspector and a
+# limited `info` have passed it. 3.3 s of CPU per GiB measured here (a 1 GiB image with a
+# 50 MiB delta, nearly all of it system time); three times that, and the base above.
 QEMU_IMG_CPU_PER_GIB = 10
 QEMU_IMG_TIMEOUT = 3600  # seconds of wall clock for any one run
 
@@ -133,15 +139,20 @@ def copy_cpu_time(size: int) -> int:
     return QEMU_IMG_CPU_TIME + QEMU_IMG_CPU_PER_GIB * -(-size // units.Gi)
 
 
-def qemu_img(*args: str, what: str, cpu_time: int = QEMU_IMG_CPU_TIME) -> str:
+def qemu_img(*args: str, what: str, copy_size: int | None = None) -> str:
     """Run qemu-img under process limits; a failure raises ``StoreError`` with its message.
 
-    Every call names the format of what it opens (``-f``): qemu-img's probing is how a
-    raw image passes for another format.
+    Header work runs under the CPU and address space limits above; a copy of ``copy_size``
+    bytes under a CPU limit by its size only. Every call names the format of what it opens
+    (``-f``): qemu-img's probing is how a raw image passes for another format.
     """
     if "-f" not in args:
         raise ValueError(f"qemu-img {args[0]} without -f: the format is always given")
-    limits = processutils.ProcessLimits(cpu_time=cpu_time, address_space=QEMU_IMG_ADDRESS_SPACE)
+    if copy_size is None:
+        cpu_time, address_space = QEMU_IMG_CPU_TIME, QEMU_IMG_ADDRESS_SPACE
+    else:
+        cpu_time, address_space = copy_cpu_time(copy_size), None
+    limits = processutils.ProcessLimits(cpu_time=cpu_time, address_space=address_space)
     started: list[subprocess.Popen] = []
     try:
         out, _ = processutils.execute(
@@ -150,10 +161,8 @@ def qemu_img(*args: str, what: str, cpu_time: int = QEMU_IMG_CPU_TIME) -> str:
         )  # fmt: skip
     except processutils.ProcessExecutionError as exc:
         if exc.exit_code in (-9, -24):  # SIGKILL, SIGXCPU: a limit was reached
-            reason = (
-                f"it was stopped by its process limits (CPU {cpu_time} s, address space "
-                f"{QEMU_IMG_ADDRESS_SPACE >> 20} MiB)"
-            )
+            space = f"{address_space >> 20} MiB" if address_space else "unlimited"
+            reason = f"its process limits stopped it (CPU {cpu_time} s, address space {space})"
         else:
             reason = (exc.stderr or "").strip() or f"exit code {exc.exit_code}"
         raise exception.StoreError(reason=f"qemu-img could not {what}: {reason}") from exc
@@ -238,12 +247,19 @@ def hash_prefix(path: str, size: int) -> str:
     return hasher.hexdigest()
 
 
+def data_size(path: str) -> int:
+    """The size of the file or block device ``path`` (``st_size`` of a device is 0)."""
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
 def make_delta(parent_path: str, parent_image_id: str, disk_path: str, out_path: str) -> int:
     """Write the qcow2 delta of ``disk_path`` against ``parent_path``; return its size."""
     qemu_img("create", "-q", "-f", "qcow2", "-b", disk_path, "-F", "raw", out_path, what="create")
     qemu_img(
         "rebase", "-q", "-f", "qcow2", "-b", parent_path, "-F", "raw", out_path,
         what=f"compute the delta against image {parent_image_id}",
+        copy_size=data_size(disk_path),
     )  # fmt: skip
     # Glance refuses qcow2 data with a backing file; the record names the parent.
     qemu_img("rebase", "-q", "-u", "-f", "qcow2", "-b", "", out_path, what="drop the backing")
@@ -272,9 +288,7 @@ def reconstruct(
     args = ["convert", "-q", "-f", "qcow2", "-O", "raw"]
     if in_place:
         args.append("-n")  # a device or a file that exists: written as it is
-    qemu_img(
-        *args, delta_path, out_path, what="rebuild the whole image", cpu_time=copy_cpu_time(size)
-    )
+    qemu_img(*args, delta_path, out_path, what="rebuild the whole image", copy_size=size)
     return size
 
 
@@ -292,7 +306,7 @@ def commit_into(
     )  # fmt: skip
     qemu_img(
         "commit", "-q", "-f", "qcow2", delta_path,
-        what="write the delta into the clone", cpu_time=copy_cpu_time(size),
+        what="write the delta into the clone", copy_size=size,
     )  # fmt: skip
     return size
 
@@ -307,6 +321,7 @@ def convert(src: str, src_format: str, dst: str, dst_format: str) -> None:
     qemu_img(
         "convert", "-q", "-f", src_format, "-O", dst_format, src, dst,
         what=f"convert {src} ({src_format}) to {dst_format}",
+        copy_size=data_size(src),
     )  # fmt: skip
 
 
@@ -413,8 +428,7 @@ def upload_delta(
     least ``WORTH`` of the whole image): the caller uploads the whole image then.
     """
     with store.attached(ref, "RO") as disk, store.seed_path(parent) as parent_path:
-        with open(disk, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
+        size = data_size(disk)
         whole = hash_prefix(disk, size)
         with scratch_file(scratch_dir, image_id) as tmp:
             try:

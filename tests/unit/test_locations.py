@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import os
 import threading
@@ -23,7 +22,6 @@ import time
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.image import parse_image
 from nova_torrent_images.locations import (
     Location,
     LocationError,
@@ -35,22 +33,13 @@ from nova_torrent_images.locations import (
     rank,
 )
 from nova_torrent_images.stores.base import Slot
+from nova_torrent_images.testing.images import image_info
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 
 
 def image(locations=(), direct_url=None, data=DATA):
-    record = {
-        "id": "img-1",
-        "status": "active",
-        "size": len(data),
-        "os_hash_algo": "sha512",
-        "os_hash_value": hashlib.sha512(data).hexdigest(),
-        "locations": list(locations),
-    }
-    if direct_url:
-        record["direct_url"] = direct_url
-    return parse_image(record)
+    return image_info(data, disk_format=None, locations=list(locations), direct_url=direct_url)
 
 
 def settings(tmp_path, **kw):

@@ -22,31 +22,25 @@ import subprocess
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.image import parse_image
 from nova_torrent_images.stores import filesystem
 from nova_torrent_images.stores.base import CommitInfo
 from nova_torrent_images.stores.filesystem import FilesystemStore
+from nova_torrent_images.testing.images import image_info
 
 DATA = os.urandom(256 * 1024 + 17)
 
 
 def image(image_id="img-1", data=DATA, **extra):
-    return parse_image(
-        {
-            "id": image_id,
-            "name": "cirros",
-            "status": "active",
-            "visibility": "shared",
-            "owner": "owner-project",
-            "size": len(data),
-            "disk_format": "raw",
-            "container_format": "bare",
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(data).hexdigest(),
-            "locations": [{"url": "file:///secret"}],
-            "hw_disk_bus": "scsi",
-            **extra,
-        }
+    return image_info(
+        data,
+        image_id,
+        name="cirros",
+        visibility="shared",
+        owner="owner-project",
+        container_format="bare",
+        locations=[{"url": "file:///secret"}],
+        hw_disk_bus="scsi",
+        **extra,
     )
 
 
