@@ -134,6 +134,14 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
+def is_specific_ip(host: str) -> bool:
+    """Whether ``host`` is an IP literal other than 0.0.0.0 or :: (one can bind to it)."""
+    try:
+        return not ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def format_host_port(host: str, port: int) -> str:
     """The inverse of :func:`parse_host_port` (brackets around IPv6 literals)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -192,6 +192,49 @@ stripe_opts = [
         help="Upload limit of the stripe server in KiB/s; 0 means origin_upload_rate_limit "
         "(the stripes and the BitTorrent port each keep to it).",
     ),
+    cfg.IntOpt(
+        "origin_stripe_connections_per_address",
+        default=16,
+        min=1,
+        help="Connections one client address may hold open to the stripe server; more are "
+        "answered 503. A host uses 3 per origin node; raise it for a caching proxy or NAT "
+        "in front of this node, whose hosts all share its address.",
+    ),
+    cfg.IntOpt(
+        "origin_stripe_max_connections",
+        default=512,
+        min=1,
+        help="Connections the stripe server holds open in all (a thread each); more are "
+        "answered 503.",
+    ),
+    cfg.FloatOpt(
+        "origin_stripe_request_timeout",
+        default=10.0,
+        min=0.1,
+        help="Seconds a client has from the first byte of a request to the end of its "
+        "body; a slower one is disconnected (a slowloris holds no thread longer).",
+    ),
+    cfg.FloatOpt(
+        "origin_stripe_send_timeout",
+        default=10.0,
+        min=0.1,
+        help="Seconds a client has to read an answer, and for a byte range a second more "
+        "per MiB of it (the stripe server's own waits for its upload limit do not "
+        "count). A client that reads slower, or not at all, is disconnected, the pieces "
+        "it was given go to the next host that asks, and it gets no stripes for ten "
+        "times origin_stripe_reissue_after (the swarm serves it).",
+    ),
+    cfg.IntOpt(
+        "origin_stripe_held_per_address",
+        default=0,
+        min=0,
+        help="MiB of pieces one client address may hold without having asked for their "
+        "data; its further stripe requests get nothing until it does. 0: an eighth of "
+        "the image, at most 64 MiB. Pieces it leaves unasked for "
+        "origin_stripe_reissue_after go to other hosts, and it gets no stripes for ten "
+        "times that. Raise it for a caching proxy in front of this node: the origin sees "
+        "all the hosts behind it as one address.",
+    ),
 ]
 
 tracker_opts = [

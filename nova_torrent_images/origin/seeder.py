@@ -56,6 +56,7 @@ from oslo_log import log as logging
 from nova_torrent_images import exception, verify
 from nova_torrent_images.glance import GlanceClient
 from nova_torrent_images.metrics import OriginMetrics
+from nova_torrent_images.origin.guard import ConnectionLimits
 from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.registry import PublishedImage, Registry
 from nova_torrent_images.origin.stripes import StripeDispenser, StripeServer
@@ -156,12 +157,19 @@ class OriginSeeder:
                     self.registry,
                     batch_bytes=self.opts.origin_stripe_batch * 1024,
                     reissue_after=self.opts.origin_stripe_reissue_after,
+                    held_bytes=self.opts.origin_stripe_held_per_address * 1024 * 1024,
                 ),
                 rate_limit=(
                     self.opts.origin_stripe_rate_limit or self.opts.origin_upload_rate_limit
                 )
                 * 1024,
                 allowed_cidrs=list(self.opts.allowed_peer_cidrs),
+                limits=ConnectionLimits(
+                    per_address=self.opts.origin_stripe_connections_per_address,
+                    total=self.opts.origin_stripe_max_connections,
+                    request_timeout=self.opts.origin_stripe_request_timeout,
+                    send_timeout=self.opts.origin_stripe_send_timeout,
+                ),
             ).start()
         self._started_at = time.monotonic()
         self._stop.clear()

@@ -38,6 +38,10 @@ Endpoints (HTTP/1.1, read-only, only published images, only ``allowed_peer_cidrs
     POST /v1/torrents/<info-hash>/stripes    {"peer", "part", "parts", "want"?, "batches"?}
                                              -> {"pieces", "done", "peers", ...}
 
+What one client can hold of the server (connections, time per request and answer) is
+bounded by origin/guard.py; what it can hold of the pieces, by :meth:`StripeDispenser.assign`
+(doc/source/security.rst, "The origin's stripe endpoint").
+
 A host may ask for several batches at once (``batches``); it gets them only from a node
 without an upload cap and while plenty are left for the other hosts (see
 :meth:`StripeDispenser.assign`).
@@ -62,8 +66,10 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -73,6 +79,7 @@ from typing import Any
 from oslo_log import log as logging
 
 from nova_torrent_images import exception, utils
+from nova_torrent_images.origin.guard import ConnectionGuard, ConnectionLimits
 from nova_torrent_images.origin.registry import PublishedImage, Registry
 from nova_torrent_images.swarm.torrent import describe
 
@@ -87,6 +94,15 @@ MAX_BATCHES = 16  # batches one request may ask for (a lone host: 1 MiB each was
 # is left per host that asked lately: the last batches stay small and spread over hosts.
 SHARE_PER_REQUEST = 4
 ACTIVE_WINDOW = 30.0  # a host that asked within this long counts as fetching
+# An address that left pieces unclaimed gets no hand-outs for this many reissue periods.
+STRIKE_PERIODS = 10
+# Unless origin_stripe_held_per_address says otherwise, an address holds at most this
+# share of an image unclaimed, and at most HELD_MAX: a host's streams claim each hand-out
+# at once, so a lone host asking 8 batches on each of its 3 streams holds 24 MiB of 1 MiB
+# batches for a moment; a flood holds an eighth of a small image for at most
+# origin_stripe_reissue_after, while the fleet takes the rest.
+HELD_SHARE = 8
+HELD_MAX = 64 * 1024 * 1024
 PEER_TTL = 3600.0  # a host that asked within this long is still worth naming
 CHUNK = 256 * 1024  # bytes sent per rate-limiter step
 # How far a response may fall behind its booked share of the uplink before the rest is
@@ -96,8 +112,17 @@ LATE = 0.25
 # in the kernel, without a Python read and write (and the GIL of the origin process,
 # which also runs its seeder) per 256 KiB chunk.
 UNLIMITED_CHUNK = 8 * 1024 * 1024
+# A client reading slower than this from the origin gets its pieces faster from the
+# swarm: a range it takes longer over (beyond origin_stripe_send_timeout) is ended and its
+# pieces go to the next host that asks.
+MIN_READ_RATE = 1024 * 1024  # bytes per second
 IDLE_TIMEOUT = 120.0  # seconds a keep-alive connection may wait for its next request
 IMMUTABLE = "public, max-age=31536000, immutable"
+# The origin_stripe_* option defaults (conf/origin.py): 3 streams per host and node, and
+# a fetch of the .torrent, leave room for a few hosts sharing an address.
+DEFAULT_LIMITS = ConnectionLimits(
+    per_address=16, total=512, request_timeout=10.0, send_timeout=10.0
+)
 _PATH = re.compile(r"^/v1/torrents/([0-9a-f]{40}|[0-9a-f]{64})(/data|/stripes)?$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
 
@@ -115,6 +140,13 @@ class ImageStripes:
     # Hosts that asked for stripes (their BitTorrent endpoints) -> when: they keep off the
     # origin's BitTorrent port, so the origin cannot introduce them to each other there.
     peers: dict[str, float] = field(default_factory=dict)
+    # Who holds what (client addresses): a piece is claimed once a data request for it
+    # arrived; see StripeDispenser.assign for what happens to pieces never claimed.
+    given_to: dict[int, str] = field(default_factory=dict)  # piece -> last given to
+    unclaimed: dict[str, set[int]] = field(default_factory=dict)  # address -> pieces
+    reading: Counter[str] = field(default_factory=Counter)  # data responses in flight
+    last_read: dict[str, float] = field(default_factory=dict)  # address -> last one's end
+    struck: dict[str, float] = field(default_factory=dict)  # address -> no hand-outs until
 
 
 class StripeDispenser:
@@ -126,11 +158,13 @@ class StripeDispenser:
         *,
         batch_bytes: int,
         reissue_after: float,
+        held_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
         self.batch_bytes = batch_bytes
         self.reissue_after = reissue_after
+        self.held_bytes = held_bytes
         self._clock = clock
         self._images: dict[str, ImageStripes] = {}
         self._lock = threading.Lock()
@@ -190,24 +224,39 @@ class StripeDispenser:
         parts: int,
         want: list[int] | None = None,
         batches: int = 1,
+        address: str = "",
     ) -> tuple[list[int], bool]:
-        """The next pieces for a host, and whether this node has none left to give.
+        """The next pieces for the client at ``address``, and whether this node has none left.
 
         Without ``want``: pieces of this node's part nobody was given yet, up to
         ``batches`` batches while each of the hosts that asked lately could still get
         :data:`SHARE_PER_REQUEST` times as many. With ``want`` (a host whose swarm went
         quiet lists what it lacks): those of them last given out more than
-        ``reissue_after`` seconds ago, from any part, one batch.
+        ``reissue_after`` seconds ago, from any part, up to ``batches`` batches.
+
+        What a client holds unclaimed (no data request for it yet) is bounded: at most
+        ``held_bytes``, or else an eighth of the image up to 64 MiB; and pieces
+        unclaimed after ``reissue_after`` by an address with no data request in flight
+        or as recent go back to everyone, that address getting no hand-outs for
+        :data:`STRIKE_PERIODS` periods. A client that floods the dispenser and fetches
+        nothing keeps pieces from the fleet only that long.
         """
         per_batch = max(1, self.batch_bytes // stripes.piece_length)
         now = self._clock()
         with self._lock:
+            self._expire_unclaimed(stripes, now)
+            if stripes.struck.get(address, -1e18) > now:
+                return [], False
+            held = stripes.unclaimed.setdefault(address, set())
+            limit = self.held_bytes or min(HELD_MAX, stripes.entry.size // HELD_SHARE)
+            limit = max(limit, self.batch_bytes)
+            room = max(0, -(-limit // stripes.piece_length) - len(held))
             given = stripes.given_at
             if want is None:
                 free = [p for p in range(part, stripes.num_pieces, parts) if p not in given]
                 hosts = max(1, sum(1 for t in stripes.peers.values() if now - t < ACTIVE_WINDOW))
                 batches = max(1, min(batches, len(free) // (per_batch * SHARE_PER_REQUEST * hosts)))
-                pieces = free[: per_batch * batches]
+                pieces = free[: min(per_batch * batches, room)]
                 done = len(pieces) == len(free)
             else:
                 pieces = [
@@ -215,11 +264,89 @@ class StripeDispenser:
                     for p in dict.fromkeys(want)
                     if 0 <= p < stripes.num_pieces
                     and now - given.get(p, -1e18) > self.reissue_after
-                ][:per_batch]
+                ][: min(per_batch * batches, room)]
                 done = False
             for p in pieces:
+                self._unclaim(stripes, p)
                 given[p] = now
+                stripes.given_to[p] = address
+                held.add(p)
         return pieces, done
+
+    @staticmethod
+    def _unclaim(stripes: ImageStripes, piece: int) -> None:
+        """``piece`` is no longer held unclaimed by whoever was given it last."""
+        holder = stripes.given_to.get(piece)
+        if holder is not None:
+            stripes.unclaimed.get(holder, set()).discard(piece)
+
+    @staticmethod
+    def _whole_pieces(stripes: ImageStripes, start: int, end: int) -> range:
+        """The pieces bytes ``start``-``end`` hold whole (the short last one included)."""
+        if end + 1 >= stripes.entry.size:
+            last = stripes.num_pieces
+        else:
+            last = (end + 1) // stripes.piece_length
+        return range(-(-start // stripes.piece_length), last)
+
+    def _expire_unclaimed(self, stripes: ImageStripes, now: float) -> None:
+        """Give back pieces their holder never asked the data of (the lock is held)."""
+        old = now - self.reissue_after
+        for address, held in list(stripes.unclaimed.items()):
+            if stripes.reading[address] or stripes.last_read.get(address, -1e18) >= old:
+                continue
+            expired = [p for p in held if stripes.given_at.get(p, now) < old]
+            if not expired:
+                if not held:
+                    del stripes.unclaimed[address]
+                continue
+            for p in expired:
+                held.discard(p)
+                del stripes.given_to[p]
+                stripes.given_at.pop(p, None)
+            if stripes.struck.get(address, -1e18) > now:
+                continue  # struck already: the rest of what it took before
+            stripes.struck[address] = now + STRIKE_PERIODS * self.reissue_after
+            LOG.warning(
+                "Image %s: %s took %d pieces and asked for none of them in %.0f s "
+                "(origin_stripe_reissue_after); they go to other hosts, and it gets no "
+                "stripes for %.0f s",
+                stripes.entry.image_id,
+                address or "a client",
+                len(expired),
+                self.reissue_after,
+                STRIKE_PERIODS * self.reissue_after,
+            )
+        for address in [a for a, until in stripes.struck.items() if until <= now]:
+            del stripes.struck[address]
+        for address in [a for a, t in stripes.last_read.items() if now - t > PEER_TTL]:
+            del stripes.last_read[address]
+
+    def reading_started(self, stripes: ImageStripes, address: str, start: int, end: int) -> None:
+        """A data request for bytes ``start``-``end`` arrived: the pieces in it are claimed."""
+        with self._lock:
+            stripes.reading[address] += 1
+            for p in self._whole_pieces(stripes, start, end):
+                self._unclaim(stripes, p)
+
+    def reading_ended(
+        self, stripes: ImageStripes, address: str, start: int, end: int, *, sent: bool
+    ) -> None:
+        """The data response ended; one not sent whole gives its pieces back at once."""
+        now = self._clock()
+        with self._lock:
+            stripes.reading[address] -= 1
+            if stripes.reading[address] <= 0:
+                del stripes.reading[address]
+            stripes.last_read[address] = now
+            if sent:
+                return
+            for p in self._whole_pieces(stripes, start, end):
+                if stripes.given_to.get(p) == address:
+                    del stripes.given_to[p]
+                    stripes.given_at.pop(p, None)
+            # Gone, or too slow to read: the swarm serves it better than new hand-outs.
+            stripes.struck[address] = now + STRIKE_PERIODS * self.reissue_after
 
 
 class UplinkBooking:
@@ -262,6 +389,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         LOG.debug("stripe server: " + format, *args)
+
+    def handle_one_request(self) -> None:
+        # Idle until the next request's first byte, then the whole request in
+        # request_timeout: a client sending a byte per socket timeout is shut down.
+        guard = self.server.guard
+        guard.deadline(self.connection, self.timeout, "waiting for a request")
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:  # a timeout, or the reaper shut it down
+            self.close_connection = True
+            return
+        guard.deadline(self.connection, guard.limits.request_timeout, "sending its request")
+        super().handle_one_request()
+
+    def end_headers(self) -> None:
+        # Every answer's headers and small body are due within send_timeout.
+        self.server.guard.deadline(
+            self.connection, self.server.guard.limits.send_timeout, "reading an answer"
+        )
+        super().end_headers()
 
     def _refuse(self, status: HTTPStatus, why: str) -> None:
         LOG.warning(
@@ -352,7 +501,32 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"range {start}-{end} of {size}"
             )
             return
-        length = end - start + 1
+        address = self.client_address[0]
+        self.server.dispenser.reading_started(stripes, address, start, end)
+        sent = False
+        try:
+            self._send_data(stripes, etag, start, end)
+            sent = True
+        except OSError as exc:
+            # The client went away or stopped reading (the reaper shut it down): what it
+            # was given goes to the next host that asks.
+            self.close_connection = True
+            LOG.info(
+                "Stripe range %d-%d of image %s to %s not sent whole: %s",
+                start,
+                end,
+                stripes.entry.image_id,
+                address,
+                exc,
+            )
+        except exception.StoreError as exc:
+            self.close_connection = True  # the headers promised bytes the file lacks
+            LOG.error("Stripe range %d-%d of image %s: %s", start, end, stripes.entry.image_id, exc)
+        finally:
+            self.server.dispenser.reading_ended(stripes, address, start, end, sent=sent)
+
+    def _send_data(self, stripes: ImageStripes, etag: str, start: int, end: int) -> None:
+        size, length = stripes.entry.size, end - start + 1
         self.send_response(HTTPStatus.PARTIAL_CONTENT)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(length))
@@ -360,20 +534,31 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self._validators(etag)
         self.end_headers()
+        self.wfile.flush()
+        guard = self.server.guard
         limited = self.server.limiter.rate > 0
         booking = UplinkBooking(self.server.limiter, length) if limited else None
+        # The client's time to read the range: send_timeout, and a second per
+        # MIN_READ_RATE bytes; the server's own waits for its uplink do not count.
+        budget = guard.limits.send_timeout + length / MIN_READ_RATE
         with open(stripes.entry.data_path, "rb") as f:
             offset, left = start, length
             while left:
                 n = min(CHUNK if limited else UNLIMITED_CHUNK, left)
                 if booking is not None:
+                    guard.deadline(self.connection, None)  # the server's own wait
                     booking.wait(n)
+                guard.deadline(self.connection, budget, "reading a range")
                 # Counted before the write: a client that has the bytes sees them counted.
                 stripes.served += n
                 self.server.count(n)
+                began = time.monotonic()
                 sent = self.connection.sendfile(f, offset, n)
+                budget -= time.monotonic() - began
                 if sent != n:
-                    raise OSError(f"{stripes.entry.data_path} is shorter than {size} bytes")
+                    raise exception.StoreError(
+                        reason=f"{stripes.entry.data_path} is shorter than {size} bytes"
+                    )
                 offset += n
                 left -= n
 
@@ -412,13 +597,21 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, TypeError, AttributeError) as exc:
             self._refuse(HTTPStatus.BAD_REQUEST, f"malformed stripe request: {exc}")
             return
-        if self.server.limiter.rate > 0:
+        if self.server.limiter.rate > 0 and want is None:
             # A capped uplink is the fleet's bottleneck: single batches spread the pieces
             # over hosts sooner, so they trade them sooner (8 hosts x 128 MiB at 32 MiB/s:
-            # 6.0-6.1 s with single batches, 6.8-7.1 s with 8 per request).
+            # 6.0-6.1 s with single batches, 6.8-7.1 s with 8 per request). Re-issues of
+            # what went missing come in several: they are few, and each round of them
+            # waits for a quiet swarm (a fleet beside two clients that never read: 2.5 s
+            # sooner done, tests/integration/test_stripe_abuse.py).
             batches = 1
         pieces, done = self.server.dispenser.assign(
-            stripes, part=part, parts=parts, want=want, batches=batches
+            stripes,
+            part=part,
+            parts=parts,
+            want=want,
+            batches=batches,
+            address=self.client_address[0],
         )
         peers = self.server.dispenser.peers(stripes, peer)
         body = json.dumps(
@@ -452,6 +645,7 @@ class StripeServer(ThreadingHTTPServer):
         *,
         rate_limit: int,
         allowed_cidrs: list[str],
+        limits: ConnectionLimits = DEFAULT_LIMITS,
     ) -> None:
         try:
             host, port = utils.parse_listen_address(listen)
@@ -464,9 +658,9 @@ class StripeServer(ThreadingHTTPServer):
         ]
         self.bytes_served = 0
         self._count_lock = threading.Lock()
-        # Open connections: closed by stop(), or a host's keep-alive connection would
-        # still be answered by a stopped node's handler thread.
-        self._connections: set[socket.socket] = set()
+        # Open connections, their limits and deadlines; stop() closes them, or a host's
+        # keep-alive connection would still be answered by a stopped node's handler.
+        self.guard = ConnectionGuard(limits)
         # Published bytes never change under an info-hash: the server's start is as good
         # a Last-Modified as any, and proxies that want one (heuristics, logs) get it.
         self.last_modified = email.utils.formatdate(time.time(), usegmt=True)
@@ -494,29 +688,38 @@ class StripeServer(ThreadingHTTPServer):
             self.bytes_served += n
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._count_lock:
-            self._connections.add(request)
+        if self.guard.admit(request, client_address[0]) is not None:
+            super().shutdown_request(request)  # answered 503 by the guard
+            return
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
-        with self._count_lock:
-            self._connections.discard(request)
+        self.guard.release(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Not socketserver's traceback on stderr: a client gone (or shut down by the
+        # guard) is routine; anything else is logged with its traceback.
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            LOG.debug("Stripe connection from %s ended: %s", client_address[0], error)
+        else:
+            LOG.exception("Stripe request from %s failed", client_address[0])
 
     def start(self) -> StripeServer:
         self._thread = threading.Thread(
             target=self.serve_forever, name="origin-stripes", daemon=True
         )
         self._thread.start()
+        self.guard.start()
         LOG.info("Origin stripes served at %s", self.url)
         return self
 
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
-        with self._count_lock:
-            connections, self._connections = list(self._connections), set()
-        for connection in connections:
+        self.guard.stop()
+        for connection in self.guard.open_connections():
             try:
                 connection.shutdown(socket.SHUT_RDWR)
             except OSError:

@@ -97,11 +97,21 @@ class StripeClient:
     request (urllib) cost 1.5 s of a 512 MiB fetch in batch requests alone.
     """
 
-    def __init__(self, image_id: str, urls: tuple[str, ...], info_hash: str, peer: str) -> None:
+    def __init__(
+        self,
+        image_id: str,
+        urls: tuple[str, ...],
+        info_hash: str,
+        peer: str,
+        source_host: str | None = None,
+    ) -> None:
         self.image_id = image_id
         self.urls = urls
         self.info_hash = info_hash
         self.peer = peer
+        # The address the host's BitTorrent traffic leaves from: the origin's per-address
+        # bounds (origin/guard.py) then count each host once, as its peers see it.
+        self.source_host = source_host
         self._next_part = 0
         self._dry: set[int] = set()  # parts whose node has nothing new left
         self.on_peers: Callable[[list[tuple[str, int]]], None] | None = None
@@ -122,7 +132,10 @@ class StripeClient:
         if conn is not None:
             return conn, True
         parts = urllib.parse.urlsplit(self.urls[part])
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=HTTP_TIMEOUT)
+        source = (self.source_host, 0) if self.source_host else None
+        conn = http.client.HTTPConnection(
+            parts.hostname, parts.port, timeout=HTTP_TIMEOUT, source_address=source
+        )
         conns[part] = conn
         return conn, False
 

@@ -264,8 +264,10 @@ class Transfer:
                 exc,
             )
             return None
-        listen = f"{self.engine.listen_host()}:{self.engine.listen_port}"
-        client = StripeClient(self.image.id, urls, self.magnet.best_hash, listen)
+        host = self.engine.listen_host()
+        listen = f"{host}:{self.engine.listen_port}"
+        source = host if utils.is_specific_ip(host) else None
+        client = StripeClient(self.image.id, urls, self.magnet.best_hash, listen, source)
         try:
             torrent = client.fetch_torrent()
             meta = describe(torrent)

@@ -62,6 +62,8 @@ def zone(tmp_path):
                 node.conf.set_override(
                     "origin_stripe_advertise", [proxy.url], group="torrent_images"
                 )
+                # And raise the bounds per address: the hosts behind it share its address.
+                node.seeder.stripes.dispenser.held_bytes = 1024 * MiB
                 node.publish(record["id"])
                 glance = GlanceClient.for_endpoint(glance_origin.url)
                 yield glance, glance.image_info(record["id"]), node, proxy

@@ -44,6 +44,13 @@ from tests.unit.origin.fakes import IMAGE_ID, FakeGlance
 SIZE = 3 * 1024 * 1024 + 4321  # 256 KiB pieces: 13 of them, the last one short
 
 
+@pytest.fixture(autouse=True)
+def whole_image_holds(monkeypatch):
+    """These tests are about the hand-out order: an address may hold all of the small
+    test image unclaimed (the bounds on holds: test_stripe_abuse.py)."""
+    monkeypatch.setattr(origin_stripes, "HELD_SHARE", 1)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -101,11 +108,15 @@ def test_missing_pieces_are_reissued_only_after_the_lease(published):
     clock = Clock()
     d = dispenser(registry, clock=clock, batch=64 * 1024 * 1024, reissue_after=5.0)
     stripes = d.image(entry.info_hash_v2)
-    d.assign(stripes, part=0, parts=1)  # one host took every piece, then died
-    assert d.assign(stripes, part=0, parts=1, want=[3, 4]) == ([], False)
+    # One host took every piece, asked for their data, then died.
+    d.assign(stripes, part=0, parts=1, address="10.0.0.5")
+    d.reading_started(stripes, "10.0.0.5", 0, SIZE - 1)
+    d.reading_ended(stripes, "10.0.0.5", 0, SIZE - 1, sent=True)
+    other = {"part": 0, "parts": 1, "address": "10.0.0.6"}
+    assert d.assign(stripes, want=[3, 4], **other) == ([], False)
     clock.now += 6
-    assert d.assign(stripes, part=0, parts=1, want=[3, 4, 99, -1]) == ([3, 4], False)
-    assert d.assign(stripes, part=0, parts=1, want=[3]) == ([], False)  # given again just now
+    assert d.assign(stripes, want=[3, 4, 99, -1], **other) == ([3, 4], False)
+    assert d.assign(stripes, want=[3], **other) == ([], False)  # given again just now
 
 
 def test_unpublished_hashes_are_unknown(published):
