@@ -87,8 +87,26 @@ LABELS = {
 BUSY = 0.8
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
+def verdict(ok: bool, value: float | None = None, target: float | None = None) -> str:
+    """met, or missed and by how much (value against target, as a percentage)."""
+    if ok:
+        return "met"
+    if value is None or not target:
+        return "**missed**"
+    return f"**missed** by {abs(value / target - 1):.0%} ({value:.2f} against {target:g})"
+
+
+def machine_bound(t: dict, floor: float) -> str:
+    """For a run busier than BUSY: how near it came to this machine's CPU floor, and how
+    far that floor alone is above the link's, so a reader tells the machine's limit from
+    the design's."""
+    cpu_floor = t.get("cpu_floor", 0.0)
+    if t.get("machine_busy", 0.0) <= BUSY or not cpu_floor:
+        return ""
+    return (
+        f"; bound by this machine: {t['seconds'] / cpu_floor:.2f}x its CPU floor, "
+        f"which alone is {cpu_floor / floor:.2f}x the link floor"
+    )
 
 
 def run_demo(hosts: int, size_mib: int) -> dict:
@@ -346,13 +364,15 @@ def build_report(r: dict) -> str:
         "|---|---|---|---|",
     ]
     t, h = f["torrent"], f["http"]
+    target_t = TARGETS["fleet_time_over_floor"]
     fleet_name = f"fleet, {f['hosts']} hosts, {f['size_mib']} MiB, caps {f['cap_mib']} MiB/s"
     lines.append(
         f"| {fleet_name}: last host done / floor ({f['floor']:.0f} s), {LABELS['torrent']} | "
         f"torrent {t['seconds']:.1f} s = {_repeats(t, 'time_over_floor')} (p50 "
         f"{t['p50']:.1f} s{_busy_note(t)}); HTTP {h['seconds']:.1f} s = "
         f"{h['time_over_floor']:.2f}x | <= 1.25x | "
-        f"{verdict(t['time_over_floor'] <= TARGETS['fleet_time_over_floor'])} |"
+        f"{verdict(t['time_over_floor'] <= target_t, t['time_over_floor'], target_t)}"
+        f"{machine_bound(t, f['floor'])} |"
     )
     lines.append(
         f"| {fleet_name}: origin egress / image, {LABELS['torrent']} | torrent "
@@ -363,15 +383,16 @@ def build_report(r: dict) -> str:
         v = f.get(key)
         if not v:
             continue
-        ok = (
-            v["time_over_floor"] <= TARGETS["fleet_time_over_floor"]
-            and v["origin_egress"] <= TARGETS["fleet_origin_egress"]
-        )
+        target_t, target_e = TARGETS["fleet_time_over_floor"], TARGETS["fleet_origin_egress"]
+        ok_t = v["time_over_floor"] <= target_t
+        ok_e = v["origin_egress"] <= target_e
         lines.append(
             f"| same fleet, {LABELS[key]}: time / floor, egress / image | "
             f"{v['seconds']:.1f} s = {_repeats(v, 'time_over_floor')} (p50 "
             f"{v['p50']:.1f} s{_busy_note(v)}), **{v['origin_egress']:.2f}x** | "
-            f"<= 1.25x, <= 1.05x | {verdict(ok)} |"
+            f"<= 1.25x, <= 1.05x | time {verdict(ok_t, v['time_over_floor'], target_t)}"
+            f"{machine_bound(v, f['floor'])}; egress "
+            f"{verdict(ok_e, v['origin_egress'], target_e)} |"
         )
     a = f.get("aria2") or {}
     if "seconds" in a:
@@ -390,20 +411,22 @@ def build_report(r: dict) -> str:
             if "file_time_over_floor" in row
             else ""
         )
-        busy = _busy_note(
-            {
-                "machine_busy": row.get("machine_busy", 0.0),
-                "cpu_floor": row.get("cpu_floor", 0.0),
-                "cpu_seconds": row.get("cpu_floor", 0.0) * (os.cpu_count() or 1),
-            }
-        )
+        load = {
+            "seconds": row["seconds"],
+            "machine_busy": row.get("machine_busy", 0.0),
+            "cpu_floor": row.get("cpu_floor", 0.0),
+            "cpu_seconds": row.get("cpu_floor", 0.0) * (os.cpu_count() or 1),
+        }
+        busy = _busy_note(load)
         lines.append(
             f"| scale, {row['hosts']} hosts, {row['size_mib']} MiB, caps {row['cap_mib']} MiB/s "
             f"(floor {row['floor']:.0f} s): time / floor, egress / image | torrent "
             f"**{row['time_over_floor']:.2f}x**, **{row['origin_egress']:.2f}x** "
             f"({row['seconds']:.1f} s{busy}){seed}; HTTP {row['http_time_over_floor']:.2f}x, "
-            f"{row['http_origin_egress']:.2f}x | <= 1.5x, <= 1.1x | "
-            f"{verdict(ok_t)}, {verdict(ok_e)} |"
+            f"{row['http_origin_egress']:.2f}x | <= 1.5x, <= 1.1x | time "
+            f"{verdict(ok_t, row['time_over_floor'], TARGETS['scale_time_over_floor'])}"
+            f"{machine_bound(load, row['floor'])}; egress "
+            f"{verdict(ok_e, row['origin_egress'], TARGETS['scale_origin_egress'])} |"
         )
     if "torrent_over_http" in d:
         lines.append(
