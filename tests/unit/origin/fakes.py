@@ -18,8 +18,9 @@ import hashlib
 import os
 
 from nova_torrent_images import exception
-from nova_torrent_images.origin.publisher import PublishResult
+from nova_torrent_images.origin.publisher import Publisher, PublishResult
 from nova_torrent_images.origin.registry import Registry
+from nova_torrent_images.testing.swarm import make_conf
 
 IMAGE_ID = "7b4c2b36-5e0f-4d61-9d4f-0e6f3f6a2c11"
 OTHER_ID = "0b1c2d3e-0000-4000-8000-000000000001"
@@ -102,3 +103,14 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def publish_one(state_dir: str, size: int) -> tuple:
+    """One image of ``size`` bytes published by a real Publisher from a FakeGlance:
+    (registry, its entry, the image's bytes)."""
+    glance = FakeGlance()
+    glance.add(size=size)
+    conf = make_conf(origin_state_dir=state_dir, origin_advertise_addresses=["10.0.0.2:6881"])
+    publisher = Publisher(conf, glance)
+    publisher.publish(IMAGE_ID)
+    return publisher.registry, publisher.registry.get(IMAGE_ID), glance.data[IMAGE_ID]

@@ -26,11 +26,9 @@ import time
 import pytest
 
 from nova_torrent_images.origin.guard import ConnectionLimits
-from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.stripes import STRIKE_PERIODS, StripeDispenser, StripeServer
 from nova_torrent_images.swarm.stripes import StripeClient, StripeError
-from nova_torrent_images.testing.swarm import make_conf
-from tests.unit.origin.fakes import IMAGE_ID, FakeGlance
+from tests.unit.origin.fakes import IMAGE_ID, Clock, publish_one
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB  # 128 pieces of 256 KiB: large enough to fill a small receive window
@@ -38,24 +36,9 @@ PIECE = 256 * 1024
 FLOODER, HOST = "127.0.0.66", "127.0.0.7"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def published(tmp_path):
-    glance = FakeGlance()
-    glance.add(size=SIZE)
-    conf = make_conf(
-        origin_state_dir=str(tmp_path / "origin"), origin_advertise_addresses=["10.0.0.2:6881"]
-    )
-    publisher = Publisher(conf, glance)
-    publisher.publish(IMAGE_ID)
-    return publisher.registry, publisher.registry.get(IMAGE_ID), glance.data[IMAGE_ID]
+    return publish_one(str(tmp_path / "origin"), SIZE)
 
 
 def dispenser(registry, clock=None, **kwargs):

@@ -24,7 +24,6 @@ import pytest
 
 from nova_torrent_images import utils
 from nova_torrent_images.origin import stripes as origin_stripes
-from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.stripes import (
     StripeDispenser,
     StripeServer,
@@ -38,8 +37,7 @@ from nova_torrent_images.swarm.stripes import (
     parse_stripe_urls,
 )
 from nova_torrent_images.swarm.torrent import describe
-from nova_torrent_images.testing.swarm import make_conf
-from tests.unit.origin.fakes import IMAGE_ID, FakeGlance
+from tests.unit.origin.fakes import IMAGE_ID, Clock, publish_one
 
 SIZE = 3 * 1024 * 1024 + 4321  # 256 KiB pieces: 13 of them, the last one short
 
@@ -51,25 +49,9 @@ def whole_image_holds(monkeypatch):
     monkeypatch.setattr(origin_stripes, "HELD_SHARE", 1)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def published(tmp_path):
-    glance = FakeGlance()
-    glance.add(size=SIZE)
-    conf = make_conf(
-        origin_state_dir=str(tmp_path / "origin"), origin_advertise_addresses=["10.0.0.2:6881"]
-    )
-    publisher = Publisher(conf, glance)
-    publisher.publish(IMAGE_ID)
-    entry = publisher.registry.get(IMAGE_ID)
-    return publisher.registry, entry, glance.data[IMAGE_ID]
+    return publish_one(str(tmp_path / "origin"), SIZE)
 
 
 def dispenser(registry, clock=None, batch=512 * 1024, reissue_after=5.0):
