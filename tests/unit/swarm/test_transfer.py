@@ -177,7 +177,7 @@ def image_record(torrent, data, peers):
     return image_info(data, is_torrentable="true", torrent_magnet=magnet)
 
 
-def test_a_finished_host_hands_over_what_only_it_has_before_leaving(tmp_path, monkeypatch):
+def test_a_finished_host_hands_over_what_a_connected_host_lacks(tmp_path, monkeypatch):
     """The origin is gone; the late host gets the image only because the first one stays."""
     monkeypatch.setattr(transfer, "SHARE_LIMIT", 20.0)
     data = os.urandom(2 * MiB)
@@ -223,7 +223,7 @@ def test_a_finished_host_hands_over_what_only_it_has_before_leaving(tmp_path, mo
         thread.start()
         handle = first.engine.session.get_torrents()[0]
         deadline = time.monotonic() + 10
-        while not transfer.pieces_only_here(handle):
+        while not transfer.peers_lacking_ours(handle):
             assert time.monotonic() < deadline, "the late host never connected"
             time.sleep(0.05)
 
@@ -235,6 +235,79 @@ def test_a_finished_host_hands_over_what_only_it_has_before_leaving(tmp_path, mo
     assert outcome == {"ok": True}
     assert hashlib.sha512(late_dest.read_bytes()).hexdigest() == hashlib.sha512(data).hexdigest()
     assert first_dest.read_bytes() == data
+
+
+def test_hosts_that_finish_together_wait_for_one_still_downloading(tmp_path, monkeypatch):
+    """Two prefetching hosts done at once each see the other holding every piece; had both
+    left on that, the host still downloading would be stranded with the origin gone."""
+    monkeypatch.setattr(transfer, "SHARE_LIMIT", 20.0)
+    data = os.urandom(2 * MiB)
+    source = tmp_path / "origin" / "img-1"
+    source.parent.mkdir()
+    source.write_bytes(data)
+    torrent = make_torrent(str(source), name="img-1")
+    late_dest = tmp_path / "late.img"
+
+    with (
+        SimulatedHost("origin") as origin,
+        SimulatedHost("compute-1") as first,
+        SimulatedHost("compute-2") as second,
+        SimulatedHost("compute-3", download_rate_limit=512) as late,  # 4 s for 2 MiB
+    ):
+        watch = origin.seed(torrent.data, str(source))
+        jobs = []
+        for n, host, hints in ((1, first, []), (2, second, [first.endpoint])):
+            job = Transfer(
+                host.engine,
+                image_record(torrent, data, [origin.endpoint, *hints]),
+                str(tmp_path / f"done-{n}.img"),
+                transfer_settings(tmp_path / f"scratch-{n}", overall_timeout=60),
+            )
+            job.run()
+            jobs.append(job)
+        origin.engine.remove_torrent(watch)  # only the two finished hosts have the image
+
+        late_job = Transfer(
+            late.engine,
+            image_record(torrent, data, [first.endpoint, second.endpoint]),
+            str(late_dest),
+            transfer_settings(tmp_path / "scratch-3", stall_timeout=5, overall_timeout=60),
+        )
+        outcome = {}
+
+        def fetch_late():
+            try:
+                late_job.run()
+                late_job.leave()
+                outcome["ok"] = True
+            except Exception as exc:  # noqa: BLE001  reported by the assertion below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=fetch_late)
+        thread.start()
+        handles = [h.engine.session.get_torrents()[0] for h in (first, second)]
+
+        def sees_a_seed_and_the_late_host(handle) -> bool:
+            seeds = [p for p in handle.get_peer_info() if p.flags & transfer.lt.peer_info.seed]
+            return bool(seeds) and transfer.peers_lacking_ours(handle) > 0
+
+        # Each finished host sees the other holding every piece (no piece only here) and
+        # the late host lacking them.
+        deadline = time.monotonic() + 10
+        while not all(sees_a_seed_and_the_late_host(h) for h in handles):
+            assert time.monotonic() < deadline, "the hosts never connected to each other"
+            time.sleep(0.05)
+
+        leaving = [threading.Thread(target=job.leave, kwargs={"share": True}) for job in jobs]
+        for t in leaving:
+            t.start()
+        for t in leaving:
+            t.join(30)
+        assert first.engine.session.get_torrents() == second.engine.session.get_torrents() == []
+        thread.join(30)
+
+    assert outcome == {"ok": True}
+    assert hashlib.sha512(late_dest.read_bytes()).hexdigest() == hashlib.sha512(data).hexdigest()
 
 
 def test_without_peers_leaving_does_not_wait(tmp_path):
@@ -253,7 +326,7 @@ def test_without_peers_leaving_does_not_wait(tmp_path):
         )
         job.run()
         handle = host.engine.session.get_torrents()[0]
-        assert transfer.pieces_only_here(handle) == 0  # the origin, a seed, has them all
+        assert transfer.peers_lacking_ours(handle) == 0  # the origin, a seed, has them all
         origin.engine.remove_torrent(watch)
         started = time.monotonic()
         job.leave(share=True)
