@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -299,6 +300,19 @@ def _summary(run: dict, size: int, floor: float, *, detail: bool) -> dict:
         "machine_busy": round(run.get("machine_busy", 0.0), 2),
         "machine_steal": round(run.get("machine_steal", 0.0), 2),
     }
+    # Where the hosts' CPU went, by thread (libtorrent's own threads are "native"), each
+    # host from its go to its done: the split behind host_cpu_s_per_gib.
+    by_thread: dict[str, float] = {}
+    for h in run["per_host"]:
+        for name, seconds_used in (h.get("thread_cpu") or {}).items():
+            name = re.sub(r"-[0-9a-f]{8}-[0-9a-f-]*$", "", name)  # read-behind-<image id>
+            by_thread[name] = by_thread.get(name, 0.0) + seconds_used
+    if by_thread:
+        gib = len(run["per_host"]) * size / 2**30
+        out["thread_cpu_s_per_gib"] = {
+            name: round(used / gib, 2)
+            for name, used in sorted(by_thread.items(), key=lambda item: -item[1])
+        }
     if any(h.get("source") == "torrent" for h in run["per_host"]):
         hosts = run["per_host"]
         out["bytes_from_stripes"] = sum(h.get("bytes_from_stripes", 0) for h in hosts)

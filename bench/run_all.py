@@ -312,13 +312,31 @@ def cpu_table(r: dict) -> list[str]:
         f"{fleet_cell('torrent')} | {fleet_cell('trusted')} | {fleet_cell('file')} | "
         f"{fleet_cell('http')} | {fleet_cell('aria2')} |"
     )
+
+    def figure(row: dict, key: str) -> str:
+        return f"{row[key]:.2f}" if isinstance(row.get(key), (int, float)) else "-"
+
     for row in rows:
         lines.append(
             f"| scale, {row['hosts']} hosts x {row['size_mib']} MiB, caps {row['cap_mib']} "
-            f"MiB/s | {row.get('host_cpu_s_per_gib', '-')} | - | "
-            f"{row.get('file_host_cpu_s_per_gib', '-')} | "
-            f"{row.get('http_host_cpu_s_per_gib', '-')} | - |"
+            f"MiB/s | {figure(row, 'host_cpu_s_per_gib')} | - | "
+            f"{figure(row, 'file_host_cpu_s_per_gib')} | "
+            f"{figure(row, 'http_host_cpu_s_per_gib')} | - |"
         )
+    split = [
+        f"{LABELS[key].split(' (')[0]}: "
+        + ", ".join(f"{name} {used:.2f}" for name, used in f[key]["thread_cpu_s_per_gib"].items())
+        for key in ("torrent", "trusted")
+        if f.get(key, {}).get("thread_cpu_s_per_gib")
+    ]
+    if split:
+        lines += [
+            "",
+            f"Where the {f['hosts']}-host fleet's CPU went, CPU-s per GiB by thread (native: "
+            "libtorrent's own threads, with the kernel's work for them; read-behind: the "
+            "whole-image hash while the download runs; MainThread: the pipeline, and the rest of "
+            "that hash after the download): " + "; ".join(split) + ".",
+        ]
     ratio = s.get("cpu_over_http", {})
     if ratio:
         lines += [
