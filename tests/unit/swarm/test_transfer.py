@@ -177,14 +177,36 @@ def image_record(torrent, data, peers):
     return image_info(data, is_torrentable="true", torrent_magnet=magnet)
 
 
-def test_a_finished_host_hands_over_what_a_connected_host_lacks(tmp_path, monkeypatch):
-    """The origin is gone; the late host gets the image only because the first one stays."""
-    monkeypatch.setattr(transfer, "SHARE_LIMIT", 20.0)
-    data = os.urandom(2 * MiB)
+def torrent_of(tmp_path, size: int):
+    """(image bytes, their file on the origin, the torrent)."""
+    data = os.urandom(size)
     source = tmp_path / "origin" / "img-1"
     source.parent.mkdir()
     source.write_bytes(data)
-    torrent = make_torrent(str(source), name="img-1")
+    return data, source, make_torrent(str(source), name="img-1")
+
+
+def run_in_background(job: Transfer) -> tuple[threading.Thread, dict]:
+    """Run ``job`` and leave in a thread; the dict gets ``ok`` or ``error``."""
+    outcome: dict = {}
+
+    def fetch():
+        try:
+            job.run()
+            job.leave()
+            outcome["ok"] = True
+        except Exception as exc:  # noqa: BLE001  reported by the caller's assertion
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_finished_host_hands_over_what_a_connected_host_lacks(tmp_path, monkeypatch):
+    """The origin is gone; the late host gets the image only because the first one stays."""
+    monkeypatch.setattr(transfer, "SHARE_LIMIT", 20.0)
+    data, source, torrent = torrent_of(tmp_path, 2 * MiB)
     first_dest, late_dest = tmp_path / "first.img", tmp_path / "late.img"
 
     with (
@@ -209,18 +231,7 @@ def test_a_finished_host_hands_over_what_a_connected_host_lacks(tmp_path, monkey
             str(late_dest),
             transfer_settings(tmp_path / "scratch-2", stall_timeout=5, overall_timeout=60),
         )
-        outcome = {}
-
-        def fetch_late():
-            try:
-                late_job.run()
-                late_job.leave()
-                outcome["ok"] = True
-            except Exception as exc:  # noqa: BLE001  reported by the assertion below
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=fetch_late)
-        thread.start()
+        thread, outcome = run_in_background(late_job)
         handle = first.engine.session.get_torrents()[0]
         deadline = time.monotonic() + 10
         while not transfer.peers_lacking_ours(handle):
@@ -241,11 +252,7 @@ def test_hosts_that_finish_together_wait_for_one_still_downloading(tmp_path, mon
     """Two prefetching hosts done at once each see the other holding every piece; had both
     left on that, the host still downloading would be stranded with the origin gone."""
     monkeypatch.setattr(transfer, "SHARE_LIMIT", 20.0)
-    data = os.urandom(2 * MiB)
-    source = tmp_path / "origin" / "img-1"
-    source.parent.mkdir()
-    source.write_bytes(data)
-    torrent = make_torrent(str(source), name="img-1")
+    data, source, torrent = torrent_of(tmp_path, 2 * MiB)
     late_dest = tmp_path / "late.img"
 
     with (
@@ -273,18 +280,7 @@ def test_hosts_that_finish_together_wait_for_one_still_downloading(tmp_path, mon
             str(late_dest),
             transfer_settings(tmp_path / "scratch-3", stall_timeout=5, overall_timeout=60),
         )
-        outcome = {}
-
-        def fetch_late():
-            try:
-                late_job.run()
-                late_job.leave()
-                outcome["ok"] = True
-            except Exception as exc:  # noqa: BLE001  reported by the assertion below
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=fetch_late)
-        thread.start()
+        thread, outcome = run_in_background(late_job)
         handles = [h.engine.session.get_torrents()[0] for h in (first, second)]
 
         def sees_a_seed_and_the_late_host(handle) -> bool:
@@ -311,11 +307,7 @@ def test_hosts_that_finish_together_wait_for_one_still_downloading(tmp_path, mon
 
 
 def test_without_peers_leaving_does_not_wait(tmp_path):
-    data = os.urandom(MiB)
-    source = tmp_path / "origin" / "img-1"
-    source.parent.mkdir()
-    source.write_bytes(data)
-    torrent = make_torrent(str(source), name="img-1")
+    data, source, torrent = torrent_of(tmp_path, MiB)
     with SimulatedHost("origin") as origin, SimulatedHost("compute-1") as host:
         watch = origin.seed(torrent.data, str(source))
         job = Transfer(
