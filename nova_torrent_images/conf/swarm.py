@@ -51,7 +51,11 @@ swarm_opts = [
         "download_rate_limit",
         default=0,
         min=0,
-        help="Download limit for the whole host in KiB/s; 0 means unlimited.",
+        help="Download limit for the whole host in KiB/s; 0 means unlimited. It holds for "
+        "the swarm (libtorrent's limiter) and, on a budget of its own at the same rate, for "
+        "the origin's stripes: a host alone, which gets every byte as stripes, keeps to it; "
+        "a host in a fleet may go above it by its stripe share (about 1/N of the image). "
+        "Plain Glance downloads (the fallback) are not limited, as Nova's own are not.",
     ),
     cfg.IntOpt(
         "connections_limit",

@@ -33,7 +33,7 @@ import libtorrent as lt
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception, qos
+from nova_torrent_images import exception, qos, utils
 
 LOG = logging.getLogger(__name__)
 
@@ -307,6 +307,9 @@ class SwarmEngine:
         self._pump: threading.Thread | None = None
         self._stopping = threading.Event()
         self._excluded: dict[str, int] = {}  # address -> transfers that exclude it
+        # download_rate_limit for the bytes that reach the host outside libtorrent's
+        # limiter: the origin's stripes (swarm/stripes.py), shared by all transfers.
+        self.stripe_downlink = utils.RateLimiter(self.opts.download_rate_limit * KiB)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> SwarmEngine:
@@ -390,6 +393,7 @@ class SwarmEngine:
             pack["upload_rate_limit"] = upload_kib * KiB
         if download_kib is not None:
             pack["download_rate_limit"] = download_kib * KiB
+            self.stripe_downlink.rate = download_kib * KiB
         self.session.apply_settings(pack)
 
     # -- peers -------------------------------------------------------------------------

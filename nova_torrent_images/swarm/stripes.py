@@ -39,7 +39,7 @@ from oslo_log import log as logging
 
 from nova_torrent_images import exception, qos
 from nova_torrent_images.swarm.landing import PieceLanding
-from nova_torrent_images.utils import parse_host_port
+from nova_torrent_images.utils import RateLimiter, parse_host_port
 
 LOG = logging.getLogger(__name__)
 
@@ -104,7 +104,10 @@ class StripeClient:
         info_hash: str,
         peer: str,
         source_host: str | None = None,
+        downlink: RateLimiter | None = None,
     ) -> None:
+        """``downlink``: the host's budget for stripe bytes (``download_rate_limit``),
+        shared by every stream and transfer of the host."""
         self.image_id = image_id
         self.urls = urls
         self.info_hash = info_hash
@@ -112,6 +115,9 @@ class StripeClient:
         # The address the host's BitTorrent traffic leaves from: the origin's per-address
         # bounds (origin/guard.py) then count each host once, as its peers see it.
         self.source_host = source_host
+        # Stripe bytes do not pass libtorrent's limiter (add_piece, or landed here), and a
+        # host alone gets the whole image this way: the host's cap must hold for them too.
+        self.downlink = downlink
         self._next_part = 0
         self._dry: set[int] = set()  # parts whose node has nothing new left
         self.on_peers: Callable[[list[tuple[str, int]]], None] | None = None
@@ -308,6 +314,8 @@ class StripeClient:
                 got = 0
                 while got < len(buffer):
                     n = response.readinto(view[got:])
+                    if self.downlink is not None and n:
+                        self.downlink.take(n)
                     if not n:
                         raise StripeError(
                             image_id=self.image_id,

@@ -272,7 +272,14 @@ class Transfer:
         host = self.engine.listen_host()
         listen = f"{host}:{self.engine.listen_port}"
         source = host if utils.is_specific_ip(host) else None
-        client = StripeClient(self.image.id, urls, self.magnet.best_hash, listen, source)
+        client = StripeClient(
+            self.image.id,
+            urls,
+            self.magnet.best_hash,
+            listen,
+            source,
+            downlink=self.engine.stripe_downlink,
+        )
         try:
             torrent = client.fetch_torrent()
             meta = describe(torrent)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 
@@ -43,6 +44,24 @@ def test_a_lone_host_lands_every_stripe_itself(published, tmp_path, trusted):  #
     # Every byte came from the stripes and was written by this host, not libtorrent.
     assert result.swarm.bytes_landed == image.size == result.swarm.bytes_from_stripes
     assert result.bytes_from_peers == 0 and result.swarm.hash_failures == 0
+    assert sha512_of(str(tmp_path / "fetched.raw")) == image.hash_value
+
+
+def test_a_lone_host_keeps_its_download_cap_on_the_stripes(published, tmp_path):  # noqa: F811
+    """Every byte of a lone host comes as stripes, past libtorrent's limiter: the host's
+    download_rate_limit holds for them too (the origin here sends 16 MiB/s)."""
+    glance, image, node, _ = published
+    cap = 8 * MiB
+    with SimulatedHost("capped", download_rate_limit=cap // 1024) as host:
+        started = time.monotonic()
+        result = fetch_to_file(
+            image, str(tmp_path / "fetched.raw"), conf=host.conf, glance=glance, engine=host.engine
+        )
+        seconds = time.monotonic() - started
+    assert result.source == "torrent"
+    assert result.swarm.bytes_landed == image.size == result.swarm.bytes_from_stripes
+    # The first read of each of the 3 streams is booked at once; the rest keeps to the cap.
+    assert seconds >= (image.size - 3 * MiB) / cap, seconds
     assert sha512_of(str(tmp_path / "fetched.raw")) == image.hash_value
 
 
