@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import queue
-import re
 import shutil
 import subprocess
 import sys
@@ -305,7 +304,6 @@ def _summary(run: dict, size: int, floor: float, *, detail: bool) -> dict:
     by_thread: dict[str, float] = {}
     for h in run["per_host"]:
         for name, seconds_used in (h.get("thread_cpu") or {}).items():
-            name = re.sub(r"-[0-9a-f]{8}-[0-9a-f-]*$", "", name)  # read-behind-<image id>
             by_thread[name] = by_thread.get(name, 0.0) + seconds_used
     if by_thread:
         gib = len(run["per_host"]) * size / 2**30

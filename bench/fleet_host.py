@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -59,13 +60,16 @@ class CappedGlance(GlanceClient):
             yield chunk
 
 
+IMAGE_SUFFIX = re.compile(r"-[0-9a-f]{8}-[0-9a-f-]*$")
+
+
 class ThreadCPU:
     """CPU seconds (user + system) of this process's threads, by name, sampled.
 
     Linux keeps each thread's times in /proc/self/task; a sampler thread reads them every
     :data:`SAMPLE` seconds and keeps the last figure of threads that ended since. Python
-    threads are named by their ``threading`` name (digits dropped), the others (libtorrent's
-    network, disk and hashing threads) by their kernel name, ``native``.
+    threads are named by their ``threading`` name (digits and image ids dropped), the
+    others (libtorrent's network, disk and hashing threads) ``native``.
     """
 
     SAMPLE = 0.5
@@ -87,6 +91,7 @@ class ThreadCPU:
                 continue
             seconds = (int(fields[11]) + int(fields[12])) / self._tick
             name = names.get(int(tid)) or "native"
+            name = IMAGE_SUFFIX.sub("", name)  # read-behind-<image id>: one name per job
             name = name.rstrip("0123456789-_ ()") or name
             with self._lock:
                 self._last[int(tid)] = (name, seconds)
