@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench demo test lint unit integration docs system-packages clean
+.PHONY: bench demo test lint typecheck releasenotes unit integration docs system-packages clean
 
 $(STAMP): setup.cfg requirements.txt test-requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The typed packages (mypy-files.txt), as os-brick checks its own.
+typecheck: $(STAMP)
+	$(BIN)/mypy $$(cat mypy-files.txt)
+
+releasenotes: $(STAMP)
+	$(BIN)/reno lint
+
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
@@ -35,7 +42,7 @@ docs: $(STAMP)
 	$(BIN)/pip install --quiet -r doc/requirements.txt
 	$(BIN)/sphinx-build -W --keep-going -b html doc/source doc/build/html
 
-test: $(STAMP) system-packages lint docs
+test: $(STAMP) system-packages lint typecheck releasenotes docs
 	$(BIN)/pytest -q -ra tests
 
 clean:

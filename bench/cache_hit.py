@@ -19,11 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import MiB, median, write_image  # noqa: E402
 
-from nova_torrent_images.glance import GlanceClient  # noqa: E402
-from nova_torrent_images.handler import TorrentImageHandler  # noqa: E402
+from nova_torrent_images.glance.client import GlanceClient  # noqa: E402
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB  # noqa: E402
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
 from nova_torrent_images.testing.swarm import SimulatedHost  # noqa: E402
+from nova_torrent_images.virt.xenapi.handler import TorrentImageHandler  # noqa: E402
 
 
 def measure(size_mib: int, root: str, boots: int = 10) -> dict:

@@ -18,7 +18,7 @@ import time
 
 import libtorrent as lt
 
-from nova_torrent_images.utils import RateLimiter
+from nova_torrent_images.common.utils import RateLimiter
 
 MiB = 1024 * 1024
 

@@ -18,7 +18,7 @@ capped: the plain HTTP baseline, and the Glance the origin node publishes from) 
 product's origin node (``start_origin_node``: publisher, origin seeder and stripe server on
 one 127.0.0.x address, uplink capped). Every compute host is a ``bench/fleet_host.py``
 process on its own 127.0.0.x with its own libtorrent session and downlink cap; all start
-on one ``go`` and each fetches through ``nova_torrent_images.pipeline.fetch_to_file``.
+on one ``go`` and each fetches through ``nova_torrent_images.compute.pipeline.fetch_to_file``.
 
 The floor is image size / cap: no host can be done sooner (its downlink), and the origin
 must send every byte at least once (its uplink). Origin egress is what the origin node sent

@@ -17,7 +17,7 @@ Started by ``bench/fleet.py``. It builds its configuration with ``make_conf`` fo
 cap, a state directory of its own), starts a ``SwarmEngine`` (torrent mode), prints
 ``{"event": "ready"}`` and waits for ``go`` on stdin, so that every host starts at once.
 Then it fetches the image through the one pipeline,
-``nova_torrent_images.pipeline.fetch_to_file``, and prints one JSON line: when it was done
+``nova_torrent_images.compute.pipeline.fetch_to_file``, and prints one JSON line: when it was done
 (``time.time()``), the source, the bytes from peers, the origin and the stripes, and its
 progress timeline. It stays up (its engine too) until ``stop``: a host leaving early would
 take its connections away from the others.
@@ -37,11 +37,11 @@ import sys
 import threading
 import time
 
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
-from nova_torrent_images.stores import open_store
+from nova_torrent_images.common.utils import RateLimiter
+from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
+from nova_torrent_images.compute.stores import open_store
+from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.testing.swarm import make_conf
-from nova_torrent_images.utils import RateLimiter
 
 TIMELINE_STEP = 0.25  # seconds between two progress samples kept
 DEBUG = bool(os.environ.get("NTI_BENCH_DEBUG"))  # DEBUG log, connection alerts, pieces
@@ -133,7 +133,7 @@ def _instrument_stripes(marks: list, pieces: list) -> None:
     """Record when this host's stripe batches were asked for and fetched (no behaviour
     change: the stripe client's methods are wrapped, results passed through)."""
     try:
-        from nova_torrent_images.swarm import stripes
+        from nova_torrent_images.swarm import stripe_client as stripes
     except ImportError:
         return
     client = getattr(stripes, "StripeClient", None)

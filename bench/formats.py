@@ -13,7 +13,7 @@
 """Torrent formats on one host: v1, v2 and hybrid against plain HTTP, in one run.
 
 One SimulatedHost seeds the image (one torrent per format), and a fresh SimulatedHost
-fetches it through ``nova_torrent_images.pipeline.fetch_to_file`` with the default
+fetches it through ``nova_torrent_images.compute.pipeline.fetch_to_file`` with the default
 settings (so the whole image is hashed again against Glance's sha512 afterwards). The
 baseline is a plain HTTP fetch of the same image from
 ``nova_torrent_images.testing.http_origin.HTTPOrigin`` through the same pipeline with
@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import MiB, machine_description, write_image  # noqa: E402
 
-from nova_torrent_images.glance import GlanceClient  # noqa: E402
-from nova_torrent_images.pipeline import fetch_to_file  # noqa: E402
+from nova_torrent_images.compute.pipeline import fetch_to_file  # noqa: E402
+from nova_torrent_images.glance.client import GlanceClient  # noqa: E402
 from nova_torrent_images.swarm.torrent import make_torrent  # noqa: E402
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
 from nova_torrent_images.testing.swarm import SimulatedHost, make_conf  # noqa: E402

@@ -29,8 +29,8 @@ def _status_kib(field: str) -> int:
 
 
 def child(args: argparse.Namespace) -> int:
-    from nova_torrent_images.glance import GlanceClient
-    from nova_torrent_images.pipeline import fetch_to_file
+    from nova_torrent_images.compute.pipeline import fetch_to_file
+    from nova_torrent_images.glance.client import GlanceClient
     from nova_torrent_images.testing.swarm import SimulatedHost
 
     glance = GlanceClient.for_endpoint(args.glance)
@@ -59,7 +59,7 @@ def child(args: argparse.Namespace) -> int:
 
 
 def measure(size_mib: int, root: str) -> dict:
-    from nova_torrent_images.glance import GlanceClient
+    from nova_torrent_images.glance.client import GlanceClient
     from nova_torrent_images.swarm.torrent import make_torrent
     from nova_torrent_images.testing.http_origin import HTTPOrigin
     from nova_torrent_images.testing.swarm import SimulatedHost

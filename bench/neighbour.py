@@ -19,7 +19,7 @@ iterations/s over a fixed window:
 
 * alone;
 * while a 256 MiB image downloads through the pipeline
-  (:func:`nova_torrent_images.pipeline.fetch_to_file`, whole-image sha512 included) from a
+  (:func:`nova_torrent_images.compute.pipeline.fetch_to_file`, whole-image sha512 included) from a
   ``SimulatedHost`` seeder on loopback, again and again for the whole window, with the
   default settings (``qos_nice = 10``, ``qos_io_class = best-effort``: level 7);
 * the same with QoS off (``qos_nice = 0``, ``qos_io_class = none``).
@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import MiB, write_image  # noqa: E402
 
-from nova_torrent_images.glance import GlanceClient  # noqa: E402
-from nova_torrent_images.pipeline import fetch_to_file  # noqa: E402
+from nova_torrent_images.compute.pipeline import fetch_to_file  # noqa: E402
+from nova_torrent_images.glance.client import GlanceClient  # noqa: E402
 from nova_torrent_images.swarm.torrent import make_torrent  # noqa: E402
 from nova_torrent_images.testing.http_origin import HTTPOrigin  # noqa: E402
 from nova_torrent_images.testing.swarm import SimulatedHost  # noqa: E402

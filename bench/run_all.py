@@ -363,7 +363,7 @@ def build_report(r: dict) -> str:
         "",
         "The fleets are one process per compute host (`bench/fleet_host.py`, its own "
         "127.0.0.x, libtorrent session and downlink cap), all started on one `go`, each "
-        "fetching through `nova_torrent_images.pipeline`; the origin process runs the "
+        "fetching through `nova_torrent_images.compute.pipeline`; the origin process runs the "
         "capped Glance-like `HTTPOrigin` and the origin node (publisher, seeder, stripe "
         "server). floor = image size / cap. Origin egress = what the origin node sent "
         "(BitTorrent and stripes) + what Glance served, over the image size. Two torrent "

@@ -16,7 +16,7 @@
 The origin is what operators run: a Glance-like ``HTTPOrigin`` and the product's origin
 node (publisher, origin seeder, stripe server; v2 torrents, the default), with no upload
 cap. The compute host is a ``bench/fleet_host.py`` process of its own, fetching through
-``nova_torrent_images.pipeline.fetch_to_file``: with the default settings (the whole image
+``nova_torrent_images.compute.pipeline.fetch_to_file``: with the default settings (the whole image
 is checked against Glance's sha512, the bytes that arrive in order while they arrive),
 with ``trust_torrent_root = true`` (the v2 torrent bound to Glance's hash by the publisher:
 no whole-image hash), and with ``mode = none`` (plain HTTP from the same origin: one

@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nova_torrent_images.glance import GlanceClient  # noqa: E402
-from nova_torrent_images.handler import GlanceImageHandler  # noqa: E402
+from nova_torrent_images.glance.client import GlanceClient  # noqa: E402
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB  # noqa: E402
 from nova_torrent_images.testing.swarm import make_conf  # noqa: E402
+from nova_torrent_images.virt.xenapi.handler import GlanceImageHandler  # noqa: E402
 
 MiB = 1024 * 1024
 

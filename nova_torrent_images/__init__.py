@@ -10,3 +10,14 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
+
+"""nova-torrent-images: Glance images delivered to compute hosts peer to peer.
+
+The packages are the roles (doc/source/architecture.rst): ``common``, ``glance``, ``swarm``,
+``compute``, ``origin``, ``virt``, ``cmd``; ``conf`` holds the options and ``exception`` every
+typed error.
+"""
+
+from nova_torrent_images.common import aliases as _aliases
+
+_aliases.install()  # the former module paths setup.cfg, Nova or operators may name

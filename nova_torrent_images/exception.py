@@ -206,3 +206,19 @@ class RegistryError(TorrentImagesError):
 
 class TrackerError(TorrentImagesError):
     msg_fmt = "Tracker whitelist %(path)s ([torrent_images] %(option)s): %(reason)s"
+
+
+class LocationError(TorrentImagesError):
+    """One of the image's locations (or a zone cache) could not be read; the next is tried."""
+
+    msg_fmt = "Image %(image_id)s: location %(location)s failed: %(reason)s"
+
+
+class NoLocations(LocationError):
+    msg_fmt = "Image %(image_id)s: no location this host can read (%(reason)s)"
+
+
+class StripeError(TorrentImagesError):
+    """An origin node's stripe server failed a request; the swarm goes on without it."""
+
+    msg_fmt = "Image %(image_id)s: origin stripes at %(url)s failed: %(reason)s"

@@ -13,7 +13,7 @@
 """``nova-torrent-compute``: nova-compute whose torrentable images come through the swarm.
 
 Nova 34 has no plug-in point for image downloads (see
-:mod:`nova_torrent_images.nova_hooks.glance_download`), so this launcher *is* nova-compute
+:mod:`nova_torrent_images.virt.libvirt.download`), so this launcher *is* nova-compute
 with one addition: it imports Nova's own ``nova.cmd.compute``, registers the
 ``[torrent_images]`` options on Nova's ``CONF``, wraps Nova's Glance download, and runs
 Nova's ``main()``. It therefore takes exactly nova-compute's arguments and reads the same
@@ -49,8 +49,8 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_torrent_images import conf as nti_conf
-from nova_torrent_images.nova_hooks import glance_download
-from nova_torrent_images.nova_hooks import xenapi as nova_xenapi
+from nova_torrent_images.virt.libvirt import download as glance_download
+from nova_torrent_images.virt.xenapi import nova_loader as nova_xenapi
 
 LOG = logging.getLogger(__name__)
 

@@ -28,16 +28,16 @@ import json
 import sys
 
 from oslo_config import cfg
+from oslo_utils import units
 
-from nova_torrent_images import exception, stores
-from nova_torrent_images.cmd.progress import download_bar
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
-from nova_torrent_images.seeding import status as status_file
-from nova_torrent_images.stores.base import BaseCopyStore
-from nova_torrent_images.uploads import UploadQueue
-
-MiB = 1024 * 1024
+from nova_torrent_images import exception
+from nova_torrent_images.compute import stores
+from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
+from nova_torrent_images.compute.progress import download_bar
+from nova_torrent_images.compute.seeding import status as status_file
+from nova_torrent_images.compute.snapshots.uploads import UploadQueue
+from nova_torrent_images.compute.stores.base import BaseCopyStore
+from nova_torrent_images.glance.client import GlanceClient
 
 
 def open_store(conf: cfg.ConfigOpts) -> BaseCopyStore:
@@ -94,8 +94,8 @@ def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
         print()
         return 0
     print(
-        f"{store.name}: {capacity.ours / MiB:.0f} MiB in base copies, "
-        f"{capacity.free / MiB:.0f} MiB free of {capacity.total / MiB:.0f} MiB"
+        f"{store.name}: {capacity.ours / units.Mi:.0f} MiB in base copies, "
+        f"{capacity.free / units.Mi:.0f} MiB free of {capacity.total / units.Mi:.0f} MiB"
     )
     header = (
         f"{'image':<36} {'MiB':>7} {'seeding':>7} {'up MiB':>8} {'down MiB':>8} "
@@ -104,8 +104,9 @@ def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     print(header)
     for r in rows:
         print(
-            f"{r['image_id']:<36} {r['size'] / MiB:>7.0f} {'yes' if r['seeding'] else 'no':>7} "
-            f"{r['bytes_up'] / MiB:>8.1f} {r['bytes_down'] / MiB:>8.1f} {r['peers']:>5} "
+            f"{r['image_id']:<36} {r['size'] / units.Mi:>7.0f} "
+            f"{'yes' if r['seeding'] else 'no':>7} "
+            f"{r['bytes_up'] / units.Mi:>8.1f} {r['bytes_down'] / units.Mi:>8.1f} {r['peers']:>5} "
             f"{'yes' if r['in_use'] else 'no':>6} {r['source'] or '-':<10}  "
             f"{_when(r['last_used'])}"
         )
@@ -132,14 +133,13 @@ def cmd_export(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     import shutil
     import tempfile
 
-    from nova_torrent_images import differential
-    from nova_torrent_images.stores.filesystem import FilesystemStore
+    from nova_torrent_images.compute.stores.filesystem import FilesystemStore
 
     if os.path.lexists(args.output):
         raise exception.StoreError(reason=f"{args.output} exists; export writes a new file")
     glance = GlanceClient.from_conf(conf)
     image = glance.image_info(args.image_id)
-    if not differential.parent_id(image):
+    if not image.parent_id:
         args.quiet = True
         return cmd_fetch(args, conf)
     # The chain is rebuilt in a scratch filesystem store (parents included), verified

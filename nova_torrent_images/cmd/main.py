@@ -18,8 +18,6 @@ import argparse
 import logging
 import sys
 
-from oslo_config import cfg
-
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images import exception
 from nova_torrent_images.cmd import origin
@@ -27,27 +25,11 @@ from nova_torrent_images.cmd import origin
 LOG = logging.getLogger(__name__)
 
 
-def load_conf(config_files: list[str]) -> cfg.ConfigOpts:
-    conf = cfg.ConfigOpts()
-    nti_conf.register_opts(conf)
-    args = []
-    for path in config_files:
-        args += ["--config-file", path]
-    conf(args, project="nova-torrent-images", default_config_files=None if not config_files else [])
-    return conf
-
-
-def cmd_fetch(args: argparse.Namespace) -> int:
-    from nova_torrent_images.cmd import local
-
-    return local.cmd_fetch(args, load_conf(args.config_file))
-
-
 def _local_verb(name: str):
     def run(args: argparse.Namespace) -> int:
         from nova_torrent_images.cmd import local
 
-        return getattr(local, name)(args, load_conf(args.config_file))
+        return getattr(local, name)(args, nti_conf.load_config_files(args.config_file))
 
     return run
 
@@ -83,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image_id")
     p.add_argument("--output", "-o", help="write the image to this new file instead")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_fetch)
+    p.set_defaults(func=_local_verb("cmd_fetch"))
 
     p = sub.add_parser(
         "status",

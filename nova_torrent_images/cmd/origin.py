@@ -27,17 +27,16 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from oslo_config import cfg
+from oslo_utils import units
+
+from nova_torrent_images import conf as nti_conf
 
 if TYPE_CHECKING:
     from nova_torrent_images.origin.registry import PublishedImage
 
-MiB = 1024 * 1024
-
 
 def _conf(args: argparse.Namespace) -> cfg.ConfigOpts:
-    from nova_torrent_images.cmd.main import load_conf
-
-    return load_conf(args.config_file)
+    return nti_conf.load_config_files(args.config_file)
 
 
 def _publisher(conf: cfg.ConfigOpts) -> Any:
@@ -52,7 +51,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(json.dumps(result.__dict__, indent=2, sort_keys=True))
         return 0
     what = {
-        "published": f"published ({result.size // MiB} MiB read from Glance once)",
+        "published": f"published ({result.size // units.Mi} MiB read from Glance once)",
         "updated": "already published; Glance properties set again",
         "unchanged": "already published and unchanged; nothing to do",
     }[result.status]
@@ -110,7 +109,7 @@ def cmd_published(args: argparse.Namespace) -> int:
     print("-" * len(header))
     for e in entries:
         print(
-            f"{e.image_id:<36}  {e.size / MiB:>7.0f}  {e.num_pieces:>6}  "
+            f"{e.image_id:<36}  {e.size / units.Mi:>7.0f}  {e.num_pieces:>6}  "
             f"{(e.info_hash_v2 or e.info_hash_v1 or '')[:16]:<16}  {e.published_at:<20}  "
             f"{'ok' if e.has_data() else 'MISSING'}"
         )
@@ -118,7 +117,7 @@ def cmd_published(args: argparse.Namespace) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from nova_torrent_images.glance import GlanceClient
+    from nova_torrent_images.glance.client import GlanceClient
     from nova_torrent_images.origin.seeder import OriginSeeder
 
     conf = _conf(args)

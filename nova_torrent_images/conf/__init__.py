@@ -24,6 +24,7 @@ imports and registers them all:
 * :mod:`.xenapi` -- XenServer hosts;
 * :mod:`.glance` -- the Glance client, and keystoneauth in ``[torrent_images_glance]``;
 * :mod:`.origin` -- the origin side on Glance API nodes (publish, seed, promote);
+* :mod:`.sources` -- the image's own locations and zone caches as sources;
 * :mod:`.groups` -- the two group names, and registration in ``[torrent_images]``.
 
 Each topic module has ``ALL_OPTS`` and ``register_opts(conf)``. They all register in
@@ -40,7 +41,8 @@ import urllib.parse
 
 from oslo_config import cfg
 
-from nova_torrent_images import exception, utils
+from nova_torrent_images import exception
+from nova_torrent_images.common import utils
 from nova_torrent_images.conf import compute, glance, origin, sources, swarm, xenapi
 from nova_torrent_images.conf.groups import GLANCE_GROUP, GROUP, torrent_images_group
 
@@ -67,6 +69,20 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     """Register every option of this library on ``conf`` (idempotent)."""
     for topic in _TOPICS:
         topic.register_opts(conf)
+
+
+def load_config_files(config_files: list[str]) -> cfg.ConfigOpts:
+    """A new ConfigOpts with this library's options, read from ``config_files`` only.
+
+    No file given: oslo.config's default files (``/etc/nova-torrent-images/...``).
+    """
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    args = []
+    for path in config_files:
+        args += ["--config-file", path]
+    conf(args, project="nova-torrent-images", default_config_files=None if not config_files else [])
+    return conf
 
 
 def list_opts() -> list[tuple[str | cfg.OptGroup, list[cfg.Opt]]]:

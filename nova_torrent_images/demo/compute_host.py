@@ -1,3 +1,15 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
 """One simulated compute host of the demo, in its own process.
 
 It runs the real XenAPI image handler against its own fake XAPI (SR in files, no root
@@ -22,12 +34,12 @@ import sys
 import threading
 import time
 
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.handler import TorrentImageHandler
-from nova_torrent_images.pipeline import fetch_to_file
+from nova_torrent_images.compute.pipeline import fetch_to_file
+from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.swarm.engine import SwarmEngine
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB
 from nova_torrent_images.testing.swarm import make_conf
+from nova_torrent_images.virt.xenapi.handler import TorrentImageHandler
 
 _out_lock = threading.Lock()
 

@@ -1,3 +1,15 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
 """The demo's main process: origin, publishing, hosts, progress bars and the table.
 
 It starts a real glance-api on 127.0.0.1, publishes a generated raw image as a torrent
@@ -24,11 +36,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from oslo_utils import units
+
 from nova_torrent_images import exception
-from nova_torrent_images.cmd.progress import HostProgress
+from nova_torrent_images.compute.progress import HostProgress
 from nova_torrent_images.testing.swarm import next_loopback_address
 
-MiB = 1024 * 1024
 ORIGIN_UPLOAD_KIB = 32 * 1024  # 32 MiB/s: the origin uplink a fleet saturates
 BOOT_TIMEOUT = 600
 HTTP_ROUND = 3  # the plain HTTP fetch, after boots 1 and 2
@@ -72,7 +85,7 @@ def _write_image(path: str, size: int) -> None:
     with open(path, "wb") as f:  # random data: nothing compresses or dedupes on the way
         left = size
         while left:
-            n = min(left, 8 * MiB)
+            n = min(left, 8 * units.Mi)
             f.write(os.urandom(n))
             left -= n
 
@@ -109,7 +122,7 @@ def run(
     root = workdir or tempfile.mkdtemp(prefix="nti-demo-")
     os.makedirs(root, exist_ok=True)
     logging.getLogger("nova_torrent_images").setLevel(logging.WARNING)
-    size = size_mib * MiB
+    size = size_mib * units.Mi
     started: list = []
     try:
         print(f"Demo in {root}: {hosts} compute hosts, one {size_mib} MiB raw image")
@@ -303,15 +316,16 @@ def _print_table(
         http_times.append(plain["seconds"])
         print(
             f"{p.name:<11} {p.address:<11} {first['source']:<10} {first['seconds']:>7.1f} "
-            f"{first['from_peers'] / MiB:>9.1f} {first['from_origin'] / MiB:>10.1f} "
-            f"{first['from_glance'] / MiB:>10.1f} {plain['seconds']:>7.1f} "
+            f"{first['from_peers'] / units.Mi:>9.1f} {first['from_origin'] / units.Mi:>10.1f} "
+            f"{first['from_glance'] / units.Mi:>10.1f} {plain['seconds']:>7.1f} "
             f"{second['seconds'] * 1000:>7.0f}ms  {'yes' if verified else 'NO'}"
         )
     egress = origin_upload + glance_bytes
     print(
-        f"\norigin egress: {egress / MiB:.1f} MiB (seeder {origin_upload / MiB:.1f} + Glance "
-        f"HTTP {glance_bytes / MiB:.1f}) = {egress / size:.2f}x the image; the plain HTTP "
-        f"fleet made Glance send {http_sent / MiB:.0f} MiB ({http_sent / size:.2f}x)"
+        f"\norigin egress: {egress / units.Mi:.1f} MiB "
+        f"(seeder {origin_upload / units.Mi:.1f} + Glance "
+        f"HTTP {glance_bytes / units.Mi:.1f}) = {egress / size:.2f}x the image; the plain HTTP "
+        f"fleet made Glance send {http_sent / units.Mi:.0f} MiB ({http_sent / size:.2f}x)"
     )
     if torrent_times and http_times:
         last_torrent, last_http = max(torrent_times), max(http_times)
@@ -324,7 +338,7 @@ def _print_table(
         if results is not None:
             results.update(
                 hosts=len(procs),
-                size_mib=size // MiB,
+                size_mib=size // units.Mi,
                 cap_mib=ORIGIN_UPLOAD_KIB // 1024,
                 torrent_last_seconds=last_torrent,
                 http_last_seconds=last_http,

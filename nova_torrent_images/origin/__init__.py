@@ -12,11 +12,17 @@
 
 """The origin side, on Glance API nodes: publish images as torrents and seed them.
 
-* :mod:`.publish` -- ``Publisher`` (publish, unpublish, list, periodic check) and the
-  on-disk ``Registry`` of published images;
+* :mod:`.publisher` -- ``Publisher``: publish, unpublish, list, periodic check;
+* :mod:`.registry` -- the on-disk ``Registry`` of published images;
+* :mod:`.magnet_fit` -- a magnet that fits Glance's 255-character property limit;
 * :mod:`.seeder` -- ``OriginSeeder``, the long-running first seed of every published image;
+* :mod:`.stripe_server` -- the HTTP endpoint that hands each host pieces nobody has yet;
+* :mod:`.stripe_guard` -- its connection limits (per address, in all, deadlines);
 * :mod:`.tracker` -- opentracker whitelist writing and reload;
-* :mod:`.promotion` -- publish images that are requested often.
+* :mod:`.promotion` -- publish images that are requested often;
+* :mod:`.metrics` -- the origin's Prometheus endpoint.
+
+The origin never imports the compute role (tests/unit/test_layout.py).
 
 Their ``[torrent_images]`` options are in :mod:`nova_torrent_images.conf.origin`, outside
 this package, so registering the options loads no origin code. Nothing is imported here

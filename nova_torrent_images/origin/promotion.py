@@ -43,7 +43,7 @@ twice):
         # glance and promotion_notification_pool = nova-torrent-images-<host> by default
 
 ``handler``
-    The image handler calls :func:`nova_torrent_images.popularity.record_request` for each
+    The image handler calls :func:`nova_torrent_images.virt.xenapi.handler.record_request` for each
     image it is asked for (with any other source that module imports nothing of the
     origin, so nova-compute does not load the publisher); the count lives in
     ``origin_state_dir`` of that process and the publish runs there (in a background
@@ -52,7 +52,7 @@ twice):
     all-in-one and edge sites where nova-compute and the origin seeder share a host. On
     other hosts leave the source at ``notifications``; the hook is then a no-op.
 
-Both count with :class:`nova_torrent_images.popularity.RequestCounter`, one sliding window
+Both count with :class:`nova_torrent_images.common.popularity.RequestCounter`, one sliding window
 in ``<origin_state_dir>/promotion/requests.json`` shared by threads, processes and
 restarts.
 """
@@ -70,9 +70,9 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova_torrent_images import exception
+from nova_torrent_images.common.popularity import Clock, RequestCounter
 from nova_torrent_images.origin.publisher import Publisher, PublishResult
 from nova_torrent_images.origin.registry import Registry, validate_image_id
-from nova_torrent_images.popularity import Clock, RequestCounter
 
 LOG = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ _PROMOTERS_LOCK = threading.Lock()
 def handler_promoter(conf: cfg.ConfigOpts) -> Promoter:
     """The one background :class:`Promoter` of ``conf`` for the image handler's requests.
 
-    Called by :func:`nova_torrent_images.popularity.record_request` once it knows the
+    Called by :func:`nova_torrent_images.virt.xenapi.handler.record_request` once it knows the
     handler counts (``promotion_source = handler``); the publisher is built on the first
     promotion, so a process that only counts never needs Glance credentials.
     """

@@ -47,15 +47,16 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from nova_torrent_images import exception, utils
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.image import WEAK_HASH_ALGOS, ImageInfo, parse_image
-from nova_torrent_images.magnet import MAGNET_MAX_LENGTH
-from nova_torrent_images.origin.magnets import fit_magnet
+from nova_torrent_images import exception
+from nova_torrent_images.common import utils
+from nova_torrent_images.common.utils import atomic_write, parse_host_port
+from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.glance.image import WEAK_HASH_ALGOS, ImageInfo, parse_image
+from nova_torrent_images.glance.magnet import MAGNET_MAX_LENGTH
+from nova_torrent_images.origin.magnet_fit import fit_magnet
 from nova_torrent_images.origin.registry import PublishedImage, Registry, validate_image_id
 from nova_torrent_images.origin.tracker import TrackerWhitelist
 from nova_torrent_images.swarm.torrent import make_torrent
-from nova_torrent_images.utils import atomic_write, parse_host_port
 
 LOG = logging.getLogger(__name__)
 

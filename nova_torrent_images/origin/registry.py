@@ -44,10 +44,10 @@ from oslo_concurrency import lockutils
 from oslo_log import log as logging
 
 from nova_torrent_images import exception
-from nova_torrent_images.image import ImageInfo
-from nova_torrent_images.magnet import parse_magnet
+from nova_torrent_images.common.utils import atomic_write, fsync_dir
+from nova_torrent_images.glance.image import ImageInfo
+from nova_torrent_images.glance.magnet import parse_magnet
 from nova_torrent_images.origin.tracker import tracker_hashes
-from nova_torrent_images.utils import atomic_write, fsync_dir
 
 LOG = logging.getLogger(__name__)
 

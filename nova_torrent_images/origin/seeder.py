@@ -52,20 +52,21 @@ from dataclasses import dataclass, field
 
 from oslo_config import cfg
 from oslo_log import log as logging
+from oslo_utils import units
 
-from nova_torrent_images import exception, verify
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.metrics import OriginMetrics
-from nova_torrent_images.origin.guard import ConnectionLimits
+from nova_torrent_images import exception
+from nova_torrent_images.glance import verify
+from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.origin.metrics import OriginMetrics
 from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.registry import PublishedImage, Registry
-from nova_torrent_images.origin.stripes import StripeDispenser, StripeServer
+from nova_torrent_images.origin.stripe_guard import ConnectionLimits
+from nova_torrent_images.origin.stripe_server import StripeDispenser, StripeServer
 from nova_torrent_images.swarm import recipes, torrent
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
 
 LOG = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 TICK = 0.2
 REGISTRY_POLL = 1.0
 RETRY_AFTER = 60.0
@@ -261,7 +262,7 @@ class OriginSeeder:
         LOG.info(
             "Origin seeder stopped after %.0fs, %d MiB uploaded",
             time.monotonic() - self._started_at,
-            uploaded // MiB,
+            uploaded // units.Mi,
         )
 
     @property
@@ -381,7 +382,7 @@ class OriginSeeder:
             "Image %s: %s (%d MiB, v2 %s)",
             entry.image_id,
             "seeding" if mode == "seed" else "re-downloading",
-            entry.size // MiB,
+            entry.size // units.Mi,
             entry.info_hash_v2,
         )
 
@@ -456,8 +457,8 @@ class OriginSeeder:
         LOG.info(
             "Image %s: %d MiB re-downloaded (%d MiB through the Glance web seed) and verified",
             image_id,
-            seeded.entry.size // MiB,
-            counters.downloaded_since_added // MiB,
+            seeded.entry.size // units.Mi,
+            counters.downloaded_since_added // units.Mi,
         )
         try:
             self._add(seeded.entry)
@@ -524,11 +525,11 @@ class OriginSeeder:
             "uploaded in %.0fs",
             len(stats),
             sum(s.peers for s in stats),
-            sum(s.upload_rate for s in stats) / MiB,
+            sum(s.upload_rate for s in stats) / units.Mi,
             f"{self.opts.origin_upload_rate_limit // 1024} MiB/s"
             if self.opts.origin_upload_rate_limit
             else "none",
-            self.uploaded_bytes() // MiB,
+            self.uploaded_bytes() // units.Mi,
             time.monotonic() - self._started_at,
         )
         for s in stats:
@@ -538,8 +539,8 @@ class OriginSeeder:
                     s.image_id,
                     s.mode,
                     s.peers,
-                    s.upload_rate / MiB,
-                    s.uploaded // MiB,
+                    s.upload_rate / units.Mi,
+                    s.uploaded // units.Mi,
                     s.uploaded / s.size if s.size else 0.0,
                 )
 

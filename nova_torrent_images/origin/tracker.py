@@ -44,7 +44,7 @@ from collections.abc import Iterable
 from oslo_log import log as logging
 
 from nova_torrent_images import exception
-from nova_torrent_images.utils import atomic_write
+from nova_torrent_images.common.utils import atomic_write
 
 LOG = logging.getLogger(__name__)
 

@@ -9,4 +9,10 @@
 # WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
 # License for the specific language governing permissions and limitations
 # under the License.
+"""The swarm: the only code of this library that talks to libtorrent.
 
+:mod:`.engine` (one session per process, its alert pump), :mod:`.transfer` (one download),
+:mod:`.torrent` (making and reading torrents), :mod:`.recipes` (resume data), :mod:`.merkle`
+and :mod:`.landing` (pieces checked and written as they arrive), :mod:`.stripe_client` (the
+origin's stripes, fetched over HTTP).
+"""

@@ -32,12 +32,13 @@ from dataclasses import dataclass
 import libtorrent as lt
 from oslo_config import cfg
 from oslo_log import log as logging
+from oslo_utils import units
 
-from nova_torrent_images import exception, qos, utils
+from nova_torrent_images import exception
+from nova_torrent_images.common import qos, utils
 
 LOG = logging.getLogger(__name__)
 
-KiB = 1024
 # Short sleeps between pops: every handoff (metadata, flush, resume data, removal) waits
 # for the pump, so its latency adds up per download; an idle pop costs microseconds.
 PUMP_INTERVAL = 0.01
@@ -108,8 +109,8 @@ def build_settings(opts: cfg.ConfigOpts.GroupAttr, listen: list[str] | None = No
         "alert_mask": int(ALERT_MASK),
         "tick_interval": TICK_INTERVAL_MS,
         "alert_queue_size": 100000,
-        "upload_rate_limit": opts.upload_rate_limit * KiB,
-        "download_rate_limit": opts.download_rate_limit * KiB,
+        "upload_rate_limit": opts.upload_rate_limit * units.Ki,
+        "download_rate_limit": opts.download_rate_limit * units.Ki,
         "connections_limit": opts.connections_limit,
         # Every host of a fleet uploads to every peer that wants a piece: with libtorrent's
         # default of 8 unchoke slots, 16 hosts left some choked by everyone until an
@@ -309,7 +310,7 @@ class SwarmEngine:
         self._excluded: dict[str, int] = {}  # address -> transfers that exclude it
         # download_rate_limit for the bytes that reach the host outside libtorrent's
         # limiter: the origin's stripes (swarm/stripes.py), shared by all transfers.
-        self.stripe_downlink = utils.RateLimiter(self.opts.download_rate_limit * KiB)
+        self.stripe_downlink = utils.RateLimiter(self.opts.download_rate_limit * units.Ki)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> SwarmEngine:
@@ -331,7 +332,7 @@ class SwarmEngine:
                 params.ip_filter = ip_filter
             # libtorrent's threads (network, disk, hashing: the downloading, piece
             # hashing and seeding) inherit the priority of the thread that creates the
-            # session: a lowered one, so guests come first (nova_torrent_images.qos).
+            # session: a lowered one, so guests come first (nova_torrent_images.common.qos).
             qos.configure(self.conf)
             session = qos.call_in_background(lambda: lt.session(params))
             # Rate limits skip "local" peers (private ranges, loopback) unless every address
@@ -390,10 +391,10 @@ class SwarmEngine:
     ) -> None:
         pack = {}
         if upload_kib is not None:
-            pack["upload_rate_limit"] = upload_kib * KiB
+            pack["upload_rate_limit"] = upload_kib * units.Ki
         if download_kib is not None:
-            pack["download_rate_limit"] = download_kib * KiB
-            self.stripe_downlink.rate = download_kib * KiB
+            pack["download_rate_limit"] = download_kib * units.Ki
+            self.stripe_downlink.rate = download_kib * units.Ki
         self.session.apply_settings(pack)
 
     # -- peers -------------------------------------------------------------------------

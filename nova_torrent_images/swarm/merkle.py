@@ -14,7 +14,7 @@
 
 libtorrent checks every piece it downloads or is given with ``add_piece``. A piece this
 library writes into the destination itself (a lone host landing the origin's stripes, see
-:mod:`nova_torrent_images.swarm.stripes`) is checked here instead, from the bytes already in
+:mod:`nova_torrent_images.swarm.stripe_client`) is checked here instead, from the bytes already in
 memory, so it is hashed once and never read back.
 
 BEP 52: the leaves are the SHA-256 of each 16 KiB block (the file's last block may be

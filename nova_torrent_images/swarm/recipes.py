@@ -31,7 +31,7 @@ from typing import Any
 
 import libtorrent as lt
 
-from nova_torrent_images.magnet import Magnet
+from nova_torrent_images.glance.magnet import Magnet
 from nova_torrent_images.swarm.torrent import load_torrent
 
 

@@ -12,7 +12,7 @@
 
 """Torrents of images: creation (v1, v2 or hybrid), piece-size choice, and reading them back.
 
-Magnet URIs are plain text and live in :mod:`nova_torrent_images.magnet`; this module is the
+Magnet URIs are plain text and live in :mod:`nova_torrent_images.glance.magnet`; this module is the
 libtorrent side of a torrent.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import libtorrent as lt
 
-from nova_torrent_images.magnet import MAGNET_MAX_LENGTH, build_magnet
+from nova_torrent_images.glance.magnet import MAGNET_MAX_LENGTH, build_magnet
 
 MIN_PIECE_SIZE = 256 * 1024
 MAX_PIECE_SIZE = 16 * 1024 * 1024

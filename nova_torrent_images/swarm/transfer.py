@@ -42,19 +42,17 @@ from dataclasses import dataclass, field
 import libtorrent as lt
 from oslo_config import cfg
 from oslo_log import log as logging
+from oslo_utils import units
 
-from nova_torrent_images import exception, qos, utils, verify
-from nova_torrent_images.image import ImageInfo
+from nova_torrent_images import exception
+from nova_torrent_images.common import qos, utils
+from nova_torrent_images.glance import verify
+from nova_torrent_images.glance.image import ImageInfo
 from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
 from nova_torrent_images.swarm.landing import PieceLanding
 from nova_torrent_images.swarm.merkle import PieceLayer
-from nova_torrent_images.swarm.stripes import (
-    StripeClient,
-    StripeError,
-    StripeWorker,
-    parse_stripe_urls,
-)
+from nova_torrent_images.swarm.stripe_client import StripeClient, StripeWorker, parse_stripe_urls
 from nova_torrent_images.swarm.torrent import content_file_sizes, describe
 
 LOG = logging.getLogger(__name__)
@@ -64,7 +62,6 @@ FLUSH_TIMEOUT = 60.0
 # Peer hints are resolved in parallel, each lookup given at most this long (and never more
 # than the metadata timeout): a slow DNS server must not hold a download slot for long.
 RESOLVE_TIMEOUT = 5.0
-MiB = 1024 * 1024
 # How long a finished host that will not seed stays to hand over pieces that connected
 # hosts still lack. Measured (bench, 4 hosts, 64 MiB): hosts leaving at once with their
 # last stripes made the last host wait 8.5 s on the origin's re-issue path; a piece crosses
@@ -283,7 +280,7 @@ class Transfer:
         try:
             torrent = client.fetch_torrent()
             meta = describe(torrent)
-        except (StripeError, ValueError) as exc:
+        except (exception.StripeError, ValueError) as exc:
             LOG.warning("Image %s: no torrent from the origin's stripes (%s)", self.image.id, exc)
             return None
         for ours, theirs in (
@@ -613,7 +610,7 @@ class Transfer:
                 LOG.info(
                     "Image %s: %d MiB of it landed by this host from the origin's stripes",
                     self.image.id,
-                    self._landing.bytes_landed // MiB,
+                    self._landing.bytes_landed // units.Mi,
                 )
                 return
             percent = 100.0 * status.progress
@@ -634,8 +631,8 @@ class Transfer:
                     "Image %s: %.1f%% of %d MiB, %.1f MiB/s, %d peers (%d seeds)",
                     self.image.id,
                     percent,
-                    self.image.size // MiB,
-                    status.download_payload_rate / MiB,
+                    self.image.size // units.Mi,
+                    status.download_payload_rate / units.Mi,
                     status.num_peers,
                     status.num_seeds,
                 )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from nova_torrent_images.image import ImageInfo, parse_image
+from nova_torrent_images.glance.image import ImageInfo, parse_image
 
 
 def image_record(data: bytes = b"", image_id: str = "img-1", **fields: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
 
-from nova_torrent_images.utils import RateLimiter
+from nova_torrent_images.common.utils import RateLimiter
 
 
 class OwnedHandler(BaseHTTPRequestHandler):

@@ -13,7 +13,7 @@
 """A real caching proxy (Debian's ``nginx``) in front of an origin, for tests and benchmarks.
 
 It stands for a zone cache an operator puts between a rack or zone of compute hosts and
-the origin's HTTP endpoints (:mod:`nova_torrent_images.origin.stripes`). The configuration
+the origin's HTTP endpoints (:mod:`nova_torrent_images.origin.stripe_server`). The configuration
 is the stock one an operator would write, nothing specific to this project:
 
 * ``proxy_cache`` in a directory of the runner's own, ``proxy_cache_valid 200 206 1h``

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from oslo_config import cfg
 
 from nova_torrent_images import exception
-from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.seeder import OriginSeeder
 from nova_torrent_images.testing.swarm import make_conf, next_loopback_address

@@ -20,7 +20,7 @@ import os
 import pytest
 from glanceclient import exc as glance_exc
 
-from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.swarm.torrent import make_torrent
 from nova_torrent_images.testing.swarm import SimulatedHost
 

@@ -45,14 +45,14 @@ import time
 
 import XenAPI
 
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.handler import GlanceImageHandler, TorrentImageHandler
-from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
-from nova_torrent_images.stores.filesystem import FilesystemStore
-from nova_torrent_images.stores.xenapi import XenAPIStore
+from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
+from nova_torrent_images.compute.stores.filesystem import FilesystemStore
+from nova_torrent_images.compute.stores.xenapi import XenAPIStore
+from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.swarm import transfer  # noqa: F401  imported before "go"
 from nova_torrent_images.swarm.engine import shutdown_engine
 from nova_torrent_images.testing.swarm import make_conf
+from nova_torrent_images.virt.xenapi.handler import GlanceImageHandler, TorrentImageHandler
 
 
 class FileOps:

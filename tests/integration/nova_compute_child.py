@@ -40,7 +40,7 @@ from nova import monkey_patch
 from nova import service as nova_service
 from nova.image import glance as nova_glance
 
-from nova_torrent_images.nova_hooks import glance_download
+from nova_torrent_images.virt.libvirt import download as glance_download
 
 
 class HubTicker:

@@ -34,7 +34,7 @@ import uuid
 
 import nova.conf
 
-from nova_torrent_images.nova_hooks import xenapi as nti_xenapi
+from nova_torrent_images.virt.xenapi import nova_loader as nti_xenapi
 
 ARGS = json.loads(sys.argv[1])
 CONF = nova.conf.CONF

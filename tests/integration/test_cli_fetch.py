@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 
-from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
-from nova_torrent_images.stores.filesystem import FilesystemStore
+from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
+from nova_torrent_images.compute.stores.filesystem import FilesystemStore
 from nova_torrent_images.testing.http_origin import HTTPOrigin
 
 MiB = 1024 * 1024
@@ -140,6 +140,6 @@ def test_prefetched_base_copy_is_seeded_by_the_long_running_process(
 
 
 def glance_server_image(glance_server, image_id):
-    from nova_torrent_images.glance import GlanceClient
+    from nova_torrent_images.glance.client import GlanceClient
 
     return GlanceClient.for_endpoint(glance_server.url).image_info(image_id)

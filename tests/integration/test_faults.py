@@ -51,14 +51,14 @@ from pathlib import Path
 import libtorrent as lt
 import pytest
 
-from nova_torrent_images import exception, utils
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.handler import GlanceImageHandler, TorrentImageHandler
-from nova_torrent_images.magnet import build_magnet
-from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
-from nova_torrent_images.seeding.resume import ResumeFiles
-from nova_torrent_images.stores.filesystem import FilesystemStore
-from nova_torrent_images.stores.xenapi import TAG
+from nova_torrent_images import exception
+from nova_torrent_images.common import utils
+from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
+from nova_torrent_images.compute.seeding.resume import ResumeFiles
+from nova_torrent_images.compute.stores.filesystem import FilesystemStore
+from nova_torrent_images.compute.stores.xenapi import TAG
+from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.glance.magnet import build_magnet
 from nova_torrent_images.swarm.torrent import make_torrent
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB
 from nova_torrent_images.testing.swarm import (
@@ -67,6 +67,7 @@ from nova_torrent_images.testing.swarm import (
     next_loopback_address,
     write_corrupt_copy,
 )
+from nova_torrent_images.virt.xenapi.handler import GlanceImageHandler, TorrentImageHandler
 
 from .fault_glance import FaultyGlance
 

@@ -22,7 +22,7 @@ import time
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.pipeline import fetch_to_file
+from nova_torrent_images.compute.pipeline import fetch_to_file
 from nova_torrent_images.testing.swarm import write_corrupt_copy
 
 MiB = 1024 * 1024

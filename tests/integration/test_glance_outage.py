@@ -23,8 +23,8 @@ import types
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.handler import GlanceImageHandler
+from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.virt.xenapi.handler import GlanceImageHandler
 from tests.integration.test_xenapi import make_handler, our_vdis, vdi_sha512, xenserver  # noqa: F401
 
 MiB = 1024 * 1024

@@ -24,8 +24,8 @@ import time
 
 import pytest
 
-from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
-from nova_torrent_images.stores import open_store
+from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
+from nova_torrent_images.compute.stores import open_store
 from nova_torrent_images.testing.swarm import SimulatedHost
 from tests.integration.test_stripes import CAP, published, sha512_of  # noqa: F401
 from tests.integration.test_xenapi import xenserver  # noqa: F401
@@ -145,7 +145,7 @@ def test_a_host_that_joins_gets_the_landed_pieces_by_bittorrent(published, tmp_p
 
 
 def test_a_lone_xenapi_host_lands_the_stripes_in_its_vdi(published, xenserver, tmp_path):  # noqa: F811
-    from nova_torrent_images.handler import TorrentImageHandler
+    from nova_torrent_images.virt.xenapi.handler import TorrentImageHandler
     from tests.integration.test_xenapi import make_handler, our_vdis, vdi_sha512
 
     glance, image, node, _ = published

@@ -28,8 +28,8 @@ import time
 
 import pytest
 
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.pipeline import fetch_to_file
+from nova_torrent_images.compute.pipeline import fetch_to_file
+from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.testing.glance_server import GlanceServer
 from nova_torrent_images.testing.swarm import make_conf
 from tests.integration.glance_fixtures import glance_installed  # noqa: F401

@@ -44,10 +44,10 @@ from nova.image import glance as nova_glance  # noqa: E402
 from nova.virt import images as nova_images  # noqa: E402
 from oslo_utils import imageutils  # noqa: E402
 
-from nova_torrent_images.nova_hooks import glance_download  # noqa: E402
-from nova_torrent_images.pipeline import fetch_to_file  # noqa: E402
+from nova_torrent_images.compute.pipeline import fetch_to_file  # noqa: E402
 from nova_torrent_images.swarm.torrent import make_torrent  # noqa: E402
 from nova_torrent_images.testing.swarm import next_loopback_address  # noqa: E402
+from nova_torrent_images.virt.libvirt import download as glance_download  # noqa: E402
 from tests.integration.conftest import PublishedImage  # noqa: E402
 
 MiB = 1024 * 1024

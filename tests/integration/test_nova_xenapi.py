@@ -29,7 +29,7 @@ import uuid
 import pytest
 import XenAPI
 
-from nova_torrent_images.stores.xenapi import TAG, XenAPIStore
+from nova_torrent_images.compute.stores.xenapi import TAG, XenAPIStore
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI
 from nova_torrent_images.testing.swarm import next_loopback_address
 from tests.integration import nova_ussuri
@@ -148,7 +148,10 @@ stall_timeout = 20
             booted = phase("booted")
             # Nova's loader built our handler for [xenserver] image_handler = torrent.
             assert booted["choice"] == "torrent"
-            assert booted["handler"] == "nova_torrent_images.nova_hooks.xenapi.NovaTorrentHandler"
+            assert (
+                booted["handler"]
+                == "nova_torrent_images.virt.xenapi.nova_loader.NovaTorrentHandler"
+            )
             assert booted["source"] == "torrent"
             size = image.record["size"]
             # The instance's disk (Nova's clone of its cache VDI) holds the image.
@@ -169,8 +172,8 @@ stall_timeout = 20
             seeder.stop()
             peer = hosts("peer", stall_timeout=20)
             image.set_magnet(peers=[(compute_address, compute_port)])
-            from nova_torrent_images.glance import GlanceClient
-            from nova_torrent_images.pipeline import fetch_to_file
+            from nova_torrent_images.compute.pipeline import fetch_to_file
+            from nova_torrent_images.glance.client import GlanceClient
 
             info = GlanceClient.for_endpoint(glance_server.url, peer.conf).image_info(image.id)
             result = fetch_to_file(

@@ -30,15 +30,15 @@ import uuid
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.magnet import parse_magnet
+from nova_torrent_images.common.popularity import RequestCounter
+from nova_torrent_images.compute.pipeline import fetch_to_file
+from nova_torrent_images.compute.sources.base import FetchResult
+from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.glance.magnet import parse_magnet
 from nova_torrent_images.origin.promotion import ImageSendEndpoint, Promoter
 from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.seeder import OriginSeeder
 from nova_torrent_images.origin.tracker import tracker_hashes
-from nova_torrent_images.pipeline import fetch_to_file
-from nova_torrent_images.popularity import RequestCounter
-from nova_torrent_images.sources import FetchResult
 from nova_torrent_images.testing.opentracker import Opentracker
 from nova_torrent_images.testing.swarm import make_conf, next_loopback_address
 

@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from nova_torrent_images.pipeline import ImagePipeline, fetch_to_file
-from nova_torrent_images.stores.filesystem import FilesystemStore
+from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
+from nova_torrent_images.compute.stores.filesystem import FilesystemStore
 
 MiB = 1024 * 1024
 
@@ -225,7 +225,7 @@ def test_rejoining_a_hybrid_torrent_by_btih_after_seeding_it(make_image, hosts, 
     over (then removed) the seed.
     """
     from nova_torrent_images import exception
-    from nova_torrent_images.image import parse_image
+    from nova_torrent_images.glance.image import parse_image
 
     image = make_image(8 * MiB)
     origin = hosts("origin")

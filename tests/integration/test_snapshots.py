@@ -20,9 +20,9 @@ import types
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.handler import GlanceImageHandler
+from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB
+from nova_torrent_images.virt.xenapi.handler import GlanceImageHandler
 from tests.integration.test_glance_outage import dead_endpoint
 from tests.integration.test_xenapi import (  # noqa: F401
     CountingGlance,
@@ -226,8 +226,8 @@ def test_xenapi_chain_of_three_made_by_saves_restores_elsewhere(
 _SAVE_IN_A_CHILD = """
 import json, sys, types
 import XenAPI
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.handler import GlanceImageHandler
+from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.virt.xenapi.handler import GlanceImageHandler
 from nova_torrent_images.testing.swarm import make_conf
 
 args = json.loads(sys.argv[1])
@@ -305,9 +305,9 @@ def test_xenapi_saved_snapshot_is_seeded_once_published(
     glance_server,
     tmp_path,
 ):
-    from nova_torrent_images.handler import TorrentImageHandler
-    from nova_torrent_images.pipeline import fetch_to_file
+    from nova_torrent_images.compute.pipeline import fetch_to_file
     from nova_torrent_images.swarm.torrent import make_torrent
+    from nova_torrent_images.virt.xenapi.handler import TorrentImageHandler
 
     fake, session = xenserver
     image = make_image(8 * MiB)

@@ -41,7 +41,7 @@ from nova.virt.libvirt import imagebackend  # noqa: E402
 from nova.virt.libvirt import utils as libvirt_utils  # noqa: E402
 from nova.virt.libvirt.driver import LibvirtDriver  # noqa: E402
 
-from nova_torrent_images.nova_hooks import glance_download  # noqa: E402
+from nova_torrent_images.virt.libvirt import download as glance_download  # noqa: E402
 from tests.integration.test_glance_outage import dead_endpoint  # noqa: E402
 from tests.integration.test_nova_libvirt import (  # noqa: E402, F401
     compute,
@@ -258,7 +258,7 @@ import json, sys
 import nova.conf
 from nova import context as nova_context, service_auth
 from nova.image import glance as nova_glance
-from nova_torrent_images.nova_hooks import glance_download
+from nova_torrent_images.virt.libvirt import download as glance_download
 from nova_torrent_images.testing.swarm import make_conf
 
 args = json.loads(sys.argv[1])
@@ -383,7 +383,7 @@ def test_a_differential_image_never_reaches_nova_as_the_bare_delta(
     """Without a Glance client of ours, or with the parent gone: Nova's typed error."""
     from nova import exception as nova_exception
 
-    from nova_torrent_images import differential
+    from nova_torrent_images.compute.snapshots import differential
 
     parent = make_image(4 * MiB)
     body = bytearray(open(parent.path, "rb").read())
@@ -424,7 +424,7 @@ def test_libvirt_saved_snapshot_is_seeded_once_published(
     tmp_path,
 ):
     """A raw libvirt snapshot kept by the saving host is seeded by it once published."""
-    from nova_torrent_images.pipeline import fetch_to_file
+    from nova_torrent_images.compute.pipeline import fetch_to_file
     from nova_torrent_images.swarm.torrent import make_torrent
 
     saver = libvirt_host("saver")

@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from nova_torrent_images.glance import GlanceClient
+from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.testing.http_origin import HTTPOrigin
 from nova_torrent_images.testing.origin_node import start_origin_node
 from nova_torrent_images.testing.swarm import SimulatedHost, next_loopback_address

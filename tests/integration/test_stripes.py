@@ -20,9 +20,9 @@ import threading
 
 import pytest
 
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.pipeline import fetch_to_file
-from nova_torrent_images.swarm.stripes import StripeClient
+from nova_torrent_images.compute.pipeline import fetch_to_file
+from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.swarm.stripe_client import StripeClient
 from nova_torrent_images.testing.http_origin import HTTPOrigin
 from nova_torrent_images.testing.origin_node import start_origin_node
 from nova_torrent_images.testing.swarm import SimulatedHost

@@ -30,9 +30,13 @@ import pytest
 import XenAPI
 
 from nova_torrent_images import exception
-from nova_torrent_images.handler import GlanceImageHandler, TorrentImageHandler, load_handler
-from nova_torrent_images.stores.xenapi import TAG, XenAPIStore
+from nova_torrent_images.compute.stores.xenapi import TAG, XenAPIStore
 from nova_torrent_images.testing.fake_xenapi import FakeXenAPI, GiB, loop_devices_available
+from nova_torrent_images.virt.xenapi.handler import (
+    GlanceImageHandler,
+    TorrentImageHandler,
+    load_handler,
+)
 
 MiB = 1024 * 1024
 

@@ -28,8 +28,8 @@ import threading
 
 import pytest
 
-from nova_torrent_images.glance import GlanceClient
-from nova_torrent_images.swarm.stripes import StripeClient
+from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.swarm.stripe_client import StripeClient
 from nova_torrent_images.swarm.torrent import describe
 from nova_torrent_images.testing.http_origin import HTTPOrigin
 from nova_torrent_images.testing.nginx import Nginx, find_binary

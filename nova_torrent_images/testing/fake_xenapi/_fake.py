@@ -251,7 +251,8 @@ class FakeXenAPI:
 
     def configure(self, conf: Any) -> None:
         """Point ``[torrent_images]`` of ``conf`` at this fake (compute VM, device dir), so
-        the store is built as in production, by :func:`nova_torrent_images.stores.open_store`.
+        the store is built as in production, by
+        :func:`nova_torrent_images.compute.stores.open_store`.
         """
         conf.set_override("xenapi_compute_vm_uuid", self.compute_vm_uuid, group="torrent_images")
         conf.set_override("xenapi_device_dir", str(self.dev_dir()), group="torrent_images")

@@ -18,11 +18,12 @@ import threading
 
 import pytest
 
-from nova_torrent_images import exception, popularity
+from nova_torrent_images import exception
+from nova_torrent_images.common.popularity import RequestCounter
 from nova_torrent_images.origin import promotion
 from nova_torrent_images.origin.registry import PublishedImage, Registry
-from nova_torrent_images.popularity import RequestCounter
 from nova_torrent_images.testing.swarm import make_conf
+from nova_torrent_images.virt.xenapi.handler import record_request
 from tests.unit.origin.fakes import IMAGE_ID, OTHER_ID, Clock, FakePublisher
 
 
@@ -134,7 +135,7 @@ def test_handler_hook(conf, clock, monkeypatch):
     publisher.publish = publish
     monkeypatch.setattr(promotion.Publisher, "from_conf", classmethod(lambda cls, c: publisher))
     monkeypatch.setattr(promotion, "_PROMOTERS", {})
-    results = [popularity.record_request(IMAGE_ID, conf) for _ in range(10)]
+    results = [record_request(IMAGE_ID, conf) for _ in range(10)]
     assert results == [False] * 9 + [True]
     assert published.wait(5)  # the publish runs in the background, not in the boot
     assert publisher.published == [IMAGE_ID]
@@ -143,17 +144,17 @@ def test_handler_hook(conf, clock, monkeypatch):
 def test_handler_hook_is_a_no_op_unless_chosen(conf, monkeypatch):
     monkeypatch.setattr(promotion, "_PROMOTERS", {})
     for _ in range(20):
-        assert popularity.record_request(IMAGE_ID, conf) is False  # source: notifications
+        assert record_request(IMAGE_ID, conf) is False  # source: notifications
     conf.set_override("promotion_enabled", False, "torrent_images")
     conf.set_override("promotion_source", "handler", "torrent_images")
-    assert popularity.record_request(IMAGE_ID, conf) is False
+    assert record_request(IMAGE_ID, conf) is False
     assert promotion._PROMOTERS == {}
 
 
 def test_handler_hook_never_raises(conf, monkeypatch, caplog):
     conf.set_override("promotion_source", "handler", "torrent_images")
     monkeypatch.setattr(promotion, "_PROMOTERS", {})
-    assert popularity.record_request("../../etc/passwd", conf) is False
+    assert record_request("../../etc/passwd", conf) is False
     assert "not a valid image id" in caplog.text
 
 

@@ -19,12 +19,12 @@ import os
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.magnet import parse_magnet
+from nova_torrent_images.common.utils import parse_host_port
+from nova_torrent_images.glance.magnet import parse_magnet
 from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.tracker import read_whitelist
 from nova_torrent_images.swarm.torrent import describe, load_torrent
 from nova_torrent_images.testing.swarm import make_conf
-from nova_torrent_images.utils import parse_host_port
 from tests.unit.origin.fakes import IMAGE_ID, FakeGlance
 
 

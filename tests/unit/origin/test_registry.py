@@ -20,7 +20,7 @@ import os
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.image import parse_image
+from nova_torrent_images.glance.image import parse_image
 from nova_torrent_images.origin.registry import (
     SIDECAR,
     PublishedImage,

@@ -25,9 +25,10 @@ import time
 
 import pytest
 
-from nova_torrent_images.origin.guard import ConnectionLimits
-from nova_torrent_images.origin.stripes import STRIKE_PERIODS, StripeDispenser, StripeServer
-from nova_torrent_images.swarm.stripes import StripeClient, StripeError
+from nova_torrent_images import exception
+from nova_torrent_images.origin.stripe_guard import ConnectionLimits
+from nova_torrent_images.origin.stripe_server import STRIKE_PERIODS, StripeDispenser, StripeServer
+from nova_torrent_images.swarm.stripe_client import StripeClient
 from tests.unit.origin.fakes import IMAGE_ID, Clock, publish_one
 
 MiB = 1024 * 1024
@@ -252,7 +253,7 @@ def test_connections_over_the_total_limit_are_answered_503(server):
     srv, entry, data = server
     held = [connect(srv, f"127.0.0.{10 + i}") for i in range(8)]
     time.sleep(0.2)  # all eight admitted
-    with pytest.raises(StripeError, match="503"):
+    with pytest.raises(exception.StripeError, match="503"):
         host_fetches(srv, entry, data)
     for sock in held:
         sock.close()
@@ -264,7 +265,7 @@ def test_connections_over_the_total_limit_are_answered_503(server):
 
 def test_idle_connections_are_closed_and_nothing_is_left_open(server, monkeypatch):
     srv, entry, data = server
-    from nova_torrent_images.origin.stripes import _Handler
+    from nova_torrent_images.origin.stripe_server import _Handler
 
     monkeypatch.setattr(_Handler, "timeout", 0.5)
     idle = connect(srv, FLOODER)

@@ -17,7 +17,7 @@ import os
 import libtorrent as lt
 import pytest
 
-from nova_torrent_images.magnet import parse_magnet
+from nova_torrent_images.glance.magnet import parse_magnet
 from nova_torrent_images.swarm import torrent
 
 

@@ -25,7 +25,7 @@ import libtorrent as lt
 import pytest
 
 from nova_torrent_images import exception
-from nova_torrent_images.magnet import build_magnet
+from nova_torrent_images.glance.magnet import build_magnet
 from nova_torrent_images.swarm import transfer
 from nova_torrent_images.swarm.torrent import make_torrent
 from nova_torrent_images.swarm.transfer import Transfer

@@ -1,0 +1,16 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+"""The compute role: the pipeline that makes sure of a verified base copy, and its parts.
+
+Sources (:mod:`.sources`), stores (:mod:`.stores`), seeding (:mod:`.seeding`), snapshots
+(:mod:`.snapshots`), offline boots, chains of differential images, policy, locks, the download
+queue and maintenance. Never imports the origin role."""
