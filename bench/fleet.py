@@ -438,9 +438,23 @@ def run(
 
 
 def _torrent_fleet(
-    origin, image_id, root, hosts, cap_mib, tracker_node, key, store, detail, overrides=()
+    origin,
+    image_id,
+    root,
+    hosts,
+    cap_mib,
+    tracker_node,
+    key,
+    store,
+    detail,
+    overrides=(),
+    kill_origin_at: float | None = None,
 ) -> dict:
-    """Publish with a fresh origin node (a fresh dispenser), then one torrent fleet."""
+    """Publish with a fresh origin node (a fresh dispenser), then one torrent fleet.
+
+    ``kill_origin_at``: the origin node stops at once (its listening sockets and
+    connections closed, as a killed process's) once it has sent that share of the image.
+    """
     size = origin.images[image_id]["size"]
     cap = cap_mib * MiB
     node = start_origin_node(
@@ -458,6 +472,12 @@ def _torrent_fleet(
         origin.limiter.rate = cap
         if tracker_node is not None:
             tracker_node.wait_allowed(node.publisher.published()[0].tracker_hashes[0], timeout=5)
+        killed: dict = {}
+        if kill_origin_at is not None:
+            threading.Thread(
+                target=_kill_when, args=(node, kill_origin_at * size, killed), daemon=True
+            ).start()
+        glance_before = origin.bytes_served
         run_bt = run_hosts(
             hosts,
             root,
@@ -470,17 +490,62 @@ def _torrent_fleet(
             store=store,
             overrides=overrides,
         )
+        glance_bytes = origin.bytes_served - glance_before
         stripes = node.seeder.stripes
         stripe_bytes = stripes.bytes_served if stripes else 0
     finally:
-        node.stop()
+        killed["stop"] = True
+        if not killed.get("at"):
+            node.stop()
         node.publisher.unpublish(image_id)
     _clean(root, key, hosts)
     summary = _summary(run_bt, size, size / cap, detail=detail)
     summary["store"] = store
     summary["overrides"] = list(overrides)
     summary["stripe_server_bytes"] = stripe_bytes
+    summary["glance_bytes"] = glance_bytes
+    summary["glance_over_image"] = round(glance_bytes / size, 3)
+    if killed.get("at"):
+        summary["origin_killed_after_s"] = round(killed["at"] - run_bt["t0"], 2)
     return summary
+
+
+def _kill_when(node, sent: float, killed: dict) -> None:
+    """Stop the origin node once it has uploaded ``sent`` bytes (or the run ended)."""
+    while not killed.get("stop"):
+        if node.seeder.uploaded_bytes() >= sent:
+            killed["at"] = time.time()
+            node.stop()
+            return
+        time.sleep(0.05)
+
+
+def origin_loss(hosts: int = 16, size_mib: int = 256, cap_mib: int = 32) -> dict:
+    """The fleet with its only origin node killed half way, beside the same fleet intact.
+
+    Last host / floor and Glance bytes / image for both; the killed run's hosts finish
+    from what they hold and fill in the rest from Glance (swarm/glance_fill.py).
+    """
+    root = tempfile.mkdtemp(prefix="nti-bench-origin-loss-")
+    size, cap = size_mib * MiB, cap_mib * MiB
+    image_path = os.path.join(root, "image.raw")
+    write_image(image_path, size)
+    tracker_node = _start_tracker(root)
+    out: dict = {"hosts": hosts, "size_mib": size_mib, "cap_mib": cap_mib, "floor": size / cap}
+    try:
+        with HTTPOrigin(os.path.join(root, "origin"), upload_rate=cap) as origin:
+            image_id = origin.create_image(image_path, name="bench-origin-loss")["id"]
+            os.unlink(image_path)
+            for key, kill in (("intact", None), ("killed", 0.5)):
+                out[key] = _torrent_fleet(
+                    origin, image_id, root, hosts, cap_mib, tracker_node, key, "file", False,
+                    kill_origin_at=kill,
+                )  # fmt: skip
+        return out
+    finally:
+        if tracker_node is not None:
+            tracker_node.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 REPEATED = ("seconds", "time_over_floor", "origin_egress", "host_cpu_s_per_gib", "machine_busy")

@@ -281,6 +281,24 @@ def _busy_note(t: dict) -> str:
     )
 
 
+def origin_loss_rows(o: dict | None) -> list[str]:
+    """The fleet whose only origin node dies half way, beside the same fleet intact."""
+    if not o:
+        return []
+    if "error" in o:
+        return [f"| fleet, its only origin killed half way | failed: {o['error']} | | |"]
+    intact, killed = o["intact"], o["killed"]
+    at = killed.get("origin_killed_after_s")
+    return [
+        f"| fleet, {o['hosts']} hosts x {o['size_mib']} MiB, caps {o['cap_mib']} MiB/s, its "
+        f"only origin node killed once it sent half the image{f' ({at:.1f} s in)' if at else ''}"
+        f": last host / floor, Glance bytes / image | killed **{killed['time_over_floor']:.2f}x"
+        f"**, Glance **{killed['glance_over_image']:.2f}** image; intact "
+        f"{intact['time_over_floor']:.2f}x, Glance {intact['glance_over_image']:.2f} | Glance "
+        f"<= 1.5 image | {verdict(killed['glance_over_image'] <= 1.5)} |"
+    ]
+
+
 def cpu_table(r: dict) -> list[str]:
     """CPU per GiB delivered on the compute side, every case of the run."""
     f, rows, s = r["fleet"], r["scale"], r["single"]
@@ -456,6 +474,7 @@ def build_report(r: dict) -> str:
         )
     else:
         lines.append("| demo | failed, see its table below | <= 0.5 | **missed** |")
+    lines += origin_loss_rows(r.get("origin_loss"))
     mib, sec = s["mib_s"], s.get("seconds_spread", {})
     lines.append(
         f"| single host, no caps, {s['size_mib']} MiB, default settings: speed / plain HTTP's "
@@ -597,6 +616,15 @@ def headline(r: dict) -> dict:
         "aria2": per.get("aria2", {}).get("median"),
     }
     out["single_cpu_over_http"] = s.get("cpu_over_http")
+    loss = r.get("origin_loss") or {}
+    if "killed" in loss:
+        out["origin_loss"] = {
+            key: {
+                "time_over_floor": loss[key]["time_over_floor"],
+                "glance_over_image": loss[key]["glance_over_image"],
+            }
+            for key in ("intact", "killed")
+        }
     out["fleet_cpu_s_per_gib"] = {
         key: f[key].get("host_cpu_s_per_gib")
         for key in ("torrent", "trusted", "file", "http", "aria2")
@@ -637,6 +665,14 @@ def _snapshots(r: dict, size_mib: int) -> None:
         r["snapshots_error"] = f"{type(exc).__name__}: {exc}"
 
 
+def _origin_loss() -> dict:
+    """The 16-host fleet with its only origin killed half way; failure is reported."""
+    try:
+        return fleet.origin_loss(16, 256, 32)
+    except Exception as exc:  # noqa: BLE001  shown in RESULTS.md instead
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _neighbour(r: dict, size_mib: int, *, seconds: float, rounds: int) -> None:
     """A short neighbour run (bench/neighbour.py has the long one); failure is reported."""
     try:
@@ -654,6 +690,12 @@ def main() -> int:
         "temporary directory, not bench/",
     )
     parser.add_argument(
+        "--only",
+        choices=["origin-loss"],
+        help="measure this row alone and merge it into bench/results.json, then rewrite "
+        "RESULTS.md (the other rows keep their figures from the last full run)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite RESULTS.md and the plots from bench/results.json (after editing "
@@ -663,6 +705,12 @@ def main() -> int:
     if args.report_only:
         with open(os.path.join(HERE, "results.json")) as fh:
             r = json.load(fh)["details"]
+        write(r, HERE)
+        return 0
+    if args.only:
+        with open(os.path.join(HERE, "results.json")) as fh:
+            r = json.load(fh)["details"]
+        r["origin_loss"] = _origin_loss()
         write(r, HERE)
         return 0
     started = time.monotonic()
@@ -701,6 +749,7 @@ def main() -> int:
             r["memory"] = memory.run((256, 2048))
             _snapshots(r, 256)
             _neighbour(r, 128, seconds=6, rounds=2)
+            r["origin_loss"] = _origin_loss()
     finally:
         if tracker is not None:
             tracker.stop()

@@ -35,6 +35,7 @@ from nova_torrent_images.compute import stores
 from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
 from nova_torrent_images.compute.progress import download_bar
 from nova_torrent_images.compute.seeding import status as status_file
+from nova_torrent_images.compute.seeding.eviction import usage_counter
 from nova_torrent_images.compute.snapshots.uploads import UploadQueue
 from nova_torrent_images.compute.stores.base import BaseCopyStore
 from nova_torrent_images.glance.client import GlanceClient
@@ -57,6 +58,8 @@ def _when(ts: float) -> str:
 def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     store = open_store(conf)
     live = status_file.read_live(conf.torrent_images.state_dir)
+    counter = usage_counter(conf)
+    uses = counter.counts() if counter is not None else {}
     rows = []
     for base in sorted(store.list(), key=lambda b: b.last_used, reverse=True):
         entry = live.get(base.image_id, {})
@@ -70,6 +73,8 @@ def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
                 "bytes_down": entry.get("bytes_down", 0),
                 "peers": entry.get("peers", 0),
                 "in_use": base.in_use,
+                # Boots and downloads within eviction_usage_window: who is evicted last.
+                "weight": uses.get(base.image_id, 0),
                 "created_at": base.created_at,
                 "last_used": base.last_used,
                 "ref": base.ref,
@@ -99,7 +104,7 @@ def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     )
     header = (
         f"{'image':<36} {'MiB':>7} {'seeding':>7} {'up MiB':>8} {'down MiB':>8} "
-        f"{'peers':>5} {'in use':>6} {'from':<10}  last used"
+        f"{'peers':>5} {'in use':>6} {'weight':>6} {'from':<10}  last used"
     )
     print(header)
     for r in rows:
@@ -107,7 +112,7 @@ def cmd_status(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
             f"{r['image_id']:<36} {r['size'] / units.Mi:>7.0f} "
             f"{'yes' if r['seeding'] else 'no':>7} "
             f"{r['bytes_up'] / units.Mi:>8.1f} {r['bytes_down'] / units.Mi:>8.1f} {r['peers']:>5} "
-            f"{'yes' if r['in_use'] else 'no':>6} {r['source'] or '-':<10}  "
+            f"{'yes' if r['in_use'] else 'no':>6} {r['weight']:>6} {r['source'] or '-':<10}  "
             f"{_when(r['last_used'])}"
         )
     if not rows:

@@ -51,8 +51,18 @@ Clock = Callable[[], float]
 class RequestCounter:
     """Request times per image inside a sliding window, shared through a locked file."""
 
-    def __init__(self, state_dir: str, window_seconds: float, *, clock: Clock = time.time):
-        self.directory = os.path.join(os.path.abspath(state_dir), "promotion")
+    def __init__(
+        self,
+        state_dir: str,
+        window_seconds: float,
+        *,
+        clock: Clock = time.time,
+        name: str = "promotion",
+    ):
+        """``name``: what is counted (``promotion`` on origin nodes, ``usage`` for the
+        eviction weight of a compute host's base copies), a file and a lock of its own."""
+        self.name = name
+        self.directory = os.path.join(os.path.abspath(state_dir), name)
         self.path = os.path.join(self.directory, "requests.json")
         self.lock_dir = os.path.join(os.path.abspath(state_dir), "locks")
         self.window = float(window_seconds)
@@ -62,7 +72,7 @@ class RequestCounter:
     def _locked(self) -> Iterator[dict[str, list[float]]]:
         os.makedirs(self.directory, exist_ok=True)
         os.makedirs(self.lock_dir, exist_ok=True)
-        with lockutils.lock("nti-promotion", external=True, lock_path=self.lock_dir):
+        with lockutils.lock(f"nti-{self.name}", external=True, lock_path=self.lock_dir):
             data = self._load()
             before = json.dumps(data, sort_keys=True)
             yield data
@@ -82,7 +92,7 @@ class RequestCounter:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            LOG.warning("Promotion counter %s is unreadable (%s); starting afresh", self.path, exc)
+            LOG.warning("Request counter %s is unreadable (%s); starting afresh", self.path, exc)
             return {}
         if not isinstance(data, dict):
             return {}
@@ -109,6 +119,16 @@ class RequestCounter:
             else:
                 data[image_id] = times
         return count, crossed
+
+    def counts(self) -> dict[str, int]:
+        """Requests in the window, per image (images with none are left out)."""
+        now = self.clock()
+        with self._locked() as data:
+            return {
+                image_id: n
+                for image_id, times in data.items()
+                if (n := len([t for t in times if t > now - self.window]))
+            }
 
     def count(self, image_id: str) -> int:
         now = self.clock()

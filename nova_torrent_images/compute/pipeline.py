@@ -54,7 +54,11 @@ from nova_torrent_images.compute.maintenance import Maintenance
 from nova_torrent_images.compute.metrics import Metrics, get_metrics
 from nova_torrent_images.compute.queue import DownloadQueue
 from nova_torrent_images.compute.seeding import status as status_file
-from nova_torrent_images.compute.seeding.eviction import EvictionPolicy, EvictionSettings
+from nova_torrent_images.compute.seeding.eviction import (
+    EvictionPolicy,
+    EvictionSettings,
+    usage_counter,
+)
 from nova_torrent_images.compute.seeding.resume import ResumeFiles
 from nova_torrent_images.compute.seeding.seeds import SeedManager, SeedSettings
 from nova_torrent_images.compute.snapshots import uploads
@@ -118,6 +122,8 @@ class ImagePipeline:
         self.seeds: SeedManager | None = None
         if seeding and caps.seeds and opts.seed_duration > 0:
             self.seeds = SeedManager(SeedSettings.from_conf(conf), store, self._engine, self.resume)
+        # Boots and downloads per image lately: the weight that keeps popular base copies.
+        self.usage = usage_counter(conf) if caps.keeps_base_copies else None
         self.eviction: EvictionPolicy | None = None
         if caps.keeps_base_copies:
             self.eviction = EvictionPolicy(
@@ -126,6 +132,7 @@ class ImagePipeline:
                 self.resume,
                 seeds=self.seeds,
                 try_lock=self.locks.try_hold,
+                usage=self.usage.counts if self.usage is not None else None,
             )
         tasks: list[Callable[[], object]] = []
         if self.eviction is not None:
@@ -153,7 +160,8 @@ class ImagePipeline:
             self.engine = get_engine(self.conf)
         return self.engine
 
-    def _swarm(self) -> SwarmSource:
+    def _swarm(self, glance: GlanceClient | None = None) -> SwarmSource:
+        """The swarm source; ``glance`` fills in what the swarm cannot deliver."""
         if self._transfer_settings is None:
             from nova_torrent_images.swarm.transfer import TransferSettings
 
@@ -164,6 +172,7 @@ class ImagePipeline:
             verify_hash=self.verify_hash,
             trust_torrent_root=self.conf.torrent_images.trust_torrent_root,
             will_seed=self.seeds is not None,
+            glance=glance,
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -275,7 +284,15 @@ class ImagePipeline:
         if image.status not in (None, "active") and not image.offline:
             # Glance's answer overrides what this host kept: a deactivated image is one
             # its owner or an administrator withdrew, whatever base copy remains here.
+            # Boots while Glance is down must see the withdrawal too: the base copy keeps
+            # this record (its status) from now on.
+            if self.store.capabilities.keeps_base_copies:
+                with self.locks.hold(image.id):
+                    base = self.store.lookup(image.id)
+                    if base is not None:
+                        offline.refresh_record(self.store, self.state_dir, base, image, project_id)
             raise exception.ImageNotActive(image_id=image.id, status=image.status)
+        self._count_use(image.id)
         if image.parent_id:
             return chains.ensure_chain(
                 self, image, glance, use_torrent, progress=progress, use=use, project_id=project_id
@@ -332,8 +349,10 @@ class ImagePipeline:
     ) -> Delivery | None:
         """The usable base copy of ``image``, touched, seeded and used; None if there is none.
 
-        Call under the image's lock. ``project_id`` (Glance just showed the image to it) is
-        remembered for boots while Glance is down.
+        Call under the image's lock. Unless ``image`` is itself the kept record (an offline
+        boot), the base copy keeps ``image``'s record from now on, and ``project_id``
+        (Glance just showed the image to it), for boots while Glance is down
+        (:func:`nova_torrent_images.compute.offline.refresh_record`).
         """
         base = self._usable_base(image)
         if base is None:
@@ -345,12 +364,24 @@ class ImagePipeline:
             self.store.name,
         )
         self.store.touch(base)
-        if project_id and not image.offline:
-            self.store.add_project(base, project_id)
+        if not image.offline:
+            # Glance just answered: its record, not the one kept from an earlier boot, is
+            # what boots while Glance is down rely on from now on (and project_id is one
+            # Glance showed the image to).
+            offline.refresh_record(self.store, self.state_dir, base, image, project_id)
         if self.seeds is not None:
             self.seeds.start(base)
         self.metrics.base_copy_hit()
         return Delivery(base, False, used=use(base) if use else None)
+
+    def _count_use(self, image_id: str) -> None:
+        """One more boot or download of the image (its eviction weight); never fails one."""
+        if self.usage is None:
+            return
+        try:
+            self.usage.record(image_id)
+        except Exception:  # noqa: BLE001  a count must not fail a boot
+            LOG.exception("Image %s: counting its use for eviction failed", image_id)
 
     def _has_base(self, image: ImageInfo) -> bool:
         if not self.store.capabilities.keeps_base_copies:
@@ -392,14 +423,18 @@ class ImagePipeline:
         with self.reservation(image.size) as token:
             fallback_reason = None
             formats = self.store.capabilities.disk_formats
-            for step in self.source_order:
+            order = self.source_order
+            for step in order:
                 if step == "torrent":
                     if not decision:
                         if decision is not None:
                             LOG.info("Image %s: not by torrent: %s", image.id, decision.reason)
                         continue
                     try:
-                        return self.fetch(commit, self._swarm(), progress, token)
+                        # Glance fills in only what the swarm lacks (its origin gone, a
+                        # stall) where the operator lets Glance be a source at all.
+                        fill = glance if self.fallback_to_glance and "glance" in order else None
+                        return self.fetch(commit, self._swarm(fill), progress, token)
                     except exception.TorrentFetchError as exc:
                         # The one place that decides what a swarm failure leads to.
                         if not self.fallback_to_glance:

@@ -99,7 +99,10 @@ fetch_opts = [
         "stall_timeout",
         default=60,
         min=1,
-        help="Give up on the swarm if the download makes no progress for this many seconds.",
+        help="Seconds without progress after which the swarm is stalled: the missing pieces "
+        "are then filled in from Glance (when Glance is a source and fallback_to_glance is "
+        "on), and if that makes no progress either, the download falls back. A dead origin "
+        "is noticed without waiting for this (doc/source/operator-guide.rst).",
     ),
     cfg.IntOpt(
         "overall_timeout",
@@ -178,6 +181,15 @@ seeding_opts = [
         min=0,
         help="Delete base copies unused for this many seconds; 0 keeps them until space "
         "runs short.",
+    ),
+    cfg.IntOpt(
+        "eviction_usage_window",
+        default=7 * 24 * 3600,
+        min=0,
+        help="Seconds of use that weigh in eviction: when base copies must go (store_quota, "
+        "store_free_space_floor), unused ones with the fewest boots and downloads in this "
+        "window go first, the least recently used first among equals, so a busy host keeps "
+        "the image most of its instances came from. 0: least recently used only.",
     ),
     cfg.IntOpt(
         "store_quota",

@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
 import http
 import http.client
+import itertools
+import json
 import os
+import re
 import threading
 import time
+import types
 import urllib.parse
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
@@ -34,11 +39,14 @@ import requests
 import tenacity
 import urllib3
 from glanceclient import exc as glance_exc
+from glanceclient.common import http as glance_http
 from glanceclient.v2 import client as glance_v2
+from keystoneauth1 import adapter as ks_adapter
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
 from oslo_log import log as logging
+from oslo_utils import units
 
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images import exception
@@ -66,6 +74,7 @@ REMOVE = "remove properties from"
 # For a GlanceClient built without a ConfigOpts: the options' own defaults.
 _DEFAULTS = {opt.name: opt.default for opt in nti_conf.glance.glance_opts}
 MAX_RETRY_DELAY = 60.0
+RESUME_CHUNK = units.Mi  # bytes per read of a resumed body
 
 
 class _BadResponse(Exception):
@@ -118,6 +127,15 @@ _last_response = threading.local()
 
 def _remember_status(response: requests.Response, *args: Any, **kwargs: Any) -> None:
     _last_response.status = response.status_code
+    # An error answer is kept (not read here) for _error_bodies_read, should glanceclient
+    # fail to read its body.
+    _last_response.error = response if response.status_code >= 400 else None
+
+
+def _forget_last_response() -> None:
+    """Before each attempt: what this thread received before is no answer to it."""
+    _last_response.status = None
+    _last_response.error = None
 
 
 def _watch_statuses(client: Any) -> None:
@@ -181,6 +199,107 @@ def _status_of(exc: BaseException) -> int | None:
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- error bodies ------------------------------------------------------------------------
+# glanceclient (exc.from_response) reads a JSON error body as a dict of dicts, and any
+# other body only with a Content-Type and as valid UTF-8. A 500 from Glance or from a
+# proxy in front of it with {"error": "injected"}, [1, 2], "x", a number, no Content-Type
+# or bytes that are not UTF-8 then raised AttributeError, KeyError, TypeError or
+# UnicodeDecodeError, and HTML under a JSON Content-Type a JSON error: untyped, or typed
+# as a permanent failure, so a boot of a cached image failed instead of going offline.
+# Such an answer is read again here, defensively, into the HTTP error it was.
+ERROR_BODY_LIMIT = 16 * 1024  # bytes of an error body looked at; the detail is shorter
+_MAX_MESSAGES = 5
+
+
+def _json_messages(value: Any, depth: int = 0) -> Iterator[str]:
+    """The ``message`` strings anywhere in a JSON error body (Glance and webob's shapes:
+    ``{"badRequest": {"message": ...}}``, ``{"message": ..., "code": ...}``)."""
+    if depth > 8:
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "message" and isinstance(item, (str, int, float)):
+                yield str(item)
+            else:
+                yield from _json_messages(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_messages(item, depth + 1)
+
+
+def error_detail(content_type: str | None, body: bytes | None) -> str:
+    """A short, printable detail of an HTTP error body of any shape (never raises).
+
+    JSON (any shape: object, list, string, number, nested) gives its ``message`` strings,
+    or else its compact text; HTML its text without tags; anything else its text, bytes
+    that are not UTF-8 replaced. An empty body gives ``""``.
+    """
+    if not body:
+        return ""
+    text = body[:ERROR_BODY_LIMIT].decode("utf-8", "replace")
+    kind = (content_type or "").lower()
+    if "json" in kind:
+        try:
+            parsed = json.loads(text)
+            messages = list(itertools.islice(_json_messages(parsed), _MAX_MESSAGES))
+            if messages:
+                return _short("; ".join(messages))
+            return _short(json.dumps(parsed, ensure_ascii=False))
+        except (ValueError, RecursionError):
+            pass  # a proxy's page under a JSON Content-Type, or nested too deep: as text
+    if "html" in kind or text.lstrip().startswith("<"):
+        text = html.unescape(re.sub(r"<[^>]*>", " ", text))
+    return _short(text)
+
+
+def _error_body(response: requests.Response) -> bytes:
+    # glanceclient has read the whole error body (resp.content) before failing on it.
+    try:
+        return response.content or b""
+    except (RuntimeError, requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        LOG.debug("Cannot read Glance's HTTP %d error body: %s", response.status_code, exc)
+        return b""
+
+
+def _http_error(response: requests.Response) -> glance_exc.HTTPException:
+    """glanceclient's own error for ``response``'s status, its body read defensively."""
+    status = response.status_code
+    detail = error_detail(response.headers.get("Content-Type"), _error_body(response))
+    # from_response picks glanceclient's class for the status (HTTPInternalServerError,
+    # HTTPNotFound, ...); handed a plain-text body it cannot fail on.
+    plain = types.SimpleNamespace(status_code=status, headers={"content-type": "text/plain"})
+    error = glance_exc.from_response(plain, detail.encode() if detail else None)
+    if not isinstance(error.code, int):  # a status glanceclient has no class for
+        error.code = status
+    return error
+
+
+def _reads_the_body(exc: BaseException) -> bool:
+    """Whether ``exc`` is glanceclient failing on an error body, not a transport failure."""
+    return isinstance(exc, ValueError) or not isinstance(exc, _GLANCE_ERRORS)
+
+
+@contextlib.contextmanager
+def _error_bodies_read() -> Iterator[None]:
+    """Around one glanceclient request: its failure to read an error answer of this
+    thread's is raised as the HTTP error the answer was (chained to that failure)."""
+    try:
+        yield
+    except glance_exc.HTTPException:
+        raise
+    except Exception as exc:
+        response = getattr(_last_response, "error", None)
+        if response is None or not _reads_the_body(exc):
+            raise
+        LOG.debug(
+            "Glance answered HTTP %d with an error body glanceclient cannot read (%s: %s)",
+            response.status_code,
+            type(exc).__name__,
+            exc,
+        )
+        raise _http_error(response) from exc
 
 
 def _classify(exc: BaseException) -> _Failure:
@@ -368,10 +487,11 @@ class GlanceClient:
         def attempt() -> T:
             nonlocal attempts
             attempts += 1
-            _last_response.status = None
+            _forget_last_response()
             if before_attempt is not None:
                 before_attempt()
-            return fn()
+            with _error_bodies_read():
+                return fn()
 
         try:
             return self._retrying(image_id, operation, retries)(attempt)
@@ -441,17 +561,15 @@ class GlanceClient:
 
     def _stream(self, image_id: str) -> Generator[bytes, None, None]:
         # A transient failure part way through the body (a reset, a truncated body, a
-        # stall past glance_timeout) is retried by reading the image again from its first
-        # byte and dropping the part already handed on, so the consumer still sees one
-        # stream: download() keeps its hasher and its file position (no rewind of a
-        # device, no rewrite of what is on disk) and other users of iter_data() get no
-        # bytes twice. Resuming with a Range request from the byte reached would save
-        # reading that part again, but glanceclient 4.13 cannot send one: images.data()
-        # takes no byte range, and its request layer percent-encodes header values
-        # ("bytes=N-" goes out as "bytes%3DN-", which a server ignores); Glance honours
-        # Range only on its file store anyway (400 on the others). Stitching is safe: the
-        # consumer checks length and hash of the whole against the Glance record, and an
-        # active Glance image never changes.
+        # stall past glance_timeout) is retried from the byte reached, with a Range
+        # request (sent beside glanceclient, whose request layer percent-encodes header
+        # values: see _ranged_get). Glance honours Range on its file store only (400 on
+        # the others): there, the image is read again from its first byte and the part
+        # already handed on is dropped. Either way the consumer sees one stream:
+        # download() keeps its hasher and its file position (no rewind of a device, no
+        # rewrite of what is on disk) and other users of iter_data() get no bytes twice.
+        # Stitching is safe: the consumer checks length and hash of the whole against the
+        # Glance record, and an active Glance image never changes.
         delivered = 0  # bytes handed on so far
         attempts = 0
         try:
@@ -470,12 +588,23 @@ class GlanceClient:
     def _read_after(self, image_id: str, skip: int) -> Generator[bytes, None, None]:
         """One request for the image's data; yields what follows its first ``skip`` bytes.
 
-        The request is the one ``images.data()`` makes; it is made here so that the
-        response is at hand, to check and to close when the consumer stops early.
+        The first request is the one ``images.data()`` makes; it is made here so that the
+        response is at hand, to check and to close when the consumer stops early. Later
+        ones (``skip``: the bytes handed on before a break) ask for the rest with a
+        ``Range``; a Glance that sends the whole image instead has its first bytes dropped.
         """
-        _last_response.status = None
-        url = f"/v2/images/{urllib.parse.quote(image_id, safe='')}/file"
-        resp, body = self.client.http_client.get(url)
+        _forget_last_response()
+        url = _data_url(image_id)
+        resp: Any = None
+        if skip:
+            resp = self._ranged_get(url, skip, None)
+            if resp is not None and resp.status_code == http.HTTPStatus.PARTIAL_CONTENT:
+                LOG.info("Image %s: Glance download resumed at byte %d", image_id, skip)
+                skip = 0
+            body = resp.iter_content(RESUME_CHUNK) if resp is not None else None
+        if resp is None:
+            with _error_bodies_read():
+                resp, body = self.client.http_client.get(url)
         try:
             if resp.status_code == http.HTTPStatus.NO_CONTENT or body is None:
                 raise _BadResponse("the image has no data")
@@ -495,6 +624,77 @@ class GlanceClient:
                 raise _BadResponse(f"the data read again ended before byte {expected}")
         finally:
             resp.close()
+
+    def read_range(self, image_id: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (inclusive) of the image's data: one ``Range`` request.
+
+        Retried like every call; a Glance that ignores the range (a store other than
+        ``file`` answers 400, a proxy may answer 200) is a :class:`~exception.GlanceError`.
+        """
+        attempts = 0
+        url = _data_url(image_id)
+        try:
+            for attempt in self._retrying(image_id, DOWNLOAD):
+                with attempt:
+                    attempts += 1
+                    resp = self._ranged_get(url, start, end)
+                    if resp is None or resp.status_code != http.HTTPStatus.PARTIAL_CONTENT:
+                        if resp is not None:
+                            resp.close()
+                        raise _BadResponse(f"Glance did not answer bytes {start}-{end} alone")
+                    try:
+                        data = resp.raw.read(end - start + 2, decode_content=False)
+                    finally:
+                        resp.close()
+                    if len(data) != end - start + 1:
+                        raise http.client.IncompleteRead(data, end - start + 1 - len(data))
+                    return data
+        except _GLANCE_ERRORS as exc:
+            raise _typed(image_id, DOWNLOAD, exc, attempts) from exc
+        raise AssertionError("unreachable")
+
+    def _ranged_get(self, url: str, start: int, end: int | None) -> requests.Response | None:
+        """The streamed answer to ``Range: bytes=start-[end]``: 206 with that range, or 200
+        with the whole image (a server that ignores ranges); None when ranges are refused.
+
+        Sent on the client's own session, beside glanceclient's request layer: that one
+        percent-encodes header values (``bytes%3D0-``), which a server ignores. An error
+        status raises the HTTPException glanceclient would have raised.
+        """
+        http_client = self.client.http_client
+        headers = {"Range": f"bytes={start}-{'' if end is None else end}"}
+        if isinstance(http_client, glance_http.SessionClient):
+            # keystoneauth adds the token and finds the image endpoint.
+            resp = ks_adapter.Adapter.request(
+                http_client, url, "GET", headers=headers, stream=True, raise_exc=False
+            )
+        else:
+            headers.update(http_client.identity_headers or {})
+            headers.setdefault("X-Auth-Token", http_client.auth_token)
+            resp = http_client.session.get(
+                http_client.endpoint.rstrip("/") + url,
+                headers=headers,
+                stream=True,
+                timeout=http_client.timeout,
+            )
+        # 400: a store other than Glance's file store refuses ranges; 416: none to give.
+        if resp.status_code >= 400 and resp.status_code not in (400, 416):
+            try:
+                detail = resp.raw.read(300, decode_content=True).decode("utf-8", "replace")
+            finally:
+                resp.close()
+            error = glance_exc.HTTPException(details=detail or resp.reason)
+            error.code = resp.status_code
+            raise error
+        if resp.status_code in (400, 416):
+            resp.close()
+            return None
+        content_range = resp.headers.get("Content-Range", "")
+        wanted = f"bytes {start}-" if end is None else f"bytes {start}-{end}/"
+        if resp.status_code == 206 and not content_range.startswith(wanted):
+            resp.close()
+            raise _BadResponse(f"asked for {headers['Range']}, got Content-Range {content_range!r}")
+        return resp  # 206 with the range asked for, or 200 with the whole image
 
     def download(
         self,
@@ -539,6 +739,10 @@ class GlanceClient:
             image.hash_algo if verify_hash else "length only",
         )
         return written
+
+
+def _data_url(image_id: str) -> str:
+    return f"/v2/images/{urllib.parse.quote(image_id, safe='')}/file"
 
 
 def _prepend(first: bytes, rest: Generator[bytes, None, None]) -> Iterator[bytes]:

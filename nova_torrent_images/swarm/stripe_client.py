@@ -56,6 +56,9 @@ STREAMS = 3  # requests a host has in flight at once
 BATCHES_PER_REQUEST = 8
 # Bytes fetched but not yet offered to the image hash: the streams wait beyond this.
 HASH_BACKLOG = 32 * 1024 * 1024
+# A node that refused or reset a connection is left out this long; its part of the image
+# goes to the live nodes meanwhile (several origin nodes are one service).
+NODE_DOWN_FOR = 5.0
 
 
 MAX_STRIPE_URLS = 8
@@ -117,6 +120,8 @@ class StripeClient:
         self.downlink = downlink
         self._next_part = 0
         self._dry: set[int] = set()  # parts whose node has nothing new left
+        self._down: dict[int, float] = {}  # node -> when it refused or reset a connection
+        self._answered_at: dict[int, float] = {}  # node -> when it last answered
         self.on_peers: Callable[[list[tuple[str, int]]], None] | None = None
         self._known_peers: set[str] = set()
         self._lock = threading.Lock()  # the worker's streams share the client
@@ -198,7 +203,9 @@ class StripeClient:
     def _read(self, part: int, path: str, **kwargs) -> bytes:
         response = self._request(part, path, **kwargs)
         try:
-            return response.read()
+            data = response.read()
+            self._answered(part)
+            return data
         except (http.client.HTTPException, OSError, ValueError) as exc:
             self._drop(part)
             raise exception.StripeError(
@@ -223,30 +230,82 @@ class StripeClient:
             image_id=self.image_id, url=", ".join(self.urls), reason="; ".join(errors)
         )
 
-    def next_batch(self, want: list[int] | None = None) -> tuple[int, list[int]] | None:
-        """(node, pieces) of the next batch, or None when every node ran dry."""
-        parts = len(self.urls)
-        for _ in range(parts):
+    def _answered(self, part: int) -> None:
+        with self._lock:
+            self._answered_at[part] = time.monotonic()
+
+    def all_down(self) -> bool:
+        """Whether every node failed since it last answered (the origin is gone, or
+        restarting): the swarm's missing pieces are then Glance's to fill in."""
+        with self._lock:
+            return all(
+                self._down.get(n, -1e18) > self._answered_at.get(n, -1e18)
+                for n in range(len(self.urls))
+            )
+
+    def live_nodes(self) -> list[int]:
+        """The nodes not known to be down; the image is split among these."""
+        now = time.monotonic()
+        with self._lock:
+            return [
+                n for n in range(len(self.urls)) if now - self._down.get(n, -1e18) > NODE_DOWN_FOR
+            ]
+
+    def node_failed(self, part: int, exc: exception.StripeError) -> bool:
+        """Note that node ``part`` failed with ``exc``; whether another node can go on.
+
+        A refused or reset connection (the node died or restarts) takes the node out for
+        :data:`NODE_DOWN_FOR` seconds: its part of the image goes to the others. Other
+        failures (a busy node's 503) leave it in.
+        """
+        if isinstance(exc.__cause__, (OSError, EOFError, http.client.HTTPException)):
             with self._lock:
-                part = self._next_part
-                self._next_part = (part + 1) % parts
-                if want is None and part in self._dry:
-                    continue
+                self._down[part] = time.monotonic()
+                self._dry.discard(part)  # the split changes: the others have new pieces
+                for other in range(len(self.urls)):
+                    self._dry.discard(other)
+        return bool(self.live_nodes())
+
+    def next_batch(self, want: list[int] | None = None) -> tuple[int, list[int]] | None:
+        """(node, pieces) of the next batch, or None when every live node ran dry.
+
+        The image is split among the live nodes (piece p to live node p % live); a node
+        that fails is left out (:meth:`node_failed`) and the next one asked. Raises
+        :class:`~nova_torrent_images.exception.StripeError` when no node is left.
+        """
+        live = self.live_nodes()
+        if not live:
+            raise exception.StripeError(
+                image_id=self.image_id, url=", ".join(self.urls), reason="every origin node is down"
+            )
+        for _ in range(len(live)):
+            with self._lock:
+                index = self._next_part % len(live)
+                self._next_part = index + 1
+            part = live[index]
+            if want is None and part in self._dry:
+                continue
             body = json.dumps(
                 {
                     "peer": self.peer,
-                    "part": part,
-                    "parts": parts,
+                    "part": index,
+                    "parts": len(live),
                     "want": want,
                     "batches": BATCHES_PER_REQUEST,
                 }
             ).encode()
-            text = self._read(
-                part,
-                self._path + "/stripes",
-                body=body,
-                headers={"Content-Type": "application/json"},
-            )
+            try:
+                text = self._read(
+                    part,
+                    self._path + "/stripes",
+                    body=body,
+                    headers={"Content-Type": "application/json"},
+                )
+            except exception.StripeError as exc:
+                if not self.node_failed(part, exc):
+                    raise
+                LOG.warning("%s; its part of the image goes to the other origin nodes", exc)
+                return self.next_batch(want)
             try:
                 answer = json.loads(text)
             except ValueError as exc:
@@ -322,7 +381,7 @@ class StripeClient:
                             image_id=self.image_id,
                             url=self.urls[part],
                             reason=f"asked for {length} bytes, the answer ended early",
-                        )
+                        ) from EOFError()  # the node closed the connection: it may be gone
                     got += n
             if response.read(1):
                 raise exception.StripeError(
@@ -330,6 +389,7 @@ class StripeClient:
                     url=self.urls[part],
                     reason=f"asked for {length} bytes, got more",
                 )
+            self._answered(part)
         except (http.client.HTTPException, OSError, ValueError) as exc:
             self._drop(part)
             raise exception.StripeError(
@@ -456,6 +516,16 @@ class StripeWorker:
             thread.start()
         return self
 
+    @property
+    def origin_down(self) -> bool:
+        """Every origin node failed since it last answered (the streams keep asking)."""
+        return self.client.all_down()
+
+    @property
+    def running(self) -> bool:
+        """Whether a stream still fetches (False once every stream ended or failed)."""
+        return any(thread.is_alive() for thread in self._threads)
+
     def stop(self) -> None:
         self._stop.set()
         self._landing_over.set()
@@ -516,10 +586,26 @@ class StripeWorker:
         try:
             if stream:
                 self._landing_over.wait()  # the other streams join once landing stops
-            self._fetch_assigned()
-            if not stream:
-                self._landing_over.set()
-                self._fetch_what_went_missing()
+            while True:
+                try:
+                    self._fetch_assigned()
+                    if not stream:
+                        self._landing_over.set()
+                        self._fetch_what_went_missing()
+                    return
+                except exception.StripeError as exc:
+                    if self._stop.is_set() or not self.client.all_down():
+                        raise
+                    # Every node is down (dead, or restarting): ask again once their
+                    # time out is over; meanwhile the transfer fills in from Glance.
+                    if not stream:
+                        LOG.warning(
+                            "%s; every origin node is down: asking them again every %.0fs",
+                            exc,
+                            NODE_DOWN_FOR,
+                        )
+                    if self._stop.wait(NODE_DOWN_FOR):
+                        return
         except exception.StripeError as exc:
             self.failed = exc
             LOG.warning("%s; the swarm (and the origin's BitTorrent port) carry on", exc)
@@ -580,6 +666,12 @@ class StripeWorker:
             missing = self._missing()
             if not missing:
                 return
+            if self.client.all_down() and not self.client.live_nodes():
+                raise exception.StripeError(
+                    image_id=self.client.image_id,
+                    url=", ".join(self.client.urls),
+                    reason="every origin node is down",
+                )
             done = self._progress()
             if done != last:
                 last, quiet_since = done, time.monotonic()
@@ -611,9 +703,17 @@ class StripeWorker:
         for run in _runs(sorted(pieces)):
             start = run[0] * self.piece_length
             end = min((run[-1] + 1) * self.piece_length, self.size) - 1
-            buffers = self.client.fetch_pieces(
-                part, start, end, self.piece_length, allocate=self._pool.get
-            )
+            try:
+                buffers = self.client.fetch_pieces(
+                    part, start, end, self.piece_length, allocate=self._pool.get
+                )
+            except exception.StripeError as exc:
+                if not self.client.node_failed(part, exc):
+                    raise
+                # Handed out by a node that is gone: another node hands them out again
+                # once this host lists them as missing.
+                LOG.warning("%s; its part of the image goes to the other origin nodes", exc)
+                return
             with self._count_lock:
                 self.bytes_fetched += end - start + 1
             for i, (piece, data) in enumerate(zip(run, buffers, strict=True)):

@@ -50,6 +50,7 @@ from nova_torrent_images.glance import verify
 from nova_torrent_images.glance.image import ImageInfo
 from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
+from nova_torrent_images.swarm.glance_fill import GlanceFill, RangeReader
 from nova_torrent_images.swarm.landing import PieceLanding
 from nova_torrent_images.swarm.merkle import PieceLayer
 from nova_torrent_images.swarm.stripe_client import StripeClient, StripeWorker, parse_stripe_urls
@@ -69,6 +70,10 @@ RESOLVE_TIMEOUT = 5.0
 SHARE_LIMIT = 3.0
 # How often the image hash catches up on pieces libtorrent has finished and checked.
 READ_BEHIND_INTERVAL = 0.1
+# How long a transfer waits for the origin's BitTorrent peer (at the start, or after every
+# stripe server failed) before it calls the origin gone: a live origin's port connects
+# within a second on a datacenter network; a dead one's refuses at once.
+ORIGIN_GRACE = 3.0
 
 
 _CHECKING = (
@@ -120,6 +125,8 @@ class SwarmStats:
     bytes_from_peers: int = 0  # every other peer: other compute hosts
     bytes_from_stripes: int = 0  # of bytes_from_origin: the origin's stripes over HTTP
     bytes_landed: int = 0  # of bytes_from_stripes: written by this host, not libtorrent
+    bytes_from_glance: int = 0  # missing pieces Glance filled in (swarm/glance_fill.py)
+    glance_fill_reason: str | None = None  # why the fill started, if it did
     peers_seen: int = 0
     hash_failures: int = 0
     peers_banned: int = 0  # peers libtorrent banned or refused (peer_ban/blocked)
@@ -209,8 +216,14 @@ class Transfer:
         settings: TransferSettings,
         progress: ProgressCallback | None = None,
         check: verify.StreamingCheck | None = None,
+        fill_reader: RangeReader | None = None,
     ) -> None:
-        """``check`` gets every byte that arrives in order (the origin's stripes)."""
+        """``check`` gets every byte that arrives in order (the origin's stripes).
+
+        ``fill_reader(start, end)``: byte ranges of the image from Glance. With it, a swarm
+        that lost its origin (or stalls) keeps every piece it has and fills in only the
+        missing ones from Glance (:mod:`nova_torrent_images.swarm.glance_fill`).
+        """
         if image.magnet is None:
             raise exception.NotTorrentable(image_id=image.id, reason="it has no magnet")
         image.require_verifiable()
@@ -234,6 +247,12 @@ class Transfer:
         self._scratch: str | None = None
         self._read_behind: threading.Thread | None = None
         self._stop_reading = threading.Event()
+        self._fill_reader = fill_reader
+        self._fill: GlanceFill | None = None
+        self._stripe_hosts: set[str] = set()
+        # When the origin last delivered or was connected (None: never yet, so a slow
+        # start is stall_timeout's to judge, not a dead origin).
+        self._origin_seen: float | None = None
 
     # -- setup -------------------------------------------------------------------------
     def _params(
@@ -322,12 +341,6 @@ class Transfer:
         handle = self._watch.handle
         info = handle.torrent_file()
         self._landing = landing = self._landing_for(status, info.piece_length())
-
-        def missing() -> list[int]:
-            pieces = handle.status(lt.torrent_handle.query_pieces).pieces
-            landed = landing.landed() if landing is not None else ()
-            return [i for i, have in enumerate(pieces) if not have and i not in landed]
-
         allowed = self.engine.allows_peer
 
         def introduce(peers: list[tuple[str, int]]) -> None:
@@ -341,7 +354,7 @@ class Transfer:
             piece_length=info.piece_length(),
             size=self.image.size,
             add_piece=lambda piece, data: handle.add_piece(piece, data, 0),
-            missing=missing,
+            missing=self._missing_pieces,
             progress=lambda: self._done_bytes(handle.status()),
             offer=self.check.offer if self.check is not None else None,
             landing=landing,
@@ -355,6 +368,88 @@ class Transfer:
             if landing is not None
             else "",
         )
+
+    def _missing_pieces(self) -> list[int]:
+        """Pieces neither libtorrent nor this host's landing has."""
+        pieces = self._watch.handle.status(lt.torrent_handle.query_pieces).pieces
+        landed = self._landing.landed() if self._landing is not None else ()
+        return [i for i, have in enumerate(pieces) if not have and i not in landed]
+
+    # -- Glance fills in what the swarm cannot deliver ----------------------------------
+    def _fill_hosts(self) -> tuple[str, list[str]]:
+        """This host's address and its downloading peers', as each side sees them."""
+        me = self.engine.listen_host()
+        peers = []
+        origin = self._origin_hosts | self._stripe_hosts
+        for peer in self._watch.handle.get_peer_info():
+            if not utils.is_specific_ip(me):
+                me = peer.local_endpoint[0]
+            if peer.flags & lt.peer_info.seed or peer.ip[0] in origin:
+                continue
+            peers.append(peer.ip[0])
+        return me, peers
+
+    def _origin_gone(self, now: float) -> str | None:
+        """Why the origin is gone, or None while it may still deliver."""
+        stripes = self._stripes
+        if stripes is not None and not (
+            stripes.origin_down or (stripes.failed is not None and not stripes.running)
+        ):
+            return None
+        if self._pending_stripes is not None:
+            return None
+        origin = self._origin_hosts | self._stripe_hosts
+        if not origin:
+            return None  # no origin named: stall_timeout alone decides
+        connected = {peer.ip[0] for peer in self._watch.handle.get_peer_info()}
+        if origin & connected:
+            self._origin_seen = now
+            return None
+        if self._origin_seen is None or now - self._origin_seen < ORIGIN_GRACE:
+            return None
+        why = f"the origin's BitTorrent peer ({', '.join(sorted(origin))}) is not connected"
+        if stripes is not None:
+            why = f"every origin stripe server failed ({stripes.failed}) and {why}"
+        return why
+
+    def _start_fill(self, why: str, *, everything: bool) -> bool:
+        """Fill in the missing pieces from Glance; False when there is no Glance to ask."""
+        if self._fill_reader is None:
+            return False
+        handle = self._watch.handle
+        if self._fill is None:
+            info = handle.torrent_file()
+            self._fill = GlanceFill(
+                self.image.id,
+                self._fill_reader,
+                piece_length=info.piece_length(),
+                size=self.image.size,
+                add_piece=lambda piece, data: handle.add_piece(piece, data, 0),
+                missing=self._missing_pieces,
+                availability=handle.piece_availability,
+                hosts=self._fill_hosts,
+                downlink=self.engine.stripe_downlink,
+            )
+            self.stats.glance_fill_reason = why
+        elif everything and self._fill.everything:
+            return False  # filling everything already: a stall now is a real one
+        missing = self._missing_pieces()
+        available = handle.piece_availability()
+        nobody = [p for p in missing if p < len(available) and available[p] == 0]
+        _, peers = self._fill_hosts()
+        piece_length = self._fill.piece_length
+        LOG.warning(
+            "Image %s: %s; %d MiB of it still missing, %d MiB on no connected peer: this "
+            "host fetches %s from Glance (shared with %d peers by piece), the swarm the rest",
+            self.image.id,
+            why,
+            len(missing) * piece_length // units.Mi,
+            len(nobody) * piece_length // units.Mi,
+            "any missing piece" if everything else "its share of those",
+            len(peers),
+        )
+        self._fill.start(everything=everything)
+        return True
 
     def _unknown_landed(self, status: lt.torrent_status) -> int:
         """Bytes landed here that libtorrent does not have (it never saw them)."""
@@ -420,6 +515,7 @@ class Transfer:
 
     def _stripes_failed(self) -> None:
         """The stripes broke: the origin's BitTorrent port is welcome again."""
+        self._origin_seen = time.monotonic()  # the grace for its port to connect
         self.engine.include_peers(self._excluded)
         self._excluded = []
         for endpoint in self._peers:
@@ -467,9 +563,10 @@ class Transfer:
         if stripes is not None:
             # This host takes its share from the origin over HTTP and the rest from other
             # hosts; the origin's BitTorrent port would only send duplicates.
-            self._excluded = self.engine.exclude_peers(
-                urllib.parse.urlsplit(url).hostname for url in stripes[0].urls
-            )
+            self._stripe_hosts = {
+                urllib.parse.urlsplit(url).hostname or "" for url in stripes[0].urls
+            }
+            self._excluded = self.engine.exclude_peers(self._stripe_hosts)
         try:
             params = self._params(self._scratch, peers, stripes[1] if stripes else None)
             try:
@@ -500,6 +597,10 @@ class Transfer:
                     self.stats.bytes_from_origin += self._stripes.bytes_fetched
                     self.stats.bytes_total += self._stripes.bytes_fetched
                     self.stats.bytes_from_stripes = self._stripes.bytes_fetched
+                if self._fill is not None:
+                    self._fill.stop()
+                    self.stats.bytes_from_glance = self._fill.bytes_fetched
+                    self.stats.bytes_total += self._fill.bytes_fetched
                 if self._landing is not None:
                     self.stats.bytes_landed = self._landing.bytes_landed
                     self.stats.hash_failures += self._landing.rejected
@@ -588,8 +689,29 @@ class Transfer:
                 self._pending_stripes = None
             if self.check is not None and self._read_behind is None:
                 self._start_read_behind()
-            if self._excluded and self._stripes is not None and self._stripes.failed:
+            if (
+                self._excluded
+                and self._stripes is not None
+                and (self._stripes.failed or self._stripes.origin_down)
+            ):
                 self._stripes_failed()
+            if self._fill_reader is not None and self._fill is None:
+                gone = self._origin_gone(now)
+                if gone is not None:
+                    self._start_fill(gone, everything=False)
+            if self._fill is not None and self._stripes is not None:
+                # An origin back from a restart hands out its stripes again: the fill
+                # waits while it does (a stall still widens the fill to everything).
+                self._fill.paused = not self._stripes.origin_down and not self._fill.everything
+            if (
+                not self._excluded
+                and self._stripe_hosts
+                and self._stripes is not None
+                and self._stripes.running
+                and not self._stripes.origin_down
+            ):
+                # Back from a restart: its BitTorrent port would only send duplicates again.
+                self._excluded = self.engine.exclude_peers(self._stripe_hosts)
             done = status.total_wanted_done
             if self._landing is not None:
                 self._check_landing(status)
@@ -615,6 +737,13 @@ class Transfer:
                 return
             percent = 100.0 * status.progress
             if now - last_progress > self.opts.stall_timeout:
+                why = (
+                    f"no progress for {self.opts.stall_timeout:g}s "
+                    f"([torrent_images] stall_timeout) with {status.num_peers} peers"
+                )
+                if self._start_fill(why, everything=True):
+                    last_progress = now
+                    continue
                 raise exception.TorrentStalled(
                     image_id=self.image.id,
                     timeout=self.opts.stall_timeout,

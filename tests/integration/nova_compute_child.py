@@ -39,6 +39,7 @@ from nova import context as nova_context
 from nova import monkey_patch
 from nova import service as nova_service
 from nova.image import glance as nova_glance
+from nova.virt.libvirt import imagecache
 
 from nova_torrent_images.virt.libvirt import download as glance_download
 
@@ -72,9 +73,56 @@ class HubTicker:
         self._thread.join()
 
 
+def cache_images(context: object, image_id: str) -> None:
+    """Nova's pre-cache (``openstack aggregate cache image``) as ComputeManager calls it:
+    the libvirt driver's ``cache_image``, twice: once to fetch, once when told to (by the
+    file ``$NTI_CHILD_RELEASE``), meanwhile seeding as a nova-compute would."""
+    from nova.virt.libvirt import driver as libvirt_driver
+
+    driver = object.__new__(libvirt_driver.LibvirtDriver)  # cache_image uses no state
+    hook = glance_download.installed()
+    report: dict[str, object] = {"first": driver.cache_image(context, image_id)}
+    fetched = hook.pipeline().fetches.get(image_id)
+    report["fetched"] = None
+    if fetched is not None:
+        report["fetched"] = {
+            "source": fetched.source,
+            "peers": fetched.bytes_from_peers,
+            "origin": fetched.bytes_from_origin,
+            "glance": fetched.bytes_from_glance,
+        }
+    cache = os.path.join(conf_path("instances_path"), "_base", imagecache.get_cache_fname(image_id))
+    with open(cache, "rb") as f:
+        report["sha512"] = hashlib.file_digest(f, "sha512").hexdigest()
+    report["seeding"] = hook.pipeline().seeds.seeding() if hook.pipeline().seeds else []
+    with open(os.environ["NTI_CHILD_REPORT"] + ".cached", "w") as f:
+        json.dump(report, f)
+    release = os.environ["NTI_CHILD_RELEASE"]
+    deadline = time.monotonic() + 300
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # Nova touches a cached file through privsep (a root daemon started with sudo): here,
+    # the same utime in this process.
+    with mock.patch("nova.privsep.path.utime", lambda path: os.utime(path, None)):
+        report["second"] = driver.cache_image(context, image_id)
+    hook.shutdown()
+    with open(os.environ["NTI_CHILD_REPORT"], "w") as f:
+        json.dump(report, f)
+
+
+def conf_path(name: str) -> str:
+    return str(getattr(nova.conf.CONF, name))
+
+
 def fake_serve(server: object, workers: int | None = None, no_fork: bool = False) -> None:
     conf = nova.conf.CONF
     hook = glance_download.installed()
+    if os.environ.get("NTI_CHILD_MODE") == "cache_image":
+        context = nova_context.RequestContext(
+            user_id="nti-child", project_id="nti-child", auth_token="noauth", is_admin=True
+        )
+        cache_images(context, os.environ["NTI_CHILD_IMAGE_ID"])
+        return
     report: dict[str, object] = {
         "patched": monkey_patch.is_patched(),
         "eventlet_imported": "eventlet" in sys.modules,

@@ -16,6 +16,11 @@ copies unused past ``base_copy_max_age``, and evicts least recently used base co
 ``store_quota`` or below ``store_free_space_floor``. :meth:`EvictionPolicy.make_room` does
 the last two before a download, counting downloads still running in this process.
 
+Among the base copies that may go, those used least in the recent window
+(``eviction_usage_window``: boots and downloads, counted by the pipeline) go first, and
+the least recently used among equals: a host under pressure keeps the image most of its
+instances came from and evicts a one-off, even one used more recently.
+
 What is never deleted: a base copy instances use, a download in progress (a slot, not a
 base copy), and a base copy whose image lock another boot holds (it may be between finding
 the base copy and cloning it). Deletion happens under the image's lock.
@@ -34,6 +39,7 @@ from oslo_log import log as logging
 from oslo_utils import units
 
 from nova_torrent_images import exception
+from nova_torrent_images.common.popularity import RequestCounter
 from nova_torrent_images.compute.seeding.resume import ResumeFiles
 from nova_torrent_images.compute.seeding.seeds import SeedManager
 from nova_torrent_images.compute.stores.base import BaseCopy, BaseCopyStore
@@ -67,6 +73,14 @@ class EvictionSettings:
         )
 
 
+def usage_counter(conf: cfg.ConfigOpts) -> RequestCounter | None:
+    """The host's count of boots and downloads per image, for the eviction weight."""
+    opts = conf.torrent_images
+    if not opts.eviction_usage_window:
+        return None
+    return RequestCounter(opts.state_dir, opts.eviction_usage_window, name="usage")
+
+
 @dataclass(frozen=True)
 class PruneAction:
     image_id: str
@@ -85,12 +99,16 @@ class EvictionPolicy:
         *,
         seeds: SeedManager | None = None,
         try_lock: TryLock | None = None,
+        usage: Callable[[], dict[str, int]] | None = None,
     ) -> None:
+        """``usage()``: boots and downloads per image in the recent window
+        (``eviction_usage_window``), the weight that keeps popular images."""
         self.settings = settings
         self.store = store
         self.resume = resume
         self.seeds = seeds
         self.try_lock = try_lock or _no_lock
+        self.usage = usage
 
     def prune(self, dry_run: bool = False, now: float | None = None) -> list[PruneAction]:
         """Apply expiry, maximum age, quota and free-space floor now."""
@@ -150,7 +168,12 @@ class EvictionPolicy:
         capacity = self.store.capacity()
         ours, free = capacity.ours, capacity.free
         actions = []
-        candidates = sorted((b for b in bases if not b.in_use), key=lambda b: b.last_used)
+        weight = self.weights()
+        # The fewest recent uses first, then the least recently used among equals.
+        candidates = sorted(
+            (b for b in bases if not b.in_use),
+            key=lambda b: (weight.get(b.image_id, 0), b.last_used),
+        )
         for base in candidates:
             over_quota = quota and ours + extra > quota
             under_floor = floor and free - extra < floor
@@ -161,14 +184,30 @@ class EvictionPolicy:
                 if over_quota
                 else f"[torrent_images] store_free_space_floor={s.store_free_space_floor} MiB"
             )
+            uses = weight.get(base.image_id, 0)
             actions.append(
                 PruneAction(
-                    base.image_id, "delete", f"least recently used base copy, to keep {why}"
+                    base.image_id,
+                    "delete",
+                    f"used {uses} times lately ([torrent_images] eviction_usage_window), the "
+                    f"least of the unused base copies, to keep {why}"
+                    if self.usage is not None
+                    else f"least recently used base copy, to keep {why}",
                 )
             )
             ours -= base.size
             free += base.size
         return actions
+
+    def weights(self) -> dict[str, int]:
+        """Recent uses per image (empty without a usage count); never fails eviction."""
+        if self.usage is None:
+            return {}
+        try:
+            return self.usage()
+        except Exception:  # noqa: BLE001  the weight orders eviction, it must not stop it
+            LOG.exception("Reading the usage counts of %s failed; evicting by age", self.store.name)
+            return {}
 
     def _apply(self, actions: list[PruneAction], bases: dict[str, BaseCopy]) -> list[PruneAction]:
         """Carry out ``actions``; return those done (a locked base copy is skipped)."""

@@ -24,6 +24,7 @@ from nova_torrent_images import exception
 from nova_torrent_images.compute.sources.base import FetchResult, ProgressCallback
 from nova_torrent_images.compute.stores.base import Slot
 from nova_torrent_images.glance import verify
+from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.glance.image import ImageInfo
 
 if TYPE_CHECKING:  # libtorrent is loaded only when a swarm download runs
@@ -46,13 +47,17 @@ class SwarmSource:
         verify_hash: bool,
         trust_torrent_root: bool = False,
         will_seed: bool = True,
+        glance: GlanceClient | None = None,
     ):
+        """``glance``: fills in what the swarm cannot deliver (its origin gone, a stall),
+        keeping every verified piece (:mod:`nova_torrent_images.swarm.glance_fill`)."""
         self._engine_factory = engine_factory
         self.settings = settings
         self.verify_hash = verify_hash
         self.trust_torrent_root = trust_torrent_root  # [torrent_images] trust_torrent_root
         # A host that will not seed the image hands over what only it has before leaving.
         self.will_seed = will_seed
+        self.glance = glance
 
     def untrusted_root(self, image: ImageInfo) -> str | None:
         """Why the whole-image hash check must run after a swarm download; None: it need not.
@@ -95,8 +100,15 @@ class SwarmSource:
             # never read back; only the rest is read for the whole-image check.
             needed = self.verify_hash and self.untrusted_root(image) is not None
             check = verify.StreamingCheck(image) if needed else None
+            glance = self.glance
+            fill = None
+            if glance is not None:
+
+                def fill(start: int, end: int) -> bytes:
+                    return glance.read_range(image.id, start, end)
+
             transfer = Transfer(
-                self._engine_factory(), image, slot.path, self.settings, progress, check
+                self._engine_factory(), image, slot.path, self.settings, progress, check, fill
             )
             stats = transfer.run()
             try:
@@ -119,12 +131,13 @@ class SwarmSource:
         seconds = time.monotonic() - start
         LOG.info(
             "Image %s: %d MiB from the swarm in %.1fs (%d MiB from peers, %d MiB from "
-            "origin seeders, %d peers, %d failed pieces), %s",
+            "origin seeders, %d MiB filled in by Glance, %d peers, %d failed pieces), %s",
             image.id,
             image.size >> 20,
             seconds,
             stats.bytes_from_peers >> 20,
             stats.bytes_from_origin >> 20,
+            stats.bytes_from_glance >> 20,
             stats.peers_seen,
             stats.hash_failures,
             checked,
@@ -136,6 +149,8 @@ class SwarmSource:
             seconds=seconds,
             bytes_from_peers=stats.bytes_from_peers,
             bytes_from_origin=stats.bytes_from_origin,
+            bytes_from_glance=stats.bytes_from_glance,
+            fallback_reason=stats.glance_fill_reason,
             swarm=stats,
             resume_data=transfer.resume_data,
         )

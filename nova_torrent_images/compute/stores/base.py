@@ -230,6 +230,23 @@ class BaseCopyStore(abc.ABC):
         A store without a registry has nothing to remember it in.
         """
 
+    def refresh_record(
+        self, base: BaseCopy, record: dict[str, Any], projects: tuple[str, ...]
+    ) -> None:
+        """Keep ``record`` (:func:`cached_record` of what Glance just returned) and
+        ``projects`` with ``base`` in place of what it kept, for boots while Glance is down.
+
+        ``projects`` replaces the remembered projects (it may be narrower: see
+        :func:`nova_torrent_images.compute.offline.refreshed_projects`). Called under the
+        image's lock. A failure raises, and must never leave a kept state wider than the
+        old one or the new one; the caller notes it, and offline boots then require both
+        (:func:`nova_torrent_images.compute.offline.refresh_record`). ``base`` is updated.
+        A store without a registry keeps nothing; one that keeps base copies and has no
+        way to refresh them fails (fail closed, never silently stale).
+        """
+        if self.capabilities.keeps_base_copies:
+            raise self._unsupported("refreshing the Glance record kept with a base copy")
+
     # -- optional, as declared in ``capabilities`` -------------------------------------
     @contextlib.contextmanager
     def seed_path(self, base: BaseCopy) -> Iterator[str]:

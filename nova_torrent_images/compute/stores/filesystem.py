@@ -433,6 +433,14 @@ class FilesystemStore(BaseCopyStore):
         base.projects = tuple(dict.fromkeys([*known, *base.projects, project_id]))
         self._update_tags(base, projects=list(base.projects))
 
+    def refresh_record(
+        self, base: BaseCopy, record: dict[str, Any], projects: tuple[str, ...]
+    ) -> None:
+        # One atomic rewrite of the sidecar: readers see the old record and projects or
+        # the new ones, never a mix; a failed write leaves the old sidecar whole.
+        self._update_tags(base, record=record, projects=list(projects))
+        base.record, base.projects = dict(record), tuple(projects)
+
     def destroy(self, base: BaseCopy) -> None:
         # The sidecar goes first: without it the bytes are no base copy any more.
         for suffix in (".json", ".base"):

@@ -635,6 +635,32 @@ class XenAPIStore(BaseCopyStore):
             if failure_code(exc) != "MAP_DUPLICATE_KEY":
                 raise
 
+    def refresh_record(
+        self, base: BaseCopy, record: dict[str, Any], projects: tuple[str, ...]
+    ) -> None:
+        # XAPI has no map update, and VDI.set_other_config would undo what other hosts
+        # of a shared SR write meanwhile: key by key, in an order that fails closed. The
+        # record is removed first and added last, so that a failure or a crash in between
+        # leaves a base copy without nti_record (no offline boot at all, until the next
+        # online boot writes it), never the old record with new projects or the reverse.
+        ref = self.call("VDI.get_by_uuid", base.ref)
+        self.call("VDI.remove_from_other_config", ref, TAG + "record")
+        base.record = {}
+        self.call("VDI.remove_from_other_config", ref, TAG + "projects")
+        base.projects = ()
+        values = (
+            (TAG + "projects", ",".join(projects)),
+            (TAG + "record", json.dumps(record, sort_keys=True)),  # as _tag_base writes it
+        )
+        for key, value in values:
+            try:
+                self.call("VDI.add_to_other_config", ref, key, value)
+            except XenAPI.Failure as exc:
+                # Another host of the SR refreshed it from Glance just now: as fresh.
+                if failure_code(exc) != "MAP_DUPLICATE_KEY":
+                    raise
+        base.record, base.projects = dict(record), tuple(projects)
+
     def destroy(self, base: BaseCopy) -> None:
         try:
             self._destroy_vdi(self.call("VDI.get_by_uuid", base.ref))

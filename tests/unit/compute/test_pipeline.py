@@ -14,6 +14,7 @@
 
 import hashlib
 import os
+import time
 
 import pytest
 
@@ -129,3 +130,49 @@ def test_a_base_copy_is_not_evicted_between_finding_and_using_it(tmp_path):
     with open(booted["a"], "rb") as f:
         assert hashlib.sha512(f.read()).hexdigest() == hashlib.sha512(data_a).hexdigest()
     assert store.lookup("img-a") is not None  # kept: a boot held it
+
+
+def test_under_quota_pressure_a_host_keeps_its_popular_image_and_evicts_a_one_off(tmp_path):
+    """Eviction weighs recent use (eviction_usage_window), not only the last use."""
+    import argparse
+    import contextlib
+    import io
+    import json
+
+    from nova_torrent_images.cmd.local import cmd_status
+    from nova_torrent_images.compute.pipeline import ImagePipeline
+    from nova_torrent_images.compute.stores.filesystem import FilesystemStore
+
+    blobs = {name: os.urandom(400_000) for name in ("popular", "one-off", "new")}
+    images = {name: image_info(data, name) for name, data in blobs.items()}
+    # 1 MiB holds two of the three images.
+    state, cache = str(tmp_path / "state"), str(tmp_path / "images")
+    conf = make_conf(
+        state_dir=state, image_cache_dir=cache, mode="none", store_quota=1, store="filesystem"
+    )
+    store = FilesystemStore(cache)
+    pipeline = ImagePipeline(conf, store, seeding=False)
+    for vm in range(5):  # most instances of this host came from "popular"
+        pipeline.ensure_base(
+            images["popular"],
+            StubGlance(blobs["popular"]),
+            use=lambda base, vm=vm: store.clone(base, f"vm-{vm}"),
+        )
+    time.sleep(0.01)
+    pipeline.ensure_base(images["one-off"], StubGlance(blobs["one-off"]))  # used more recently
+    for vm in range(5):  # the instances are deleted: both base copies are unused now
+        os.unlink(os.path.join(cache, "instances", f"vm-{vm}"))
+    assert not store.lookup("popular").in_use and not store.lookup("one-off").in_use
+    assert store.lookup("popular").last_used < store.lookup("one-off").last_used
+
+    pipeline.ensure_base(images["new"], StubGlance(blobs["new"]))  # needs room
+
+    # Least recently used alone would have evicted "popular"; its weight keeps it.
+    assert store.lookup("popular") is not None
+    assert store.lookup("one-off") is None
+    assert store.lookup("new") is not None
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cmd_status(argparse.Namespace(format="json"), conf)
+    weights = {row["image_id"]: row["weight"] for row in json.loads(out.getvalue())["base_copies"]}
+    assert weights == {"popular": 5, "new": 1}

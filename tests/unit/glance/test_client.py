@@ -38,7 +38,7 @@ from oslo_config import cfg
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images import exception
 from nova_torrent_images.glance import verify
-from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.glance.client import GlanceClient, error_detail
 from nova_torrent_images.testing.http_origin import SCHEMA, _ChunkedReader
 from nova_torrent_images.testing.images import image_info
 
@@ -50,7 +50,8 @@ TIMEOUT = 1.0  # the client's timeout: a "hang" costs this much per attempt
 class ScriptedGlance:
     """A threaded HTTP server playing Glance v2 for one image, misbehaving on cue.
 
-    ``script[kind]`` lists what the next requests of that kind get: an HTTP status, or
+    ``script[kind]`` lists what the next requests of that kind get: an HTTP status, a
+    ``(status, body, content_type)`` error answer (``content_type`` None: no header), or
     "truncate", "reset", "hang", "stall", "wrong"; once it is empty the
     answer is correct. Kinds: "show" (GET record), "file" (GET data), "patch", "upload".
     """
@@ -94,7 +95,7 @@ class ScriptedGlance:
         return sum(1 for k, _, _ in self.requests if k == kind)
 
     def ranges(self) -> list[str | None]:
-        """The Range header of each data request (the client asks for none today)."""
+        """The Range header of each data request (None: the whole image)."""
         return [r for k, _, r in self.requests if k == "file"]
 
 
@@ -128,6 +129,15 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if isinstance(action, int):
             self._send(action, b"scripted failure", "text/plain")
+            return True
+        if isinstance(action, tuple):
+            status, body, content_type = action
+            self.send_response(status)
+            if content_type is not None:
+                self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return True
         return False
 
@@ -329,7 +339,13 @@ def test_broken_body_is_read_again_into_the_same_stream(server, tmp_path, failur
     dest = tmp_path / "img"
     assert client(server).download(image(), str(dest)) == len(DATA)
     assert dest.read_bytes() == DATA
-    assert server.ranges() == [None, None]
+    # The rest is asked for with a Range (none when a reset lost every byte in flight);
+    # this server ignores it and sends the whole image, whose first bytes are dropped.
+    first, again = server.ranges()
+    assert first is None
+    if again is not None or failure != "reset":
+        assert again.startswith("bytes=") and again.endswith("-")
+        assert 0 < int(again[len("bytes=") : -1]) <= len(DATA) // 2
 
 
 def test_broken_body_into_preallocated_destination(server, tmp_path):
@@ -440,3 +456,136 @@ def test_defaults_without_conf():
     glance = GlanceClient(client=None)
     assert glance._option("glance_retries") == 3
     assert glance._option("glance_retry_delay") == 1.0
+
+
+# -- error answers of any shape (issue 26, item 7) ---------------------------------------
+# glanceclient reads a JSON error body as a dict of dicts: these bodies made it raise
+# AttributeError, KeyError or TypeError, or a JSON error, instead of an HTTP error.
+ODD_BODIES = [
+    (b'{"error": "injected"}', "application/json"),
+    (b"[1,2]", "application/json"),
+    (b'"x"', "application/json"),
+    (b"42", "application/json"),
+    (b'{"e": {"message": 5}, "f": [{"message": null}]}', "application/json"),
+    (b"<html><head><title>500</title></head><body>Proxy &amp; error</body></html>", "text/html"),
+    (b"<html><body>no json</body></html>", "application/json"),
+    (b"", "application/json"),
+    (b"", None),
+    (b"plain words", None),
+    (b"\xff\xfe not utf-8", "text/plain"),
+]
+ODD_IDS = [
+    "json-object",
+    "json-list",
+    "json-string",
+    "json-number",
+    "json-nested",
+    "html",
+    "html-as-json",
+    "empty",
+    "empty-no-type",
+    "no-type",
+    "not-utf-8",
+]
+
+
+@pytest.mark.parametrize(("body", "content_type"), ODD_BODIES, ids=ODD_IDS)
+def test_a_500_with_any_body_is_glance_unavailable_on_the_metadata_call(server, body, content_type):
+    server.script["show"].extend([(500, body, content_type)] * 3)
+    with pytest.raises(exception.GlanceUnavailable) as err:
+        client(server).image_info(IMAGE_ID)
+    message = str(err.value)
+    assert IMAGE_ID in message and "show" in message and "HTTP 500" in message
+    assert "after 3 attempt(s)" in message  # retried like any 500
+    assert server.count("show") == 3
+
+
+@pytest.mark.parametrize(("body", "content_type"), ODD_BODIES, ids=ODD_IDS)
+def test_a_500_with_any_body_is_glance_unavailable_on_a_download(
+    server, tmp_path, body, content_type
+):
+    server.script["file"].extend([(500, body, content_type)] * 3)
+    dest = tmp_path / "img"
+    with pytest.raises(exception.GlanceUnavailable) as err:
+        client(server).download(image(), str(dest))
+    message = str(err.value)
+    assert IMAGE_ID in message and "download" in message and "HTTP 500" in message
+    assert server.count("file") == 3 and not dest.exists()
+
+
+def test_a_500_with_an_odd_body_then_success(server, tmp_path):
+    server.script["show"].append((500, b'{"error": "injected"}', "application/json"))
+    server.script["file"].append((503, b"[1,2]", "application/json"))
+    glance = client(server)
+    assert glance.image_info(IMAGE_ID).size == len(DATA)
+    assert glance.download(image(), str(tmp_path / "img")) == len(DATA)
+    assert server.count("show") == 2 and server.count("file") == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (404, exception.ImageNotFound),
+        (403, exception.GlanceForbidden),
+        (400, exception.GlanceError),
+    ],
+)
+@pytest.mark.parametrize("kind", ["show", "file"])
+def test_other_statuses_with_odd_bodies_keep_their_type(server, tmp_path, status, error, kind):
+    server.script[kind].append((status, b'{"error": "injected"}', "application/json"))
+    with pytest.raises(error) as err:
+        if kind == "show":
+            client(server).get_image(IMAGE_ID)
+        else:
+            client(server).download(image(), str(tmp_path / "img"))
+    assert type(err.value) is error and IMAGE_ID in str(err.value)
+    assert server.count(kind) == 1  # not retried
+
+
+def test_a_500_with_an_odd_body_through_a_keystone_session(server):
+    """glanceclient's SessionClient (keystoneauth) reads error bodies the same way."""
+    from glanceclient.v2 import client as glance_v2
+    from keystoneauth1 import noauth
+    from keystoneauth1 import session as ks_session
+
+    session = ks_session.Session(auth=noauth.NoAuth(endpoint=server.url), timeout=TIMEOUT)
+    glance = GlanceClient(glance_v2.Client(session=session, endpoint=server.url), make_conf())
+    server.script["show"].extend([(500, b'"x"', "application/json")] * 3)
+    with pytest.raises(exception.GlanceUnavailable, match="HTTP 500"):
+        glance.image_info(IMAGE_ID)
+    server.script["file"].extend([(500, b"[1,2]", "application/json")] * 3)
+    with pytest.raises(exception.GlanceUnavailable, match="HTTP 500"):
+        glance.iter_data(IMAGE_ID)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "detail"),
+    [
+        ("application/json", b'{"error": "injected"}', '{"error": "injected"}'),
+        ("application/json", b"[1,2]", "[1, 2]"),
+        ("application/json", b'"x"', '"x"'),
+        ("application/json", b"3.5", "3.5"),
+        ("application/json", b"null", "null"),
+        # Glance's and webob's shapes: the messages.
+        ("application/json", b'{"badRequest": {"message": "bad", "code": 400}}', "bad"),
+        ("application/json; charset=UTF-8", b'{"message": "m", "code": 500}', "m"),
+        ("application/json", b'[{"a": {"message": "one"}}, {"message": 2}]', "one; 2"),
+        ("application/json", b"<html><b>x</b></html>", "x"),
+        ("application/json", b'{"truncated": ', '{"truncated":'),
+        ("text/html", b"<h1>Bad &amp; Gateway</h1>\n<p>nginx</p>", "Bad & Gateway nginx"),
+        (None, b"<html>Bad</html>", "Bad"),
+        ("text/plain", b"\xff\xfe", "\ufffd\ufffd"),
+        (None, b"", ""),
+        ("application/json", None, ""),
+    ],
+)
+def test_error_detail_reads_any_body(content_type, body, detail):
+    assert error_detail(content_type, body) == detail
+
+
+def test_error_detail_is_short_for_a_huge_body():
+    nested = b"[" * 100_000 + b"]" * 100_000  # deeper than json can parse
+    assert len(error_detail("application/json", nested)) <= 300
+    assert len(error_detail("text/plain", b"x " * 1_000_000)) <= 300
+    deep = json.dumps({"a": [{"b": {"message": str(i)}} for i in range(100)]}).encode()
+    assert error_detail("application/json", deep) == "0; 1; 2; 3; 4"
