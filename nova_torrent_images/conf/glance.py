@@ -44,7 +44,33 @@ glance_opts = [
         "glance_timeout",
         default=600,
         min=1,
-        help="Timeout in seconds of one Glance HTTP request.",
+        help="Timeout in seconds of one Glance HTTP request for image data (downloads, "
+        "uploads) and property changes. An image's record has its own, shorter timeouts "
+        "(glance_connect_timeout, glance_read_timeout, glance_metadata_budget).",
+    ),
+    cfg.FloatOpt(
+        "glance_connect_timeout",
+        default=5.0,
+        min=0.1,
+        help="Seconds to connect to Glance for an image's record (a boot's metadata call). "
+        "Image data and uploads use glance_timeout.",
+    ),
+    cfg.FloatOpt(
+        "glance_read_timeout",
+        default=10.0,
+        min=0.1,
+        help="Seconds Glance may take to answer an image's record, and between bytes of the "
+        "answer. A Glance that accepts connections and never answers fails within "
+        "glance_connect_timeout + glance_read_timeout.",
+    ),
+    cfg.FloatOpt(
+        "glance_metadata_budget",
+        default=15.0,
+        min=0.1,
+        help="Seconds for the record of one boot, retries included: no retry starts that "
+        "could not end within it. A boot that gets no record in time goes on as while "
+        "Glance is down: a verified base copy on this host may stand in, within "
+        "offline_boot_max_age and for the projects Glance showed the image to.",
     ),
     cfg.IntOpt(
         "glance_retries",

@@ -361,6 +361,20 @@ def _typed(
     )
 
 
+class _BudgetStop(tenacity.stop.stop_base):
+    """Stop retrying when another attempt, as long as the ones so far took on average,
+    and the wait before it could not end within the budget: a Glance that refuses at once
+    is asked again, one that hangs for the read timeout is not."""
+
+    def __init__(self, budget: float, wait: float) -> None:
+        self.budget, self.wait = budget, wait
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        elapsed = retry_state.seconds_since_start or 0.0
+        per_attempt = (elapsed - retry_state.idle_for) / max(1, retry_state.attempt_number)
+        return elapsed + per_attempt + self.wait > self.budget
+
+
 def _log_retry(image_id: str, operation: str, state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     LOG.warning(
@@ -454,14 +468,22 @@ class GlanceClient:
         return getattr(self.conf.torrent_images, name)
 
     def _retrying(
-        self, image_id: str, operation: str, retries: int | None = None
+        self,
+        image_id: str,
+        operation: str,
+        retries: int | None = None,
+        budget: float | None = None,
     ) -> tenacity.Retrying:
-        """The retry policy: transient failures only, exponential backoff with jitter."""
+        """The retry policy: transient failures only, exponential backoff with jitter;
+        with ``budget``, no retry that could not end within it."""
         if retries is None:
             retries = self._option("glance_retries")
         delay = float(self._option("glance_retry_delay"))
+        stop = tenacity.stop_after_attempt(retries + 1)
+        if budget is not None:
+            stop = stop | _BudgetStop(budget, delay)
         return tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(retries + 1),
+            stop=stop,
             # The first wait is glance_retry_delay, then it doubles (at most a minute); up
             # to half of glance_retry_delay is added at random to every wait, so that hosts
             # that failed together do not retry together.
@@ -480,8 +502,12 @@ class GlanceClient:
         *,
         retries: int | None = None,
         before_attempt: Callable[[], None] | None = None,
+        budget: float | None = None,
     ) -> T:
-        """``fn()`` with retries; any failure of Glance is raised typed."""
+        """``fn()`` with retries; any failure of Glance is raised typed.
+
+        ``budget``: no retry that could not end within this many seconds of the first
+        attempt (see :class:`_BudgetStop`)."""
         attempts = 0
 
         def attempt() -> T:
@@ -494,13 +520,43 @@ class GlanceClient:
                 return fn()
 
         try:
-            return self._retrying(image_id, operation, retries)(attempt)
+            return self._retrying(image_id, operation, retries, budget)(attempt)
         except _GLANCE_ERRORS as exc:
             raise _typed(image_id, operation, exc, attempts) from exc
 
     # -- records -----------------------------------------------------------------------
     def get_image(self, image_id: str) -> dict[str, Any]:
-        return self._call(image_id, SHOW, lambda: dict(self.client.images.get(image_id)))
+        """The image's record; a Glance slow to answer fails in seconds, not minutes.
+
+        ``glance_connect_timeout`` and ``glance_read_timeout`` bound each attempt, and the
+        attempts together stay within ``glance_metadata_budget``: a boot that cannot get
+        the record in time goes the way of a boot while Glance is down (the record kept
+        with a verified base copy, within ``offline_boot_max_age``).
+        """
+        timeout = (
+            float(self._option("glance_connect_timeout")),
+            float(self._option("glance_read_timeout")),
+        )
+        url = f"/v2/images/{urllib.parse.quote(image_id, safe='')}"
+
+        def show() -> dict[str, Any]:
+            resp = self._raw_get(url, {"Accept": "application/json"}, stream=False, timeout=timeout)
+            try:
+                body = resp.json()
+            except ValueError as exc:
+                raise _BadResponse(f"the record is not JSON: {_short(resp.text)}") from exc
+            finally:
+                resp.close()
+            if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+                raise _BadResponse(f"the record is not an image: {_short(str(body))}")
+            return body
+
+        return self._call(
+            image_id,
+            SHOW,
+            show,
+            budget=float(self._option("glance_metadata_budget")),
+        )
 
     def image_info(self, image_id: str) -> ImageInfo:
         kwargs = {}
@@ -661,31 +717,9 @@ class GlanceClient:
         percent-encodes header values (``bytes%3D0-``), which a server ignores. An error
         status raises the HTTPException glanceclient would have raised.
         """
-        http_client = self.client.http_client
         headers = {"Range": f"bytes={start}-{'' if end is None else end}"}
-        if isinstance(http_client, glance_http.SessionClient):
-            # keystoneauth adds the token and finds the image endpoint.
-            resp = ks_adapter.Adapter.request(
-                http_client, url, "GET", headers=headers, stream=True, raise_exc=False
-            )
-        else:
-            headers.update(http_client.identity_headers or {})
-            headers.setdefault("X-Auth-Token", http_client.auth_token)
-            resp = http_client.session.get(
-                http_client.endpoint.rstrip("/") + url,
-                headers=headers,
-                stream=True,
-                timeout=http_client.timeout,
-            )
         # 400: a store other than Glance's file store refuses ranges; 416: none to give.
-        if resp.status_code >= 400 and resp.status_code not in (400, 416):
-            try:
-                detail = resp.raw.read(300, decode_content=True).decode("utf-8", "replace")
-            finally:
-                resp.close()
-            error = glance_exc.HTTPException(details=detail or resp.reason)
-            error.code = resp.status_code
-            raise error
+        resp = self._raw_get(url, headers, stream=True, accept=(400, 416))
         if resp.status_code in (400, 416):
             resp.close()
             return None
@@ -695,6 +729,46 @@ class GlanceClient:
             resp.close()
             raise _BadResponse(f"asked for {headers['Range']}, got Content-Range {content_range!r}")
         return resp  # 206 with the range asked for, or 200 with the whole image
+
+    def _raw_get(
+        self,
+        url: str,
+        headers: dict[str, str],
+        *,
+        stream: bool,
+        timeout: float | tuple[float, float] | None = None,
+        accept: tuple[int, ...] = (),
+    ) -> requests.Response:
+        """``GET url`` on the client's own session, as glanceclient would send it (token,
+        identity headers, endpoint) but with these headers as they are and this timeout
+        (``(connect, read)``; default: the client's). A status >= 400 not in ``accept``
+        raises the HTTPException glanceclient would have raised."""
+        http_client = self.client.http_client
+        headers = dict(headers)
+        if isinstance(http_client, glance_http.SessionClient):
+            # keystoneauth adds the token and finds the image endpoint.
+            extra = {"timeout": timeout} if timeout is not None else {}
+            resp = ks_adapter.Adapter.request(
+                http_client, url, "GET", headers=headers, stream=stream, raise_exc=False, **extra
+            )
+        else:
+            headers.update(http_client.identity_headers or {})
+            headers.setdefault("X-Auth-Token", http_client.auth_token)
+            resp = http_client.session.get(
+                http_client.endpoint.rstrip("/") + url,
+                headers=headers,
+                stream=stream,
+                timeout=timeout if timeout is not None else http_client.timeout,
+            )
+        if resp.status_code >= 400 and resp.status_code not in accept:
+            try:
+                detail = resp.raw.read(300, decode_content=True).decode("utf-8", "replace")
+            finally:
+                resp.close()
+            error = glance_exc.HTTPException(details=detail or resp.reason)
+            error.code = resp.status_code
+            raise error
+        return resp
 
     def download(
         self,
