@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cache_hit  # noqa: E402
 import fleet  # noqa: E402
+import hub_lateness  # noqa: E402
 import memory  # noqa: E402
 import neighbour  # noqa: E402
 import single  # noqa: E402
@@ -299,6 +300,33 @@ def origin_loss_rows(o: dict | None) -> list[str]:
     ]
 
 
+def hub_lateness_rows(h: dict | None) -> list[str]:
+    """How late a 10 ms ticker of the download's own process wakes: idle, then busy."""
+    if not h:
+        return []
+    if "error" in h:
+        return [f"| nova-compute's hub during a download | failed: {h['error']} | | |"]
+
+    def ms(s: dict) -> str:
+        return f"{s['p50']:.1f} / {s['p99']:.1f} / {s['max']:.0f}"
+
+    rows = []
+    for mode in ("eventlet", "native"):
+        for key, what in (("lone", "a lone host"), ("fleet", f"{h['fleet_hosts']}-host fleet")):
+            c = h.get(mode, {}).get(key)
+            if not c:
+                continue
+            d = c["download"]
+            ok = d["p99"] < 20 and d["max"] < 200
+            rows.append(
+                f"| {h['size_mib']} MiB download, {what}, under {mode}: the process's 10 ms "
+                f"ticker late by p50 / p99 / max ms | during the download **{ms(d)}** "
+                f"({c['seconds']:.1f} s); idle {ms(c['idle'])} | p99 < 20, max < 200 | "
+                f"{verdict(ok)} |"
+            )
+    return rows
+
+
 def cpu_table(r: dict) -> list[str]:
     """CPU per GiB delivered on the compute side, every case of the run."""
     f, rows, s = r["fleet"], r["scale"], r["single"]
@@ -475,6 +503,7 @@ def build_report(r: dict) -> str:
     else:
         lines.append("| demo | failed, see its table below | <= 0.5 | **missed** |")
     lines += origin_loss_rows(r.get("origin_loss"))
+    lines += hub_lateness_rows(r.get("hub_lateness"))
     mib, sec = s["mib_s"], s.get("seconds_spread", {})
     lines.append(
         f"| single host, no caps, {s['size_mib']} MiB, default settings: speed / plain HTTP's "
@@ -616,6 +645,13 @@ def headline(r: dict) -> dict:
         "aria2": per.get("aria2", {}).get("median"),
     }
     out["single_cpu_over_http"] = s.get("cpu_over_http")
+    hub = r.get("hub_lateness") or {}
+    if "eventlet" in hub:
+        out["hub_lateness_ms"] = {
+            mode: {key: {"idle": c["idle"], "download": c["download"]} for key, c in cases.items()}
+            for mode, cases in hub.items()
+            if mode in ("eventlet", "native")
+        }
     loss = r.get("origin_loss") or {}
     if "killed" in loss:
         out["origin_loss"] = {
@@ -673,6 +709,14 @@ def _origin_loss() -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _hub_lateness() -> dict:
+    """nova-compute's hub while it downloads (bench/hub_lateness.py); failure is reported."""
+    try:
+        return hub_lateness.run(512, 4)
+    except Exception as exc:  # noqa: BLE001  shown in RESULTS.md instead
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _neighbour(r: dict, size_mib: int, *, seconds: float, rounds: int) -> None:
     """A short neighbour run (bench/neighbour.py has the long one); failure is reported."""
     try:
@@ -691,7 +735,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["origin-loss"],
+        choices=["origin-loss", "hub-lateness"],
         help="measure this row alone and merge it into bench/results.json, then rewrite "
         "RESULTS.md (the other rows keep their figures from the last full run)",
     )
@@ -710,7 +754,11 @@ def main() -> int:
     if args.only:
         with open(os.path.join(HERE, "results.json")) as fh:
             r = json.load(fh)["details"]
-        r["origin_loss"] = _origin_loss()
+        if args.only == "origin-loss":
+            r["origin_loss"] = _origin_loss()
+            r["hub_lateness"] = _hub_lateness()
+        else:
+            r["hub_lateness"] = _hub_lateness()
         write(r, HERE)
         return 0
     started = time.monotonic()

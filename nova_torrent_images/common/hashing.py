@@ -19,6 +19,18 @@ from typing import Any
 from oslo_utils import units
 
 CHUNK = 4 * units.Mi
+# Bytes hashed in one go by update_yielding: SHA-512 runs at 650-800 MiB/s here, so a
+# slice holds an eventlet hub (nova-compute's RPC and heartbeat) for about 1.5 ms.
+SLICE = units.Mi
+
+
+def update_yielding(hasher: Any, data: bytes | bytearray | memoryview) -> None:
+    """``hasher.update(data)`` a slice at a time, letting other (green) threads run between:
+    64 MiB offered at once held nova-compute's hub for 60-100 ms under eventlet."""
+    view = memoryview(data)
+    for start in range(0, len(view), SLICE):
+        hasher.update(view[start : start + SLICE])
+        time.sleep(0)
 
 
 def hash_prefix(path: str, hasher: Any, size: int, start: int = 0) -> int:

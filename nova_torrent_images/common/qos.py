@@ -55,6 +55,8 @@ from typing import Any, TypeVar
 
 from oslo_log import log as logging
 
+from nova_torrent_images.common import utils
+
 LOG = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -117,15 +119,7 @@ def configure(conf: Any) -> Settings:
 
 
 # -- the calling thread ------------------------------------------------------------------
-def _green() -> bool:
-    """Whether threads are eventlet green threads (all on one native thread)."""
-    patcher = sys.modules.get("eventlet.patcher")
-    if patcher is None:
-        return False
-    try:
-        return bool(patcher.is_monkey_patched("thread"))
-    except Exception:  # noqa: BLE001  an odd eventlet: assume the worst
-        return True
+_green = utils._green  # one test for green threads, in common.utils
 
 
 _libc: Any = None

@@ -22,14 +22,18 @@ import ipaddress
 import os
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from oslo_log import log as logging
 from oslo_utils import netutils
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
@@ -48,7 +52,7 @@ def atomic_write(path: str, data: bytes | str, *, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
-            os.fsync(f.fileno())
+            fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -71,6 +75,41 @@ def atomic_tmp_owner(name: str) -> int | None:
     _, sep, rest = name.rpartition(ATOMIC_TMP)
     pid = rest.partition("-")[0]
     return int(pid) if sep and pid.isdigit() else None
+
+
+def native_call(func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` without holding an eventlet hub: a call into C that may wait long
+    (libtorrent's handle methods wait for its network thread, which is busy in a boot
+    storm: 50-600 ms measured on this machine) runs on eventlet's native thread pool while
+    the calling green thread waits. Without eventlet, a plain call."""
+    if _green():
+        from eventlet import tpool  # only when eventlet is there and patched
+
+        return tpool.execute(func, *args)
+    return func(*args)
+
+
+def fsync(fd: int) -> None:
+    """``os.fsync(fd)`` without holding an eventlet hub: under eventlet (nova-compute's
+    green threads) it runs on a native thread of eventlet's pool while the caller's green
+    thread waits. Measured: the fsync of a 512 MiB download held the hub for 2.35 s."""
+    if _green():
+        from eventlet import tpool  # only when eventlet is there and patched
+
+        tpool.execute(os.fsync, fd)
+    else:
+        os.fsync(fd)
+
+
+def _green() -> bool:
+    """Whether threads are eventlet green threads (all on one native thread)."""
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is None:
+        return False
+    try:
+        return bool(patcher.is_monkey_patched("thread"))
+    except Exception:  # noqa: BLE001  an odd eventlet: assume the worst
+        return True
 
 
 def fsync_dir(path: str) -> None:

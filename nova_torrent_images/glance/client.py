@@ -26,7 +26,6 @@ import http
 import http.client
 import itertools
 import json
-import os
 import re
 import threading
 import time
@@ -50,6 +49,7 @@ from oslo_utils import units
 
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images import exception
+from nova_torrent_images.common import utils
 from nova_torrent_images.glance import verify
 from nova_torrent_images.glance.image import ImageInfo, parse_image
 
@@ -479,7 +479,7 @@ class GlanceClient:
         if retries is None:
             retries = self._option("glance_retries")
         delay = float(self._option("glance_retry_delay"))
-        stop = tenacity.stop_after_attempt(retries + 1)
+        stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(retries + 1)
         if budget is not None:
             stop = stop | _BudgetStop(budget, delay)
         return tenacity.Retrying(
@@ -799,7 +799,7 @@ class GlanceClient:
                     if written > image.size:
                         break
                 out.flush()
-                os.fsync(out.fileno())
+                utils.fsync(out.fileno())
             verify.check_digest(image, written, hasher.hexdigest() if verify_hash else None)
         except BaseException:
             if not in_place:

@@ -140,11 +140,11 @@ class StreamingCheck:
 
     def _advance(self, data: bytes | bytearray) -> None:
         """Hash ``data`` at the prefix, then whatever waited right behind it (under the lock)."""
-        self._hasher.update(data)
+        hashing.update_yielding(self._hasher, data)
         self._offset += len(data)
         while (following := self._waiting.pop(self._offset, None)) is not None:
             self._waiting_bytes -= len(following)
-            self._hasher.update(following)
+            hashing.update_yielding(self._hasher, following)
             self._offset += len(following)
 
     def catch_up(self, path: str, upto: int) -> int:

@@ -194,9 +194,9 @@ def remove_stale_scratch(root: str) -> int:
 def peers_lacking_ours(handle: lt.torrent_handle) -> int:
     """How many connected peers lack a piece we have (peers whose bitfield is not known
     yet do not count)."""
-    ours = handle.status(lt.torrent_handle.query_pieces).pieces
+    ours = utils.native_call(handle.status, lt.torrent_handle.query_pieces).pieces
     lacking = 0
-    for peer in handle.get_peer_info():
+    for peer in utils.native_call(handle.get_peer_info):
         theirs = peer.pieces
         if len(theirs) != len(ours) or peer.flags & lt.peer_info.seed:
             continue
@@ -353,9 +353,9 @@ class Transfer:
             client,
             piece_length=info.piece_length(),
             size=self.image.size,
-            add_piece=lambda piece, data: handle.add_piece(piece, data, 0),
+            add_piece=lambda piece, data: utils.native_call(handle.add_piece, piece, data, 0),
             missing=self._missing_pieces,
-            progress=lambda: self._done_bytes(handle.status()),
+            progress=lambda: self._done_bytes(utils.native_call(handle.status)),
             offer=self.check.offer if self.check is not None else None,
             landing=landing,
         ).start()
@@ -371,7 +371,8 @@ class Transfer:
 
     def _missing_pieces(self) -> list[int]:
         """Pieces neither libtorrent nor this host's landing has."""
-        pieces = self._watch.handle.status(lt.torrent_handle.query_pieces).pieces
+        handle = self._watch.handle
+        pieces = utils.native_call(handle.status, lt.torrent_handle.query_pieces).pieces
         landed = self._landing.landed() if self._landing is not None else ()
         return [i for i, have in enumerate(pieces) if not have and i not in landed]
 
@@ -381,7 +382,7 @@ class Transfer:
         me = self.engine.listen_host()
         peers = []
         origin = self._origin_hosts | self._stripe_hosts
-        for peer in self._watch.handle.get_peer_info():
+        for peer in utils.native_call(self._watch.handle.get_peer_info):
             if not utils.is_specific_ip(me):
                 me = peer.local_endpoint[0]
             if peer.flags & lt.peer_info.seed or peer.ip[0] in origin:
@@ -401,7 +402,8 @@ class Transfer:
         origin = self._origin_hosts | self._stripe_hosts
         if not origin:
             return None  # no origin named: stall_timeout alone decides
-        connected = {peer.ip[0] for peer in self._watch.handle.get_peer_info()}
+        peers = utils.native_call(self._watch.handle.get_peer_info)
+        connected = {peer.ip[0] for peer in peers}
         if origin & connected:
             self._origin_seen = now
             return None
@@ -424,9 +426,9 @@ class Transfer:
                 self._fill_reader,
                 piece_length=info.piece_length(),
                 size=self.image.size,
-                add_piece=lambda piece, data: handle.add_piece(piece, data, 0),
+                add_piece=lambda piece, data: utils.native_call(handle.add_piece, piece, data, 0),
                 missing=self._missing_pieces,
-                availability=handle.piece_availability,
+                availability=lambda: utils.native_call(handle.piece_availability),
                 hosts=self._fill_hosts,
                 downlink=self.engine.stripe_downlink,
             )
@@ -434,7 +436,7 @@ class Transfer:
         elif everything and self._fill.everything:
             return False  # filling everything already: a stall now is a real one
         missing = self._missing_pieces()
-        available = handle.piece_availability()
+        available = utils.native_call(handle.piece_availability)
         nobody = [p for p in missing if p < len(available) and available[p] == 0]
         _, peers = self._fill_hosts()
         piece_length = self._fill.piece_length
@@ -458,7 +460,8 @@ class Transfer:
             return 0
         pieces = status.pieces
         if len(pieces) != self._watch.handle.torrent_file().num_pieces():
-            pieces = self._watch.handle.status(lt.torrent_handle.query_pieces).pieces
+            query = lt.torrent_handle.query_pieces
+            pieces = utils.native_call(self._watch.handle.status, query).pieces
         length = landing.piece_length
         return sum(
             min(length, self.image.size - p * length) for p in landing.landed() if not pieces[p]
@@ -493,13 +496,18 @@ class Transfer:
         def stripes_hold(piece: int) -> bool:  # bytes on their way to the hash already
             return self._stripes is not None and self._stripes.awaits_offer(piece)
 
-        def final(piece: int) -> bool:  # checked by libtorrent, or landed by this host
-            return handle.have_piece(piece) or (
-                self._landing is not None and self._landing.has(piece)
-            )
-
         try:
             while not self._stop_reading.wait(READ_BEHIND_INTERVAL):
+                # One query for the bitfield, not a call per piece (each waits for
+                # libtorrent's network thread; under eventlet, on the hub).
+                query = lt.torrent_handle.query_pieces
+                have = utils.native_call(handle.status, query).pieces
+
+                def final(piece: int, have=have) -> bool:  # checked by libtorrent, or landed
+                    return bool(have[piece]) or (
+                        self._landing is not None and self._landing.has(piece)
+                    )
+
                 piece = self.check.streamed // piece_length
                 while piece < count and final(piece) and not stripes_hold(piece):
                     piece += 1
@@ -667,7 +675,7 @@ class Transfer:
         while True:
             for alert in self._watch.drain(timeout=POLL_INTERVAL):
                 self._on_alert(alert)
-            status = handle.status()
+            status = utils.native_call(handle.status)
             now = time.monotonic()
             if not metadata_ok:
                 if not status.has_metadata:
@@ -682,7 +690,7 @@ class Transfer:
                 metadata_ok, last_progress = True, now
                 # On at once: another round of the loop waited a poll interval first, 0.2 s
                 # of a lone host's 1.6 s for 512 MiB.
-                status = handle.status()
+                status = utils.native_call(handle.status)
             if self._pending_stripes is not None and status.state not in _CHECKING:
                 # Not while libtorrent checks the files: add_piece then drops the pieces.
                 self._start_stripes(self._pending_stripes, status)

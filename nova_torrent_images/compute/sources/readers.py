@@ -41,6 +41,7 @@ from stevedore import driver
 from stevedore import exception as stevedore_exc
 
 from nova_torrent_images import exception
+from nova_torrent_images.common import utils
 from nova_torrent_images.compute.sources.base import ProgressCallback
 from nova_torrent_images.compute.stores.base import Slot
 from nova_torrent_images.glance.image import ImageInfo
@@ -186,7 +187,7 @@ def _copy(
             if progress is not None:
                 progress(written.offset, image.size, 0, 0)
         out.flush()
-        os.fsync(out.fileno())
+        utils.fsync(out.fileno())
 
 
 def _under(path: str, prefix: str) -> bool:

@@ -231,7 +231,7 @@ class FilesystemStore(BaseCopyStore):
         image = info.image
         data_path = self._path(image.id, ".base")
         with open(slot.path, "rb") as f:
-            os.fsync(f.fileno())
+            utils.fsync(f.fileno())
         os.chmod(slot.path, 0o444)
         os.replace(slot.path, data_path)
         now = info.created_at
@@ -350,7 +350,7 @@ class FilesystemStore(BaseCopyStore):
         try:
             self._bring(ref, tmp, f"keeping snapshot {ref} of image {image_id} for its upload")
             with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+                utils.fsync(f.fileno())
             os.chmod(tmp, 0o444)
             os.replace(tmp, data)
         except BaseException:

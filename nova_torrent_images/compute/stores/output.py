@@ -105,7 +105,7 @@ class OutputFileStore(BaseCopyStore):
     def commit(self, slot: Slot, info: CommitInfo) -> BaseCopy:
         image = info.image
         with open(slot.path, "rb") as f:
-            os.fsync(f.fileno())
+            utils.fsync(f.fileno())
         try:
             os.link(slot.path, self.path)  # no-clobber, unlike a rename
         except FileExistsError as exc:

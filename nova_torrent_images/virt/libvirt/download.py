@@ -81,6 +81,7 @@ from oslo_log import log as logging
 
 from nova_torrent_images import conf as nti_conf
 from nova_torrent_images import exception
+from nova_torrent_images.common import utils
 from nova_torrent_images.compute import stores
 from nova_torrent_images.compute.pipeline import ImagePipeline
 from nova_torrent_images.compute.snapshots import differential
@@ -354,7 +355,7 @@ class TorrentDownloads:
             differential.convert(base.ref, "raw", dst_path, "qcow2")
             os.chmod(dst_path, 0o644)
             with open(dst_path, "rb") as f:
-                os.fsync(f.fileno())
+                utils.fsync(f.fileno())
         except BaseException:
             verify.discard(dst_path)
             raise
@@ -404,7 +405,7 @@ class TorrentDownloads:
             )
             os.chmod(dst_path, 0o644)  # a file of Nova's, as Nova would have written it
             with open(dst_path, "rb") as f:
-                os.fsync(f.fileno())  # as Nova does: no corrupt backing file after a crash
+                utils.fsync(f.fileno())  # as Nova does: no corrupt backing file after a crash
         except BaseException:
             verify.discard(dst_path)
             raise
