@@ -204,25 +204,29 @@ stripe_opts = [
         "origin_stripe_max_connections",
         default=512,
         min=1,
-        help="Connections the stripe server holds open in all (a thread each); more are "
-        "answered 503.",
+        help="Requests the stripe server serves at once (a worker thread each, started as "
+        "needed); a complete request beyond them is answered 503. Connections that are "
+        "idle or still sending their request do not count: up to 4 times this many may "
+        "be open (at most half the process's file-descriptor limit, RLIMIT_NOFILE), and "
+        "when all are, the one silent longest is closed to make room for a new one.",
     ),
     cfg.FloatOpt(
         "origin_stripe_request_timeout",
         default=10.0,
         min=0.1,
-        help="Seconds a client has from the first byte of a request to the end of its "
-        "body; a slower one is disconnected (a slowloris holds no thread longer).",
+        help="Seconds a client has from the first byte of a request (on a new connection: "
+        "from its opening) to the end of its body; a slower one is disconnected (a "
+        "slowloris or a connection that sends nothing holds its descriptor no longer).",
     ),
     cfg.FloatOpt(
         "origin_stripe_send_timeout",
         default=10.0,
         min=0.1,
-        help="Seconds a client has to read an answer, and for a byte range a second more "
-        "per MiB of it (the stripe server's own waits for its upload limit do not "
-        "count). A client that reads slower, or not at all, is disconnected, the pieces "
-        "it was given go to the next host that asks, and it gets no stripes for ten "
-        "times origin_stripe_reissue_after (the swarm serves it).",
+        help="Seconds a client has to read an answer, until its system acknowledged the "
+        "last byte, and a second more per MiB of it (the stripe server's own waits for "
+        "its upload limit do not count). A client that reads slower, or not at all, is "
+        "disconnected, the pieces it was given go to the next host that asks, and it gets "
+        "no stripes for ten times origin_stripe_reissue_after (the swarm serves it).",
     ),
     cfg.IntOpt(
         "origin_stripe_held_per_address",

@@ -38,9 +38,18 @@ Endpoints (HTTP/1.1, read-only, only published images, only ``allowed_peer_cidrs
     POST /v1/torrents/<info-hash>/stripes    {"peer", "part", "parts", "want"?, "batches"?}
                                              -> {"pieces", "done", "peers", ...}
 
-What one client can hold of the server (connections, time per request and answer) is
-bounded by origin/guard.py; what it can hold of the pieces, by :meth:`StripeDispenser.assign`
-(doc/source/security.rst, "The origin's stripe endpoint").
+What one client can hold of the server (connections, requests, time per phase) is
+bounded by origin/stripe_guard.py; what it can hold of the pieces, by
+:meth:`StripeDispenser.assign`; what it can say about other hosts, by
+:meth:`StripeDispenser.peers` (doc/source/security.rst, "The origin's stripe endpoint").
+
+How it serves (why: a thread per connection let 640 idle connections from 40 addresses
+fill the server, 520 threads, and a real host got 503): one event loop thread accepts
+connections, reads request heads and bodies within fixed bounds (the request line, the
+header count and bytes, like nginx's 8 KiB buffers; 64 connections sending 99 headers of
+60 KB each grew a threaded server by 370 MiB), holds idle keep-alive connections, and
+waits for each answer to be acknowledged; a bounded pool of worker threads serves only
+complete requests.
 
 A host may ask for several batches at once (``batches``); it gets them only from a node
 without an upload cap and while plenty are left for the other hosts (see
@@ -48,7 +57,9 @@ without an upload cap and while plenty are left for the other hosts (see
 
 Hosts fetching stripes keep off the origin's BitTorrent port (it would only send them
 duplicates), so the origin cannot introduce them to each other through peer exchange
-there: each answer names the other hosts that asked lately (``peers``), a tracker of sorts.
+there: each answer names the other hosts that asked lately (``peers``), a tracker of sorts,
+each at the address its request came from (a host behind a proxy is not named), those
+seen fetching first.
 
 The torrent and data answers are content-addressed by the info-hash: they carry an ETag,
 Last-Modified and ``Cache-Control: public, max-age=31536000, immutable``, answer 304 to a
@@ -60,19 +71,26 @@ seeder's BitTorrent port; the stripes are an addition for this project's hosts.
 
 from __future__ import annotations
 
+import collections
 import email.utils
+import errno
+import fcntl
+import io
 import ipaddress
 import json
+import queue
 import re
+import selectors
 import socket
-import sys
+import struct
+import termios
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from oslo_log import log as logging
@@ -80,7 +98,11 @@ from oslo_log import log as logging
 from nova_torrent_images import exception
 from nova_torrent_images.common import utils
 from nova_torrent_images.origin.registry import PublishedImage, Registry
-from nova_torrent_images.origin.stripe_guard import ConnectionGuard, ConnectionLimits
+from nova_torrent_images.origin.stripe_guard import (
+    ConnectionGuard,
+    ConnectionLimits,
+    busy_answer,
+)
 from nova_torrent_images.swarm.torrent import describe
 
 LOG = logging.getLogger(__name__)
@@ -89,6 +111,7 @@ MAX_RANGE = 64 * 1024 * 1024  # bytes one data request may ask for
 MAX_BODY = 256 * 1024  # a stripe request (its want list included)
 MAX_WANT = 100_000
 MAX_PEERS = 50  # other hosts named in one answer
+MAX_PEER_RECORDS = 4096  # hosts (addresses) remembered per image
 MAX_BATCHES = 16  # batches one request may ask for (a lone host: 1 MiB each was too few)
 # Several batches go to one request only while a host takes at most this share of what
 # is left per host that asked lately: the last batches stay small and spread over hosts.
@@ -113,8 +136,8 @@ LATE = 0.25
 # which also runs its seeder) per 256 KiB chunk.
 UNLIMITED_CHUNK = 8 * 1024 * 1024
 # A client reading slower than this from the origin gets its pieces faster from the
-# swarm: a range it takes longer over (beyond origin_stripe_send_timeout) is ended and its
-# pieces go to the next host that asks.
+# swarm: an answer it takes longer over (beyond origin_stripe_send_timeout) is ended and
+# the pieces of a range go to the next host that asks.
 MIN_READ_RATE = 1024 * 1024  # bytes per second
 IDLE_TIMEOUT = 120.0  # seconds a keep-alive connection may wait for its next request
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -123,8 +146,61 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 DEFAULT_LIMITS = ConnectionLimits(
     per_address=16, total=512, request_timeout=10.0, send_timeout=10.0
 )
+# What a request head may hold, as nginx's large_client_header_buffers (4 x 8 KiB):
+# beyond them 414 or 431, and the connection is closed. A request of ours is ~200 bytes.
+MAX_REQUEST_LINE = 8 * 1024  # bytes, its CRLF included
+MAX_HEADER_LINE = 8 * 1024  # bytes of one header line
+MAX_HEADERS = 64  # header lines
+MAX_HEAD = 16 * 1024  # bytes of the request line and headers together
+# Request bodies read but not yet answered, all connections together: past this a
+# request is answered 503 (each is at most MAX_BODY; ours are ~100 bytes).
+MAX_BUFFERED_BODIES = 32 * 1024 * 1024
+# After an answer that closes the connection: what the client still sends is read and
+# dropped for this long, up to LINGER_BYTES, so it can read the answer (nginx's lingering
+# close; closing with unread data would reset the connection, answer and all).
+LINGER = 1.0  # seconds
+LINGER_BYTES = 256 * 1024
+READ_CHUNK = 64 * 1024  # bytes per recv() of the loop
+DRAIN_POLL = 0.05  # seconds between checks of answers still unacknowledged
+REAP_EVERY = 0.1  # seconds between deadline checks: the deadlines' resolution
+ACCEPT_PAUSE = 0.1  # seconds without accept() after the process ran out of descriptors
+WORKER_IDLE = 60.0  # seconds an idle worker thread waits for work before it ends
+LISTEN_BACKLOG = 1024
+_DIGITS = 19  # a byte position beyond 19 digits (10^19 bytes) is no position
 _PATH = re.compile(r"^/v1/torrents/([0-9a-f]{40}|[0-9a-f]{64})(/data|/stripes)?$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
+# SIOCOUTQ (Linux): bytes sent but not yet acknowledged, and not yet sent, of a socket.
+_OUTQ = getattr(termios, "TIOCOUTQ", None)
+
+
+def _address_of(endpoint: str | None) -> str | None:
+    """The IP address of ``address:port`` (IPv4-mapped IPv6 as IPv4), or None."""
+    if not endpoint:
+        return None
+    try:
+        return normal_address(utils.parse_host_port(endpoint)[0])
+    except ValueError:
+        return None
+
+
+def normal_address(address: str) -> str:
+    """``address`` as one text per host: IPv4-mapped IPv6 (a dual-stack socket) as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+@dataclass
+class PeerRecord:
+    """A host that asked for an image's stripes, as other hosts are told about it."""
+
+    endpoint: str  # its BitTorrent endpoint: the address it asked from, its own port
+    seen: float  # when it last asked
+    fetched: int = 0  # bytes of ranges it was sent whole since: it makes progress
 
 
 @dataclass
@@ -137,9 +213,9 @@ class ImageStripes:
     num_pieces: int
     given_at: dict[int, float] = field(default_factory=dict)  # piece -> last hand-out
     served: int = 0  # payload bytes sent
-    # Hosts that asked for stripes (their BitTorrent endpoints) -> when: they keep off the
-    # origin's BitTorrent port, so the origin cannot introduce them to each other there.
-    peers: dict[str, float] = field(default_factory=dict)
+    # Hosts that asked for stripes, one record per address: they keep off the origin's
+    # BitTorrent port, so the origin cannot introduce them to each other there.
+    peers: dict[str, PeerRecord] = field(default_factory=dict)  # IP address -> record
     # Who holds what (client addresses): a piece is claimed once a data request for it
     # arrived; see StripeDispenser.assign for what happens to pieces never claimed.
     given_to: dict[int, str] = field(default_factory=dict)  # piece -> last given to
@@ -193,28 +269,62 @@ class StripeDispenser:
             return stripes
         return None
 
-    def peers(self, stripes: ImageStripes, peer: str | None) -> list[str]:
-        """Other hosts that asked for this image's stripes lately; records ``peer``."""
-        now = self._clock()
-        with self._lock:
-            if peer:
-                stripes.peers[peer] = now
-            recent = sorted(
-                (p for p, t in stripes.peers.items() if p != peer and now - t < PEER_TTL),
-                key=lambda p: -stripes.peers[p],
-            )
-            for stale in [p for p, t in stripes.peers.items() if now - t >= PEER_TTL]:
-                del stripes.peers[stale]
-        return recent[:MAX_PEERS]
+    def peers(
+        self, stripes: ImageStripes, peer: str | None, *, address: str | None = None
+    ) -> list[str]:
+        """Other hosts that asked for this image's stripes lately; records ``peer``.
 
-    def fetching(self, stripes: ImageStripes, peer: str | None) -> int:
-        """How many hosts other than ``peer`` asked for this image's stripes lately.
+        ``peer`` is the asking host's BitTorrent endpoint, ``address:port``, its address
+        the one its request came from (the server checks that): one record per address,
+        so a client naming thousands of endpoints is one entry (25,682 requests with a
+        different ``peer`` each once filled every host's list with 50 fake ones). Hosts
+        that were sent ranges whole since they asked come first, the most recent first:
+        the list favours hosts seen to make progress over hosts that only asked.
+        ``address``: the asking client's, left out of the list (it may name no peer).
+        """
+        now = self._clock()
+        own = address or _address_of(peer)
+        with self._lock:
+            if peer and own and own == _address_of(peer):
+                record = stripes.peers.get(own)
+                if record is None:
+                    stripes.peers[own] = PeerRecord(peer, now)
+                    if len(stripes.peers) > MAX_PEER_RECORDS:
+                        self._forget_one(stripes, own)
+                else:
+                    record.endpoint, record.seen = peer, now
+            for stale in [a for a, r in stripes.peers.items() if now - r.seen >= PEER_TTL]:
+                del stripes.peers[stale]
+            named = sorted(
+                (r for a, r in stripes.peers.items() if a != own),
+                key=lambda r: (r.fetched == 0, -r.seen),
+            )
+        return [r.endpoint for r in named[:MAX_PEERS]]
+
+    @staticmethod
+    def _forget_one(stripes: ImageStripes, keep: str) -> None:
+        """Drop the least useful record but ``keep``'s (the lock is held): one that made
+        no progress before one that did, the oldest first."""
+        worst = min(
+            (a for a in stripes.peers if a != keep),
+            key=lambda a: (stripes.peers[a].fetched > 0, stripes.peers[a].seen),
+        )
+        del stripes.peers[worst]
+
+    def fetching(
+        self, stripes: ImageStripes, peer: str | None, *, address: str | None = None
+    ) -> int:
+        """How many hosts other than ``peer`` (at ``address``) asked for this image's
+        stripes lately.
 
         A host told none lands its stripes itself (swarm/landing.py) until one shows up.
         """
         now = self._clock()
+        own = address or _address_of(peer)
         with self._lock:
-            return sum(1 for p, t in stripes.peers.items() if p != peer and now - t < ACTIVE_WINDOW)
+            return sum(
+                1 for a, r in stripes.peers.items() if a != own and now - r.seen < ACTIVE_WINDOW
+            )
 
     def assign(
         self,
@@ -254,7 +364,9 @@ class StripeDispenser:
             given = stripes.given_at
             if want is None:
                 free = [p for p in range(part, stripes.num_pieces, parts) if p not in given]
-                hosts = max(1, sum(1 for t in stripes.peers.values() if now - t < ACTIVE_WINDOW))
+                hosts = max(
+                    1, sum(1 for r in stripes.peers.values() if now - r.seen < ACTIVE_WINDOW)
+                )
                 batches = max(1, min(batches, len(free) // (per_batch * SHARE_PER_REQUEST * hosts)))
                 pieces = free[: min(per_batch * batches, room)]
                 done = len(pieces) == len(free)
@@ -340,6 +452,9 @@ class StripeDispenser:
                 del stripes.reading[address]
             stripes.last_read[address] = now
             if sent:
+                record = stripes.peers.get(address)
+                if record is not None:  # progress: named before hosts that only asked
+                    record.fetched += end - start + 1
                 return
             for p in self._whole_pieces(stripes, start, end):
                 if stripes.given_to.get(p) == address:
@@ -377,56 +492,343 @@ class UplinkBooking:
         self._left -= n
 
 
+class _Refused(Exception):
+    """A request the loop answers itself (bounds, framing) before closing the connection."""
+
+    def __init__(self, status: HTTPStatus, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+        self.why = why
+
+
+def head_length(buf: bytes | bytearray) -> int | None:
+    """The length of the request head at the start of ``buf``, its blank line included;
+    None while it is incomplete. Raises :class:`_Refused` (414, 431) past the bounds."""
+    end = buf.find(b"\n", 0, MAX_REQUEST_LINE)
+    if end < 0:
+        if len(buf) >= MAX_REQUEST_LINE:
+            raise _Refused(
+                HTTPStatus.REQUEST_URI_TOO_LONG, f"request line over {MAX_REQUEST_LINE} bytes"
+            )
+        return None
+    pos, lines = end + 1, 0
+    while True:
+        end = buf.find(b"\n", pos, pos + MAX_HEADER_LINE)
+        if end < 0:
+            if len(buf) - pos >= MAX_HEADER_LINE:
+                raise _Refused(
+                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    f"a header line over {MAX_HEADER_LINE} bytes",
+                )
+            if len(buf) > MAX_HEAD:
+                raise _Refused(
+                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    f"request head over {MAX_HEAD} bytes",
+                )
+            return None
+        if end + 1 > MAX_HEAD:
+            raise _Refused(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head over {MAX_HEAD} bytes"
+            )
+        if buf[pos:end] in (b"", b"\r"):
+            return end + 1
+        lines += 1
+        if lines > MAX_HEADERS:
+            raise _Refused(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"over {MAX_HEADERS} header lines"
+            )
+        pos = end + 1
+
+
+def body_framing(head: bytes) -> tuple[int, bool]:
+    """(body length, whether the client waits for 100 Continue) of a request head;
+    :class:`_Refused` for a body without a usable Content-Length or over MAX_BODY."""
+    length: int | None = None
+    expect = False
+    for line in head.split(b"\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue  # the blank line; a malformed one is the handler's 400
+        name, value = name.strip().lower(), value.strip()
+        if name == b"content-length":
+            if not value.isdigit() or len(value) > _DIGITS:
+                raise _Refused(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
+            if length is not None and int(value) != length:
+                raise _Refused(HTTPStatus.BAD_REQUEST, "Content-Length given twice")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a request body needs a Content-Length")
+        elif name == b"expect":
+            expect = value.lower() == b"100-continue"
+    if length is not None and length > MAX_BODY:
+        raise _Refused(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes (at most {MAX_BODY})"
+        )
+    return length or 0, expect and bool(length)
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    """Bytes of ``sock``'s answers its client's kernel has not acknowledged yet (SIOCOUTQ;
+    0 where the system cannot tell)."""
+    if _OUTQ is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):  # closed meanwhile: nothing of it is held any more
+        return 0
+
+
+def _integer(request: dict[str, Any], name: str, default: int) -> int:
+    value = request.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number here")
+
+
+def _no_float(text: str) -> Any:
+    raise ValueError(f"{text[:24]} is not an integer")
+
+
+def parse_stripe_request(raw: bytes) -> dict[str, Any]:
+    """A stripe request body as a JSON object; ValueError says what is wrong with it.
+
+    Only integers are numbers here: ``Infinity``, ``NaN`` and ``1e400`` (a float
+    overflowing to infinity) are refused, not handed to int(); and so is nesting
+    too deep to parse (50,000 nested arrays), which json reports with RecursionError.
+    """
+    try:
+        request = json.loads(raw, parse_constant=_no_constant, parse_float=_no_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(request, dict):
+        raise ValueError("a JSON object is required")
+    return request
+
+
+class _Connection:
+    """One client connection: the loop's, except while a worker serves its request."""
+
+    __slots__ = (
+        "sock",
+        "peer",
+        "address",
+        "state",
+        "buf",
+        "head",
+        "body",
+        "continued",
+        "requests",
+        "close_after",
+        "eof",
+        "out",
+        "linger_until",
+        "dropped",
+        "reserved",
+        "events",
+        "closed",
+    )
+
+    def __init__(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.address = normal_address(str(peer[0]))
+        self.state = _READING
+        self.buf = bytearray()
+        self.head: int | None = None  # bytes of the request head, once complete
+        self.body = 0  # bytes of its body
+        self.continued = False  # 100 Continue sent for it
+        self.requests = 0  # answered on this connection
+        self.close_after = False  # close once the answer is acknowledged
+        self.eof = False  # the client sends no more
+        self.out = b""  # an answer of the loop's, still to write
+        self.linger_until = 0.0
+        self.dropped = 0  # bytes read and dropped while lingering
+        self.reserved = 0  # bytes of MAX_BUFFERED_BODIES it holds
+        self.events = 0  # what the selector watches for it
+        self.closed = False
+
+    def room(self) -> int:
+        """Bytes the loop may read into ``buf`` now."""
+        if self.state == _LINGERING or self.close_after:
+            return READ_CHUNK  # dropped, not kept
+        if self.head is None:
+            return MAX_HEAD + 1 - len(self.buf)  # one more shows a head too long
+        return self.head + self.body - len(self.buf)
+
+
+_READING, _BUSY, _DRAINING, _LINGERING = "reading", "busy", "draining", "lingering"
+_KEEP, _CLOSE, _ABORT = "keep", "close", "abort"  # how a worker leaves a connection
+_WAKE = object()
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class _Workers:
+    """Threads serving complete requests: one per request being served, kept a while.
+
+    The guard admits at most ``total`` requests at once, so there are at most that many
+    threads; idle ones end after WORKER_IDLE.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a job, less the jobs queued for them
+        self._threads: set[threading.Thread] = set()
+        self._started = 0
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+            else:
+                self._started += 1
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._name}-{self._started}", daemon=True
+                )
+                self._threads.add(thread)
+                thread.start()
+            self._jobs.put((fn, args))
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._threads)
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        while True:
+            try:
+                job = self._jobs.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._idle -= 1
+                        self._threads.discard(me)
+                        return
+                continue
+            if job is None:
+                with self._lock:
+                    self._threads.discard(me)
+                return
+            fn, args = job
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001  a worker must outlive any one request
+                LOG.exception("Stripe worker %s failed a request", me.name)
+            with self._lock:
+                self._idle += 1
+
+    def stop(self, timeout: float) -> None:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Writer(io.BufferedIOBase):
+    """A handler's wfile: every write goes out whole (sendall)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self._sock.sendall(b)
+        with memoryview(b) as view:
+            return view.nbytes
+
+
 class _Handler(BaseHTTPRequestHandler):
-    server: StripeServer
+    """One complete request, read by the loop, answered on a worker thread."""
+
+    server: StripeServer  # type: ignore[assignment]  # not a socketserver's
     protocol_version = "HTTP/1.1"
     # Hosts keep their connections open between requests; an idle one is closed after
-    # this long (the client then reconnects), so it cannot hold a thread for good.
+    # this long (the client then reconnects). It holds no thread meanwhile.
     timeout = IDLE_TIMEOUT
-    # Headers and body leave in separate writes: with Nagle on, a kept-alive connection
-    # waited for the client's delayed ACK before each body (40 ms per batch request).
-    disable_nagle_algorithm = True
+
+    def __init__(self, server: StripeServer, conn: _Connection, request: bytes) -> None:
+        # Not BaseRequestHandler's __init__: that reads the socket and loops over requests.
+        self.server = server
+        self.request = self.connection = conn.sock
+        self.client_address = (conn.address, *conn.peer[1:2])
+        self.rfile = io.BytesIO(request)
+        self.wfile = _Writer(conn.sock)
+        self.close_connection = True
+        self.aborted = False  # the answer was cut short: the connection must be reset
+        self._answer_bytes = 0  # the body about to follow the headers
+        self._headers_sent = False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         LOG.debug("stripe server: " + format, *args)
 
+    def handle_expect_100(self) -> bool:
+        return True  # the loop sent 100 Continue before it read the body
+
     def handle_one_request(self) -> None:
-        # Idle until the next request's first byte, then the whole request in
-        # request_timeout: a client sending a byte per socket timeout is shut down.
-        guard = self.server.guard
-        guard.deadline(self.connection, self.timeout, "waiting for a request")
         try:
-            if not self.rfile.peek(1):
-                self.close_connection = True
-                return
-        except OSError:  # a timeout, or the reaper shut it down
+            super().handle_one_request()
+        except OSError:
+            self.aborted = True  # the client went away, or its deadline shut it down
+            raise
+        except Exception as exc:  # noqa: BLE001  a bug must not cost the client its answer
             self.close_connection = True
-            return
-        guard.deadline(self.connection, guard.limits.request_timeout, "sending its request")
-        super().handle_one_request()
+            LOG.error(
+                "Stripe request %r from %s failed: %r",
+                getattr(self, "requestline", ""),
+                self.client_address[0],
+                exc,
+                exc_info=LOG.isEnabledFor(logging.DEBUG),
+            )
+            if self._headers_sent:
+                self.aborted = True  # half an answer is out: only a reset ends it
+                return
+            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
 
     def end_headers(self) -> None:
-        # Every answer's headers and small body are due within send_timeout.
+        # The whole answer, headers and body, is due within send_timeout and a second per
+        # MiB; the loop holds it to that until the client's kernel acknowledged it all.
+        limits = self.server.guard.limits
         self.server.guard.deadline(
-            self.connection, self.server.guard.limits.send_timeout, "reading an answer"
+            self.connection,
+            limits.send_timeout + self._answer_bytes / MIN_READ_RATE,
+            "reading an answer",
         )
+        self._headers_sent = True
         super().end_headers()
+
+    def _reply(self, status: HTTPStatus, answer: dict[str, Any]) -> None:
+        body = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self._answer_bytes = len(body)
+        self.end_headers()
+        self.wfile.write(body)
 
     def _refuse(self, status: HTTPStatus, why: str) -> None:
         LOG.warning(
             "Stripe request %s %s from %s refused: %s",
             self.command,
-            self.path,
+            self.path[:200],
             self.client_address[0],
             why,
         )
-        body = json.dumps({"error": why}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+        self._reply(status, {"error": why})
 
     def _route(self) -> tuple[ImageStripes, str] | None:
         if not self.server.allowed(self.client_address[0]):
@@ -481,6 +883,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self._validators(etag)
+        self._answer_bytes = len(body)
         self.end_headers()
         self.wfile.write(body)
 
@@ -491,6 +894,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(
                 HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "a single bytes=a-b Range is required"
             )
+            return
+        if max(len(match.group(1)), len(match.group(2))) > _DIGITS:
+            # int() of 5,000 digits raises (Python's 4,300-digit limit), and no image
+            # has a byte position that long.
+            self._refuse(HTTPStatus.BAD_REQUEST, f"malformed Range: over {_DIGITS} digits")
             return
         start, end = int(match.group(1)), int(match.group(2))
         # A last byte past the end means "to the end" (RFC 9110 14.1.2): a caching proxy's
@@ -508,9 +916,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_data(stripes, etag, start, end)
             sent = True
         except OSError as exc:
-            # The client went away or stopped reading (the reaper shut it down): what it
+            # The client went away or stopped reading (its deadline shut it down): what it
             # was given goes to the next host that asks.
-            self.close_connection = True
+            self.close_connection = self.aborted = True
             LOG.info(
                 "Stripe range %d-%d of image %s to %s not sent whole: %s",
                 start,
@@ -520,7 +928,8 @@ class _Handler(BaseHTTPRequestHandler):
                 exc,
             )
         except exception.StoreError as exc:
-            self.close_connection = True  # the headers promised bytes the file lacks
+            # The headers promised bytes the file lacks: only a reset tells the client.
+            self.close_connection = self.aborted = True
             LOG.error("Stripe range %d-%d of image %s: %s", start, end, stripes.entry.image_id, exc)
         finally:
             self.server.dispenser.reading_ended(stripes, address, start, end, sent=sent)
@@ -539,7 +948,8 @@ class _Handler(BaseHTTPRequestHandler):
         limited = self.server.limiter.rate > 0
         booking = UplinkBooking(self.server.limiter, length) if limited else None
         # The client's time to read the range: send_timeout, and a second per
-        # MIN_READ_RATE bytes; the server's own waits for its uplink do not count.
+        # MIN_READ_RATE bytes; the server's own waits for its uplink do not count. The
+        # deadline left after the last write holds until the client acknowledged it all.
         budget = guard.limits.send_timeout + length / MIN_READ_RATE
         with open(stripes.entry.data_path, "rb") as f:
             offset, left = start, length
@@ -562,6 +972,35 @@ class _Handler(BaseHTTPRequestHandler):
                 offset += n
                 left -= n
 
+    def _peer(self, named: Any) -> str | None:
+        """The BitTorrent endpoint a stripe request names, as other hosts may be told it.
+
+        A host may name only itself: the address its request came from (the client
+        binds it to its BitTorrent address), with the port it names. An unspecified
+        address (a host listening on all of its addresses) means that address too; any
+        other address is not passed on (a client once named 25,682 fake peers), and the
+        request is served all the same (a host behind a proxy or NAT is not introduced).
+        """
+        if named is None or named == "":
+            return None
+        if not isinstance(named, str):
+            raise ValueError("peer must be host:port")
+        host, port = utils.parse_host_port(named)
+        if not utils.is_ip_literal(host):
+            raise ValueError(f"peer {named[:100]} is not an IP address")
+        source = self.client_address[0]
+        if not ipaddress.ip_address(host).is_unspecified and normal_address(host) != source:
+            self.server.guard.warn(
+                source,
+                "peer",
+                "Stripe request from %s names peer %s, not its own address: not passed "
+                "on to other hosts",
+                source,
+                named[:100],
+            )
+            return None
+        return utils.format_host_port(source, port)
+
     def do_POST(self) -> None:  # noqa: N802
         routed = self._route()
         if routed is None:
@@ -574,18 +1013,11 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", "0"))
             if not 0 < length <= MAX_BODY:
                 raise ValueError(f"body of {length} bytes")
-            request = json.loads(self.rfile.read(length))
-            part, parts = int(request.get("part", 0)), int(request.get("parts", 1))
+            request = parse_stripe_request(self.rfile.read(length))
+            part, parts = _integer(request, "part", 0), _integer(request, "parts", 1)
             want = request.get("want")
-            batches = int(request.get("batches") or 1)
-            peer = request.get("peer") or None
-            if peer is not None:
-                host, port = utils.parse_host_port(str(peer))
-                # A host names its BitTorrent endpoint (its HTTP source address may be
-                # another of its addresses); only addresses the origin serves are passed on.
-                if not utils.is_ip_literal(host) or not self.server.allowed(host):
-                    raise ValueError(f"peer {peer} is outside allowed_peer_cidrs")
-                peer = utils.format_host_port(host, port)
+            batches = _integer(request, "batches", 1) or 1
+            peer = self._peer(request.get("peer"))
             if not 0 <= part < parts <= 64:
                 raise ValueError(f"part {part} of {parts}")
             if not 1 <= batches <= MAX_BATCHES:
@@ -593,8 +1025,9 @@ class _Handler(BaseHTTPRequestHandler):
             if want is not None:
                 if not isinstance(want, list) or len(want) > MAX_WANT:
                     raise ValueError("want must be a list of piece indices")
-                want = [int(p) for p in want]
-        except (ValueError, TypeError, AttributeError) as exc:
+                if not all(isinstance(p, int) and not isinstance(p, bool) for p in want):
+                    raise ValueError("want must be a list of piece indices")
+        except ValueError as exc:
             self._refuse(HTTPStatus.BAD_REQUEST, f"malformed stripe request: {exc}")
             return
         if self.server.limiter.rate > 0 and want is None:
@@ -613,30 +1046,27 @@ class _Handler(BaseHTTPRequestHandler):
             batches=batches,
             address=self.client_address[0],
         )
-        peers = self.server.dispenser.peers(stripes, peer)
-        body = json.dumps(
+        source = self.client_address[0]
+        peers = self.server.dispenser.peers(stripes, peer, address=source)
+        self._reply(
+            HTTPStatus.OK,
             {
                 "pieces": pieces,
                 "done": done,
                 "peers": peers,
-                "fetching": self.server.dispenser.fetching(stripes, peer),
+                "fetching": self.server.dispenser.fetching(stripes, peer, address=source),
                 "piece_length": stripes.piece_length,
                 "num_pieces": stripes.num_pieces,
-            }
-        ).encode()
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+            },
+        )
 
 
-class StripeServer(ThreadingHTTPServer):
-    """The dispenser's HTTP endpoints on one address of the origin node."""
+class StripeServer:
+    """The dispenser's HTTP endpoints on one address of the origin node.
 
-    daemon_threads = True
-    request_queue_size = 128
+    One loop thread ("origin-stripes") owns every connection but those whose request a
+    worker thread is serving; see the module's docstring for why.
+    """
 
     def __init__(
         self,
@@ -658,24 +1088,50 @@ class StripeServer(ThreadingHTTPServer):
         ]
         self.bytes_served = 0
         self._count_lock = threading.Lock()
-        # Open connections, their limits and deadlines; stop() closes them, or a host's
-        # keep-alive connection would still be answered by a stopped node's handler.
         self.guard = ConnectionGuard(limits)
+        self.evicted = 0  # idle connections closed to make room for new ones
         # Published bytes never change under an info-hash: the server's start is as good
         # a Last-Modified as any, and proxies that want one (heuristics, logs) get it.
         self.last_modified = email.utils.formatdate(time.time(), usegmt=True)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            super().__init__((host, port), _Handler)
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((host, port))
+            self._listener.listen(LISTEN_BACKLOG)
+            self._listener.setblocking(False)
         except OSError as exc:
+            self._listener.close()
             raise exception.ConfigError(
                 option="origin_stripe_listen", reason=f"cannot listen on {listen}: {exc}"
             ) from exc
+        self.server_address: tuple[Any, ...] = self._listener.getsockname()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._returns: queue.SimpleQueue[tuple[_Connection, str]] = queue.SimpleQueue()
+        self._workers = _Workers("origin-stripes-worker")
+        self._connections: dict[socket.socket, _Connection] = {}
+        # Connections that may be closed to make room, longest silent first: those that
+        # never sent a byte, then idle keep-alive ones.
+        self._silent: collections.OrderedDict[_Connection, None] = collections.OrderedDict()
+        self._idle: collections.OrderedDict[_Connection, None] = collections.OrderedDict()
+        self._draining: set[_Connection] = set()
+        self._lingering: set[_Connection] = set()
+        self._buffered = 0  # request body bytes held (MAX_BUFFERED_BODIES)
+        self._accept_paused_until = 0.0
+        self._last_reap = 0.0
+        self._last_poll = 0.0
+        self._stopping = threading.Event()
+        self._handback_lock = threading.Lock()
+        self._loop_done = False
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{utils.format_host_port(host, port)}"
+        return f"http://{utils.format_host_port(str(host), int(port))}"
 
     def allowed(self, address: str) -> bool:
         if not self._networks:
@@ -687,43 +1143,448 @@ class StripeServer(ThreadingHTTPServer):
         with self._count_lock:
             self.bytes_served += n
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if self.guard.admit(request, client_address[0]) is not None:
-            super().shutdown_request(request)  # answered 503 by the guard
-            return
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        self.guard.release(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Not socketserver's traceback on stderr: a client gone (or shut down by the
-        # guard) is routine; anything else is logged with its traceback.
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError):
-            LOG.debug("Stripe connection from %s ended: %s", client_address[0], error)
-        else:
-            LOG.exception("Stripe request from %s failed", client_address[0])
+    def threads(self) -> int:
+        """Worker threads alive (each serving, or waiting a while for, a request)."""
+        return self._workers.count()
 
     def start(self) -> StripeServer:
-        self._thread = threading.Thread(
-            target=self.serve_forever, name="origin-stripes", daemon=True
-        )
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._thread = threading.Thread(target=self._run, name="origin-stripes", daemon=True)
         self._thread.start()
-        self.guard.start()
         LOG.info("Origin stripes served at %s", self.url)
         return self
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.guard.stop()
-        for connection in self.guard.open_connections():
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # closed by its handler meanwhile
+        """Close the listener and every connection (a stopped node answers no kept one)."""
+        self._stopping.set()
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        else:
+            self._shut_everything()
+        self._workers.stop(timeout=5)
+
+    # -- the loop --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                timeout = DRAIN_POLL if self._draining or self._lingering else REAP_EVERY
+                for key, mask in self._selector.select(timeout):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data is _WAKE:
+                        self._take_back()
+                    else:
+                        self._safely(key.data, self._on_event, mask)
+                self._tick()
+        except Exception:  # noqa: BLE001  logged: the node then serves no stripes
+            LOG.exception("Stripe server loop at %s failed; no more stripes served", self.url)
+        finally:
+            self._shut_everything()
+
+    def _safely(self, conn: _Connection, action: Callable[..., None], *args: Any) -> None:
+        """``action(conn, *args)``; a failure closes that connection, not the loop."""
+        try:
+            action(conn, *args)
+        except Exception:  # noqa: BLE001  one connection must not end the loop
+            LOG.exception("Stripe connection from %s failed", conn.address)
+            self._close(conn, abort=True)
+
+    def _shut_everything(self) -> None:
+        with self._handback_lock:
+            if self._loop_done:
+                return
+            self._loop_done = True  # workers close their connections themselves now
+        for conn in list(self._connections.values()):
+            if conn.state == _BUSY:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)  # its worker's write fails now
+                except OSError as exc:
+                    LOG.debug("Stripe connection from %s: %s", conn.address, exc)
+            else:
+                self._close(conn)
+        while True:
+            try:
+                conn, _ = self._returns.get_nowait()
+            except queue.Empty:
+                break
+            self._close(conn, abort=True)
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            sock.close()
+        self._selector.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except BlockingIOError:
+            pass  # full: the loop wakes up anyway
+        except OSError as exc:
+            LOG.debug("Stripe server wake-up not sent: %s", exc)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_reap >= REAP_EVERY:
+            self._last_reap = now
+            for sock in self.guard.reap():
+                conn = self._connections.get(sock)
+                if conn is not None and conn.state != _BUSY:  # a worker's: it ends it
+                    self._close(conn, abort=True)
+        if now - self._last_poll >= DRAIN_POLL:
+            self._last_poll = now
+            for conn in list(self._draining):
+                self._safely(conn, self._check_drained)
+            for conn in list(self._lingering):
+                if now >= conn.linger_until:
+                    self._close(conn)
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._selector.register(self._listener, selectors.EVENT_READ, None)
+
+    def _accept(self) -> None:
+        for _ in range(64):  # then the other connections' turn
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    LOG.debug("Stripe connection not accepted: %s", exc)  # gone already
+                    continue
+                # Out of file descriptors: an idle connection makes room, or accepting
+                # waits a moment (the listener would wake the loop at once, all the time).
+                if not self._evict():
+                    self.guard.warn(
+                        "", "accept", "Stripe server cannot accept connections: %s", exc
+                    )
+                    self._selector.unregister(self._listener)
+                    self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+                return
+            try:
+                self.process_request(sock, peer)
+            except Exception:  # noqa: BLE001  one connection must not end the loop
+                LOG.exception("Stripe connection from %s failed", peer[0])
+                conn = self._connections.get(sock)
+                if conn is not None:
+                    self._close(conn, abort=True)
+                else:
+                    sock.close()
+
+    def process_request(self, request: socket.socket, client_address: tuple[Any, ...]) -> None:
+        """Take a new connection in, or answer it 503 and close it."""
+        sock = request
+        try:
+            sock.setblocking(False)
+            # Headers and body leave in separate writes: with Nagle on, a kept-alive
+            # connection waited for the client's delayed ACK before each body.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            LOG.debug("Stripe connection from %s gone at once: %s", client_address[0], exc)
+            sock.close()
+            return
+        conn = _Connection(sock, client_address)
+        if self.guard.full():
+            self._evict()
+        why = self.guard.admit(sock, conn.address)
+        if why is not None:
+            try:
+                sock.send(busy_answer(why))  # a new connection's buffer takes it at once
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                LOG.debug("Could not answer %s: %s", conn.address, exc)
+            sock.close()
+            return
+        self._connections[sock] = conn
+        self._silent[conn] = None
+        # A new connection's first request is due within request_timeout of its opening:
+        # one that never sends a byte holds its descriptor no longer.
+        self.guard.deadline(sock, self.guard.limits.request_timeout, "sending its request")
+        self._watch(conn)
+
+    def _evict(self) -> bool:
+        """Close the connection silent longest to make room; whether there was one."""
+        for idle in (self._silent, self._idle):
+            if idle:
+                conn = next(iter(idle))
+                self.evicted += 1
+                LOG.debug("Stripe connection from %s closed to make room", conn.address)
+                self._close(conn)
+                return True
+        return False
+
+    def _watch(self, conn: _Connection) -> None:
+        """Have the selector watch what ``conn`` waits for in its state."""
+        events = 0
+        if conn.state != _BUSY and not conn.closed:
+            if not conn.eof and conn.room() > 0:
+                events |= selectors.EVENT_READ
+            if conn.out:
+                events |= selectors.EVENT_WRITE
+        if events == conn.events:
+            return
+        if not conn.events:
+            self._selector.register(conn.sock, events, conn)
+        elif not events:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _on_event(self, conn: _Connection, mask: int) -> None:
+        if conn.closed:
+            return  # closed earlier in this round (made room for a new one)
+        if mask & selectors.EVENT_WRITE:
+            self._flush(conn)
+        if mask & selectors.EVENT_READ and not conn.closed:
+            self._read(conn)
+
+    def _read(self, conn: _Connection) -> None:
+        room = conn.room()
+        if room <= 0:
+            self._watch(conn)
+            return
+        try:
+            data = conn.sock.recv(min(room, READ_CHUNK))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            LOG.debug("Stripe connection from %s ended: %s", conn.address, exc)
+            self._close(conn, abort=True)
+            return
+        if not data:
+            if conn.state == _DRAINING:
+                conn.eof = True  # it may still read what is left of the answer
+                self._watch(conn)
+                self._check_drained(conn)  # its FIN acknowledged the answer, mostly
+            else:
+                self._close(conn)
+            return
+        if conn.state == _LINGERING or conn.close_after:
+            conn.dropped += len(data)
+            if conn.dropped > LINGER_BYTES:
+                self._close(conn)
+            return
+        if not conn.buf:
+            self._silent.pop(conn, None)
+            self._idle.pop(conn, None)
+            if conn.state == _READING and conn.requests:
+                # The next request on a kept connection: due within request_timeout.
+                self.guard.deadline(
+                    conn.sock, self.guard.limits.request_timeout, "sending its request"
+                )
+        conn.buf += data
+        if conn.state == _DRAINING:
+            self._watch(conn)  # read on once the answer is acknowledged
+            self._check_drained(conn)
+        else:
+            self._advance(conn)
+
+    def _advance(self, conn: _Connection) -> None:
+        """Parse what ``conn`` sent; hand a complete request to a worker."""
+        try:
+            if conn.head is None:
+                while conn.buf[:1] in (b"\r", b"\n"):  # CRLFs between requests (RFC 9112)
+                    del conn.buf[:1]
+                conn.head = head_length(conn.buf)
+                if conn.head is None:
+                    self._watch(conn)
+                    return
+                conn.body, expect = body_framing(bytes(conn.buf[: conn.head]))
+                if self._buffered + conn.body > MAX_BUFFERED_BODIES:
+                    raise _Refused(
+                        HTTPStatus.SERVICE_UNAVAILABLE,
+                        f"{MAX_BUFFERED_BODIES} bytes of request bodies being read",
+                    )
+                self._buffered += conn.body
+                conn.reserved = conn.body
+                if expect and len(conn.buf) < conn.head + conn.body:
+                    self._continue(conn)
+        except _Refused as refused:
+            conn.head = None
+            self._answer(conn, refused.status, refused.why)
+            return
+        if len(conn.buf) < conn.head + conn.body:
+            self._watch(conn)
+            return
+        why = self.guard.start_request(conn.sock)
+        if why is not None:
+            self._answer(conn, HTTPStatus.SERVICE_UNAVAILABLE, why, log=False)
+            return
+        size = conn.head + conn.body
+        request = bytes(conn.buf[:size])
+        del conn.buf[:size]
+        conn.head, conn.body, conn.continued = None, 0, False
+        conn.state = _BUSY
+        self._watch(conn)
+        self.guard.deadline(conn.sock, None)  # the handler sets its answer's deadline
+        self._workers.submit(self._serve, conn, request)
+
+    def _continue(self, conn: _Connection) -> None:
+        if conn.continued:
+            return
+        conn.continued = True
+        try:
+            conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except OSError as exc:  # the client sends its body after its own wait then
+            LOG.debug("Stripe connection from %s: no 100 Continue sent: %s", conn.address, exc)
+
+    def _answer(self, conn: _Connection, status: HTTPStatus, why: str, *, log: bool = True) -> None:
+        """Answer ``conn`` from the loop (a request it refuses) and close it after."""
+        if log:
+            self.guard.warn(
+                conn.address, "refused", "Stripe request from %s refused: %s", conn.address, why
+            )
+        if status == HTTPStatus.SERVICE_UNAVAILABLE:
+            conn.out = busy_answer(why)
+        else:
+            body = json.dumps({"error": why}).encode()
+            conn.out = (
+                f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
+                f"Cache-Control: no-store\r\nConnection: close\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+        self._release_body(conn)
+        conn.buf.clear()
+        conn.close_after = True
+        self._silent.pop(conn, None)
+        self.guard.deadline(conn.sock, self.guard.limits.send_timeout, "reading an answer")
+        self._drain(conn)
+
+    def _release_body(self, conn: _Connection) -> None:
+        self._buffered -= conn.reserved
+        conn.reserved = 0
+
+    # -- answers: the worker's part and the loop's -------------------------------------
+    def _serve(self, conn: _Connection, request: bytes) -> None:
+        """A worker thread: answer ``request``, then give the connection back."""
+        outcome = _KEEP
+        try:
+            conn.sock.settimeout(IDLE_TIMEOUT)  # a backstop: the guard's deadlines come first
+            handler = _Handler(self, conn, request)
+            handler.handle_one_request()
+            if handler.aborted:
+                outcome = _ABORT
+            elif handler.close_connection:
+                outcome = _CLOSE
+        except OSError as exc:
+            LOG.debug("Stripe connection from %s ended: %s", conn.address, exc)
+            outcome = _ABORT
+        finally:
+            self.guard.end_request(conn.sock)
+            with self._handback_lock:
+                done = self._loop_done
+                if not done:
+                    self._returns.put((conn, outcome))
+            if done:  # the server stopped meanwhile
+                conn.sock.close()
+                self.guard.release(conn.sock)
+            else:
+                self._wake()
+
+    def _take_back(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass  # all read
+        while True:
+            try:
+                conn, outcome = self._returns.get_nowait()
+            except queue.Empty:
+                return
+            self._release_body(conn)
+            if outcome == _ABORT or self.guard.is_late(conn.sock):
+                self._close(conn, abort=True)
+                continue
+            try:
+                conn.sock.setblocking(False)
+            except OSError as exc:
+                LOG.debug("Stripe connection from %s ended: %s", conn.address, exc)
+                self._close(conn, abort=True)
+                continue
+            if not self.guard.has_deadline(conn.sock):
+                self.guard.deadline(conn.sock, self.guard.limits.send_timeout, "reading an answer")
+            conn.requests += 1
+            conn.close_after = outcome == _CLOSE
+            self._safely(conn, self._drain)
+
+    def _drain(self, conn: _Connection) -> None:
+        """Hold ``conn`` until its answer is acknowledged, under the answer's deadline:
+        a small answer fits the socket buffers at once, and a client reading it a few
+        bytes a second held its connection open long after the last write (40 s and
+        more, the deadline being 10 s)."""
+        conn.state = _DRAINING
+        self._draining.add(conn)
+        self._flush(conn)
+        if not conn.closed:
+            self._check_drained(conn)
+
+    def _flush(self, conn: _Connection) -> None:
+        while conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                LOG.debug("Stripe connection from %s ended: %s", conn.address, exc)
+                self._close(conn, abort=True)
+                return
+            conn.out = conn.out[sent:]
+        self._watch(conn)
+
+    def _check_drained(self, conn: _Connection) -> None:
+        if conn.closed or conn.out or unacknowledged(conn.sock) > 0:
+            return
+        self._draining.discard(conn)
+        if conn.eof:
+            self._close(conn)
+        elif conn.close_after:
+            self._linger(conn)
+        else:
+            conn.state = _READING
+            if conn.buf:
+                self.guard.deadline(
+                    conn.sock, self.guard.limits.request_timeout, "sending its request"
+                )
+                self._advance(conn)
+            else:
+                self.guard.deadline(conn.sock, _Handler.timeout, "waiting for a request")
+                self._idle[conn] = None
+                self._watch(conn)
+
+    def _linger(self, conn: _Connection) -> None:
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            LOG.debug("Stripe connection from %s ended: %s", conn.address, exc)
+            self._close(conn, abort=True)
+            return
+        conn.state = _LINGERING
+        conn.linger_until = time.monotonic() + LINGER
+        self._lingering.add(conn)
+        self.guard.deadline(conn.sock, None)  # LINGER ends it
+        self._watch(conn)
+
+    def _close(self, conn: _Connection, *, abort: bool = False) -> None:
+        """Close ``conn``; ``abort``: with a reset, dropping what its client did not read
+        (closed plainly, the kernel would go on sending it to a client that reads slowly)."""
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.events:
+            self._selector.unregister(conn.sock)
+            conn.events = 0
+        self._silent.pop(conn, None)
+        self._idle.pop(conn, None)
+        self._draining.discard(conn)
+        self._lingering.discard(conn)
+        self._release_body(conn)
+        self._connections.pop(conn.sock, None)
+        self.guard.release(conn.sock)
+        try:
+            if abort:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError as exc:
+            LOG.debug("Stripe connection from %s: %s", conn.address, exc)
+        conn.sock.close()

@@ -249,16 +249,29 @@ def test_connections_over_the_per_address_limit_are_answered_503(server):
         sock.close()
 
 
-def test_connections_over_the_total_limit_are_answered_503(server):
+def test_requests_over_the_busy_limit_are_answered_503(server):
+    # Eight requests being served (ranges their clients never read) fill the server's
+    # eight request slots: the next complete request is answered 503 at once.
     srv, entry, data = server
-    held = [connect(srv, f"127.0.0.{10 + i}") for i in range(8)]
-    time.sleep(0.2)  # all eight admitted
+    held = []
+    for i in range(8):
+        sock = connect(srv, f"127.0.0.{10 + i}", rcvbuf=4096)
+        sock.sendall(
+            f"GET /v1/torrents/{entry.info_hash_v2}/data HTTP/1.1\r\nHost: x\r\n"
+            f"Range: bytes=0-{4 * MiB - 1}\r\n\r\n".encode()
+        )
+        held.append(sock)
+    deadline = time.monotonic() + 5
+    while srv.guard.busy() < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.guard.busy() == 8
     with pytest.raises(exception.StripeError, match="503"):
         host_fetches(srv, entry, data)
+    assert srv.guard.turned_away == 1
     for sock in held:
-        sock.close()
+        sock.close()  # unread: the server's writes fail and the slots are free again
     deadline = time.monotonic() + 5
-    while srv.guard.open_connections() and time.monotonic() < deadline:
+    while srv.guard.busy() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert host_fetches(srv, entry, data)
 
