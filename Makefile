@@ -50,4 +50,4 @@ clean:
 
 bench: $(STAMP) system-packages
 	$(BIN)/pip install --quiet -r bench/requirements.txt
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)

@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import libtorrent as lt
@@ -103,3 +104,77 @@ def opentracker_available() -> bool:
 
 def run_python(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], **kwargs)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def read_io(pid: int | str = "self") -> dict[str, int]:
+    """A process's I/O counters (/proc/<pid>/io): rchar/wchar count read()/pread() and
+    write()/pwrite() bytes, page-cache hits included (socket recvmsg/sendmsg are not in
+    them), syscr/syscw the calls."""
+    out = {}
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key.strip()] = int(value)
+    return out
+
+
+class ProcessThreads:
+    """CPU seconds (user + system) by thread of other processes, from /proc/<pid>/task.
+
+    A sampler thread reads every thread's times every :data:`SAMPLE` seconds and keeps
+    the last figure of threads that ended since. A process's main thread is ``main``, the
+    others go by their kernel name (``comm``), digits dropped.
+    """
+
+    SAMPLE = 0.5
+
+    def __init__(self) -> None:
+        self._pids: list[int] = []
+        self._last: dict[tuple[int, int], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-threads", daemon=True)
+        self._thread.start()
+
+    def add(self, pid: int) -> None:
+        with self._lock:
+            self._pids.append(pid)
+        self.sample()
+
+    def sample(self) -> None:
+        with self._lock:
+            pids = list(self._pids)
+        for pid in pids:
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue  # ended: its last figures stay
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        head, _, rest = f.read().rpartition(")")
+                except OSError:
+                    continue
+                fields = rest.split()
+                name = "main" if int(tid) == pid else head.partition("(")[2]
+                name = name.rstrip("0123456789-_ ") or name
+                seconds = (int(fields[11]) + int(fields[12])) / _TICK
+                with self._lock:
+                    self._last[(pid, int(tid))] = (name, seconds)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.SAMPLE):
+            self.sample()
+
+    def stop(self) -> dict[str, float]:
+        """The totals by thread name, over every process, after a last sample."""
+        self.sample()
+        self._stop.set()
+        out: dict[str, float] = {}
+        with self._lock:
+            for name, seconds in self._last.values():
+                out[name] = out.get(name, 0.0) + seconds
+        return out

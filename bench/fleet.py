@@ -105,8 +105,10 @@ def _spawn(
     trust: bool,
     store: str = "file",
     overrides: tuple[str, ...] = (),
+    address: str | None = None,
+    netns: str | None = None,
 ) -> HostProcess:
-    address = next_loopback_address()
+    address = address or next_loopback_address()
     workdir = os.path.join(root, name)
     os.makedirs(workdir, exist_ok=True)
     args = [
@@ -137,6 +139,8 @@ def _spawn(
         args += ["--set", item]
     if trust:
         args.append("--trust-torrent-root")
+    if netns is not None:  # bench/netns.py: the host's own namespace and shaped link
+        args = ["ip", "netns", "exec", netns, *args]
     with open(os.path.join(workdir, "stderr.log"), "w") as stderr:
         process = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True
@@ -197,12 +201,27 @@ def run_hosts(
     prefix: str = "host",
     store: str = "file",
     overrides: tuple[str, ...] = (),
+    placement: list[tuple[str, tuple[str, ...]]] | None = None,
+    links=None,
 ) -> dict:
-    """Start ``n`` host processes, let them all go at once; times relative to the go."""
+    """Start ``n`` host processes, let them all go at once; times relative to the go.
+
+    ``placement``: each host's address and further overrides (its zone), in order.
+    ``links`` (bench/netns.py): each host in a namespace of its own whose veth the kernel
+    shapes at the cap; the hosts' own limiter is then off."""
+    if links is not None:
+        spots = [links.host(i) for i in range(n)]
+        placement = [(address, ()) for _, address in spots]
+        cap_kib = 0
     hosts = [
-        _spawn(f"{prefix}-{i}", root, glance_url, image_id, cap_kib, mode, trust, store, overrides)
+        _spawn(
+            f"{prefix}-{i}", root, glance_url, image_id, cap_kib, mode, trust, store,
+            overrides + (placement[i][1] if placement else ()),
+            address=placement[i][0] if placement else None,
+            netns=spots[i][0] if links is not None else None,
+        )
         for i in range(n)
-    ]
+    ]  # fmt: skip
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         for h in hosts:
@@ -311,6 +330,21 @@ def _summary(run: dict, size: int, floor: float, *, detail: bool) -> dict:
             name: round(used / gib, 2)
             for name, used in sorted(by_thread.items(), key=lambda item: -item[1])
         }
+    io = [h["io"] for h in run["per_host"] if h.get("io")]
+    if io:
+        # /proc/<pid>/io: rchar and wchar count read()/pread() and write()/pwrite() bytes,
+        # page-cache hits included; socket traffic (recvmsg/sendmsg, recv_into) is not in
+        # them, so they are the file I/O: libtorrent's writes, its hash read-back and its
+        # uploads, the whole-image check's reads.
+        image_bytes = len(io) * size
+        out["io"] = {
+            "file_read_per_image_byte": round(sum(i.get("rchar", 0) for i in io) / image_bytes, 2),
+            "file_written_per_image_byte": round(
+                sum(i.get("wchar", 0) for i in io) / image_bytes, 2
+            ),
+            "write_calls_per_mib": round(sum(i.get("syscw", 0) for i in io) / (image_bytes / MiB)),
+            "read_calls_per_mib": round(sum(i.get("syscr", 0) for i in io) / (image_bytes / MiB)),
+        }
     if any(h.get("source") == "torrent" for h in run["per_host"]):
         hosts = run["per_host"]
         out["bytes_from_stripes"] = sum(h.get("bytes_from_stripes", 0) for h in hosts)
@@ -342,13 +376,13 @@ def _summary(run: dict, size: int, floor: float, *, detail: bool) -> dict:
 
 
 # -- one fleet ----------------------------------------------------------------------------
-def _start_tracker(root: str):
-    """Debian's opentracker on 127.0.0.1, or None when it is not installed."""
+def _start_tracker(root: str, host: str = "127.0.0.1"):
+    """Debian's opentracker on ``host``, or None when it is not installed."""
     from nova_torrent_images.testing.opentracker import Opentracker, find_binary
 
     if find_binary() is None:
         return None
-    return Opentracker(workdir=os.path.join(root, "tracker")).start()
+    return Opentracker(workdir=os.path.join(root, "tracker"), host=host).start()
 
 
 def run(
@@ -363,8 +397,12 @@ def run(
     variants: tuple[tuple[str, ...], ...] = VARIANTS,
     repeats: dict[str, int] | None = None,
     peer_client: int = 0,
+    links=None,
 ) -> dict:
     """One fleet of ``hosts``: plain HTTP first, then torrent, from one capped origin.
+
+    ``links`` (bench/netns.py ``KernelLinks``): every host in a namespace of its own, its
+    links shaped by the kernel at the cap instead of by the hosts' own limiter.
 
     ``variants`` are (result key, compute store, option=value...) tuples, each a torrent
     run of its own with a fresh origin node: ``file`` is ``fetch_to_file`` (no seeding
@@ -384,7 +422,8 @@ def run(
     out: dict = {"hosts": hosts, "size_mib": size_mib, "cap_mib": cap_mib, "floor": floor}
     tracker_node = None
     try:
-        with HTTPOrigin(os.path.join(root, "origin"), upload_rate=cap) as origin:
+        host = links.address if links is not None else "127.0.0.1"
+        with HTTPOrigin(os.path.join(root, "origin"), host, upload_rate=cap) as origin:
             record = origin.create_image(image_path, name="bench-fleet")
             if not keep_image:
                 os.unlink(image_path)
@@ -399,10 +438,11 @@ def run(
                     mode="none",
                     egress=lambda: origin.bytes_served,
                     prefix="http",
+                    links=links,
                 )
                 out["http"] = _summary(run_http, size, floor, detail=False)
                 _clean(root, "http", hosts)
-            tracker_node = _start_tracker(root) if tracker else None
+            tracker_node = _start_tracker(root, host) if tracker else None
             for key, store, *overrides in variants:
                 runs = [
                     _torrent_fleet(
@@ -416,6 +456,7 @@ def run(
                         store,
                         detail,
                         tuple(overrides),
+                        links=links,
                     )
                     for _ in range((repeats or {}).get(key, 1))
                 ]
@@ -449,6 +490,7 @@ def _torrent_fleet(
     detail,
     overrides=(),
     kill_origin_at: float | None = None,
+    links=None,
 ) -> dict:
     """Publish with a fresh origin node (a fresh dispenser), then one torrent fleet.
 
@@ -463,6 +505,7 @@ def _torrent_fleet(
         upload_kib=cap_mib * 1024,
         tracker=tracker_node,
         stripes=True,
+        address=links.address if links is not None else None,
     )
     try:
         # Publishing reads the image from Glance once; not part of the run, so the
@@ -489,6 +532,7 @@ def _torrent_fleet(
             prefix=key,
             store=store,
             overrides=overrides,
+            links=links,
         )
         glance_bytes = origin.bytes_served - glance_before
         stripes = node.seeder.stripes
@@ -606,6 +650,8 @@ def _peer_fleet(origin, image_path, root, hosts, cap_mib, tracker_node, i) -> di
         "host_cpu_s_per_gib": got["cpu_s_per_gib"],
         "done_times": got["done_times"],
         "p50": round(median(got["done_times"]), 3),
+        "thread_cpu_s_per_gib": got["thread_cpu_s_per_gib"],
+        "io": got["io"],
     }
     print(
         f"aria2 fleet {hosts} hosts: {got['seconds']:.1f} s = {result['time_over_floor']:.2f}x "
@@ -633,6 +679,7 @@ def scale_curve(
     tracker: bool = True,
     variants: tuple[tuple[str, ...], ...] = VARIANTS,
     http: bool = True,
+    links=None,
 ) -> list[dict]:
     """One fleet per host count (each with its own origin and HTTP baseline).
 
@@ -651,6 +698,7 @@ def scale_curve(
             detail=False,
             variants=variants,
             http=http,
+            links=links,
         )
         row = {"hosts": n, "size_mib": size_mib, "cap_mib": cap_mib, "floor": result["floor"]}
         h = result.get("http", {"seconds": float("nan")})

@@ -37,6 +37,8 @@ import sys
 import threading
 import time
 
+from common import read_io
+
 from nova_torrent_images.common.utils import RateLimiter
 from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
 from nova_torrent_images.compute.stores import open_store
@@ -259,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     sampler = ThreadCPU()
     cpu_at_go, threads_at_go = os.times(), sampler.totals()
+    io_at_go = read_io()
     pipeline = None
     try:
         image = glance.image_info(args.image_id)
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         done = time.time()
         cpu = os.times()
+        io = {key: value - io_at_go.get(key, 0) for key, value in read_io().items()}
         threads = {
             name: round(t - threads_at_go.get(name, 0.0), 3)
             for name, t in sampler.totals().items()
@@ -294,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             swarm_seconds=getattr(swarm, "seconds", None) if swarm else None,
             hash_failures=getattr(swarm, "hash_failures", 0) if swarm else 0,
             per_peer=getattr(swarm, "per_peer", {}) if swarm else {},
+            per_stripe_server=getattr(swarm, "per_stripe_server", {}) if swarm else {},
+            stripes_zone=getattr(swarm, "stripes_zone", None) if swarm else None,
             fallback_reason=result.fallback_reason,
             timeline=timeline,
             stripes=[(round(t, 3), kind, n) for t, kind, n in marks[:400]],
@@ -302,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_user=round(cpu.user - cpu_at_go.user, 3),
             cpu_system=round(cpu.system - cpu_at_go.system, 3),
             thread_cpu=threads,
+            io=io,
             **({"pieces": pieces} if DEBUG else {}),
         )
     # Keep the session (and its connections) up until every host is done.

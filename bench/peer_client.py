@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import MiB  # noqa: E402
+from common import MiB, ProcessThreads, read_io  # noqa: E402
 
 from nova_torrent_images.testing import aria2  # noqa: E402
 from nova_torrent_images.testing.origin_node import start_origin_node  # noqa: E402
@@ -118,6 +118,8 @@ def run_fleet(
         f.write(HOOK)
     os.chmod(hook, 0o755)
     procs, dirs = [], []
+    threads = ProcessThreads()  # aria2c's CPU by thread, as fleet_host.py has ours
+    io: dict[str, int] = {}
     before = v1.egress()
     t0 = time.time()
     for i in range(n):
@@ -136,6 +138,7 @@ def run_fleet(
         args.insert(-1, f"--on-bt-download-complete={hook}")
         with open(os.path.join(directory, "stdout.log"), "w") as out:
             procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT))
+        threads.add(procs[-1].pid)
         dirs.append(directory)
     done: dict[int, float] = {}
     cpu = 0.0
@@ -153,6 +156,10 @@ def run_fleet(
                     raise RuntimeError(f"aria2c {i} exited with {procs[i].returncode}")
             time.sleep(0.05)
         cpu = sum(_cpu(p.pid) for p in procs)
+        by_thread = threads.stop()
+        for p in procs:
+            for key, value in read_io(p.pid).items():
+                io[key] = io.get(key, 0) + value
         sent = v1.egress() - before
     finally:
         for p in procs:
@@ -176,7 +183,20 @@ def run_fleet(
                 raise RuntimeError(f"aria2c delivered a corrupt image in {directory}")
         os.unlink(path)
     times = sorted(done.values())
+    gib = n * v1.size / (1024 * MiB)
+    image_bytes = n * v1.size
     return {
+        "thread_cpu_s_per_gib": {
+            name: round(used / gib, 2)
+            for name, used in sorted(by_thread.items(), key=lambda item: -item[1])
+            if used / gib >= 0.005
+        },
+        "io": {
+            "file_read_per_image_byte": round(io.get("rchar", 0) / image_bytes, 2),
+            "file_written_per_image_byte": round(io.get("wchar", 0) / image_bytes, 2),
+            "write_calls_per_mib": round(io.get("syscw", 0) / (image_bytes / MiB)),
+            "read_calls_per_mib": round(io.get("syscr", 0) / (image_bytes / MiB)),
+        },
         "done_times": [round(t, 3) for t in times],
         "seconds": round(times[-1], 3),
         "egress_bytes": sent,

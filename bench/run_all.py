@@ -49,6 +49,7 @@ import hub_lateness  # noqa: E402
 import memory  # noqa: E402
 import neighbour  # noqa: E402
 import single  # noqa: E402
+import zones  # noqa: E402
 from common import machine_description  # noqa: E402
 
 try:  # the snapshot benchmark (differential uploads), where present
@@ -300,6 +301,66 @@ def origin_loss_rows(o: dict | None) -> list[str]:
     ]
 
 
+def kernel_links_table(r: dict) -> list[str]:
+    """The scale rows again with kernel-shaped links (bench/netns.py), beside the product's
+    own limiter on loopback (the scale rows of the same or the last full run)."""
+    k = r.get("scale_kernel_links")
+    if not k:
+        return []
+    if isinstance(k, dict):
+        return ["", f"Kernel-shaped links: not measured ({k.get('error') or k.get('skipped')})."]
+    own = {row["hosts"]: row for row in r.get("scale") or []}
+    lines = [
+        "",
+        "### The scale rows with kernel-shaped links (`--kernel-links`)",
+        "",
+        "Each host in a network namespace of its own, joined to a bridge by a veth pair "
+        "that `tc` token buckets shape at the cap both ways, the hosts' own limiter off; "
+        "beside the same rows with the product's limiter on loopback. The origin's uplink "
+        "is its own limiter in both.",
+        "",
+        "| hosts | kernel links: last host / floor, CPU-s/GiB, machine busy | product "
+        "limiter: last host / floor, CPU-s/GiB | HTTP, kernel links: last host / floor |",
+        "|---|---|---|---|",
+    ]
+    for row in k:
+        mine = own.get(row["hosts"], {})
+        product = (
+            f"{mine['time_over_floor']:.2f}x, {mine['host_cpu_s_per_gib']:.2f}"
+            if "time_over_floor" in mine
+            else "-"
+        )
+        lines.append(
+            f"| {row['hosts']} | {row['time_over_floor']:.2f}x, "
+            f"{row['host_cpu_s_per_gib']:.2f}, {row['machine_busy']:.0%} | {product} | "
+            f"{row.get('http_time_over_floor', float('nan')):.2f}x |"
+        )
+    return lines
+
+
+def zones_rows(z: dict | None) -> list[str]:
+    """3 zones x 4 hosts, each zone with its own origin, beside the same hosts as one zone."""
+    if not z:
+        return []
+    if "error" in z or "skipped" in z:
+        return [f"| zones | not measured: {z.get('error') or z.get('skipped')} | | |"]
+    zoned, one = z["zoned"], z["one_zone"]
+    glance = zoned["glance_publish_over_image"] + zoned["glance_over_image"]
+    met = zoned["cross_zone_over_image"] <= 1.1 * (z["zones"] - 1) and glance <= 1.1 * z["zones"]
+    return [
+        f"| {z['zones']} zones x {z['hosts_per_zone']} hosts x {z['size_mib']} MiB, caps "
+        f"{z['cap_mib']} MiB/s, an origin node and a tracker per zone: last host / floor, "
+        "cross-zone bytes / image, Glance bytes / image | zones "
+        f"**{zoned['time_over_floor']:.2f}x**, cross-zone **{zoned['cross_zone_over_image']:.2f}"
+        f"**, Glance {zoned['glance_publish_over_image']:.2f} (the origins' publishes) + "
+        f"{zoned['glance_over_image']:.2f} (hosts), origins' egress "
+        f"{zoned['origin_egress']:.2f}x; the same {z['zones'] * z['hosts_per_zone']} hosts as "
+        f"one zone {one['time_over_floor']:.2f}x, egress {one['origin_egress']:.2f}x | "
+        f"cross-zone <= {1.1 * (z['zones'] - 1):.1f}, Glance <= {1.1 * z['zones']:.1f} | "
+        f"{verdict(met)} |"
+    ]
+
+
 def hub_lateness_rows(h: dict | None) -> list[str]:
     """How late a 10 ms ticker of the download's own process wakes: idle, then busy."""
     if not h:
@@ -369,20 +430,59 @@ def cpu_table(r: dict) -> list[str]:
             f"{figure(row, 'file_host_cpu_s_per_gib')} | "
             f"{figure(row, 'http_host_cpu_s_per_gib')} | - |"
         )
+    keys = ("torrent", "trusted", "file", "http", "aria2")
     split = [
-        f"{LABELS[key].split(' (')[0]}: "
-        + ", ".join(f"{name} {used:.2f}" for name, used in f[key]["thread_cpu_s_per_gib"].items())
-        for key in ("torrent", "trusted")
+        (key, f[key]["thread_cpu_s_per_gib"])
+        for key in keys
         if f.get(key, {}).get("thread_cpu_s_per_gib")
     ]
     if split:
+        names = list(dict.fromkeys(name for _, by in split for name in by))
         lines += [
             "",
-            f"Where the {f['hosts']}-host fleet's CPU went, CPU-s per GiB by thread (native: "
-            "libtorrent's own threads, with the kernel's work for them; read-behind: the "
-            "whole-image hash while the download runs; MainThread: the pipeline, and the rest of "
-            "that hash after the download): " + "; ".join(split) + ".",
+            f"Where the {f['hosts']}-host fleet's CPU went, CPU-s per GiB by thread, from "
+            "/proc/<pid>/task for every host process (native: libtorrent's own threads, with "
+            "the kernel's work for them; read-behind: the whole-image hash while the download "
+            "runs; MainThread: the pipeline, and the rest of that hash after the download; "
+            "aria2c: main is its one event loop, the others its resolver and helper threads):",
+            "",
+            "| thread | " + " | ".join(LABELS[key].split(" (")[0] for key, _ in split) + " |",
+            "|---|" + "---|" * len(split),
         ]
+        for name in names:
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{by[name]:.2f}" if name in by else "-" for _, by in split)
+                + " |"
+            )
+        lines.append(
+            "| all (host_cpu_s_per_gib) | "
+            + " | ".join(f"{f[key]['host_cpu_s_per_gib']:.2f}" for key, _ in split)
+            + " |"
+        )
+    io = [(key, f[key]["io"]) for key in keys if f.get(key, {}).get("io")]
+    if io:
+        lines += [
+            "",
+            "File I/O of the same fleet per image byte delivered (/proc/<pid>/io: read and "
+            "write calls on files, page-cache hits included; sockets are not in them): the "
+            "bytes read are the hash read-back, the uploads and the whole-image check. "
+            "aria2c sends with writev(2), which these counters see (libtorrent's sendmsg is "
+            "not in them), so its bytes written include its uploads, about (hosts - 1) / "
+            "hosts. Rows measured before these counters existed show none.",
+            "",
+            "| per image byte | " + " | ".join(LABELS[key].split(" (")[0] for key, _ in io) + " |",
+            "|---|" + "---|" * len(io),
+        ]
+        for field, label in (
+            ("file_read_per_image_byte", "bytes read"),
+            ("file_written_per_image_byte", "bytes written"),
+            ("read_calls_per_mib", "read calls per MiB"),
+            ("write_calls_per_mib", "write calls per MiB"),
+        ):
+            lines.append(
+                f"| {label} | " + " | ".join(f"{by.get(field, '-')}" for _, by in io) + " |"
+            )
     ratio = s.get("cpu_over_http", {})
     if ratio:
         lines += [
@@ -504,6 +604,7 @@ def build_report(r: dict) -> str:
         lines.append("| demo | failed, see its table below | <= 0.5 | **missed** |")
     lines += origin_loss_rows(r.get("origin_loss"))
     lines += hub_lateness_rows(r.get("hub_lateness"))
+    lines += zones_rows(r.get("zones"))
     mib, sec = s["mib_s"], s.get("seconds_spread", {})
     lines.append(
         f"| single host, no caps, {s['size_mib']} MiB, default settings: speed / plain HTTP's "
@@ -576,6 +677,7 @@ def build_report(r: dict) -> str:
     elif n:
         lines.append(f"| neighbour | failed: {n.get('error')} | >= 80% | **missed** |")
     lines += ["", *cpu_table(r)]
+    lines += kernel_links_table(r)
     lines += [
         "",
         f"![hosts completed over time, {f['hosts']}-host fleet]({FLEET_PNG})",
@@ -652,6 +754,19 @@ def headline(r: dict) -> dict:
             for mode, cases in hub.items()
             if mode in ("eventlet", "native")
         }
+    zoned = (r.get("zones") or {}).get("zoned")
+    if zoned:
+        out["zones"] = {
+            key: zoned[key]
+            for key in (
+                "time_over_floor",
+                "cross_zone_over_image",
+                "glance_publish_over_image",
+                "glance_over_image",
+                "origin_egress",
+            )
+        }
+        out["zones"]["one_zone_time_over_floor"] = r["zones"]["one_zone"]["time_over_floor"]
     loss = r.get("origin_loss") or {}
     if "killed" in loss:
         out["origin_loss"] = {
@@ -717,6 +832,28 @@ def _hub_lateness() -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _scale_kernel_links(counts: tuple[int, ...], size_mib: int, cap_mib: int):
+    """The scale rows with kernel-shaped links (bench/netns.py); why not, when they cannot."""
+    import netns
+
+    why = netns.available()
+    if why is not None:
+        return {"skipped": why}
+    try:
+        with netns.KernelLinks(cap_mib * 1024 * 1024) as links:
+            return fleet.scale_curve(counts, size_mib, cap_mib, links=links)
+    except Exception as exc:  # noqa: BLE001  shown in RESULTS.md instead
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _zones() -> dict:
+    """3 zones x 4 hosts beside 12 hosts as one zone (bench/zones.py); failure is reported."""
+    try:
+        return zones.zones_row(3, 4, 64, 16)
+    except Exception as exc:  # noqa: BLE001  shown in RESULTS.md instead
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _neighbour(r: dict, size_mib: int, *, seconds: float, rounds: int) -> None:
     """A short neighbour run (bench/neighbour.py has the long one); failure is reported."""
     try:
@@ -735,9 +872,16 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["origin-loss", "hub-lateness"],
+        choices=["origin-loss", "hub-lateness", "zones", "aria2", "kernel-links"],
         help="measure this row alone and merge it into bench/results.json, then rewrite "
         "RESULTS.md (the other rows keep their figures from the last full run)",
+    )
+    parser.add_argument(
+        "--kernel-links",
+        action="store_true",
+        help="also run the scale rows with each host in a network namespace whose veth "
+        "pair tc shapes at the cap (bench/netns.py; needs root and iproute2), beside the "
+        "product's own limiter",
     )
     parser.add_argument(
         "--report-only",
@@ -757,6 +901,18 @@ def main() -> int:
         if args.only == "origin-loss":
             r["origin_loss"] = _origin_loss()
             r["hub_lateness"] = _hub_lateness()
+        elif args.only == "zones":
+            r["zones"] = _zones()
+        elif args.only == "kernel-links":
+            r["scale_kernel_links"] = _scale_kernel_links((4, 8, 16, 32), 64, 16)
+        elif args.only == "aria2":
+            # The fleet row's aria2c fleets again (their CPU by thread, their file I/O),
+            # from an origin and tracker of their own; the product's fleet figures stay.
+            f = r["fleet"]
+            again = fleet.run(
+                f["hosts"], f["size_mib"], f["cap_mib"], http=False, variants=(), peer_client=3
+            )
+            f["aria2"] = again["aria2"]
         else:
             r["hub_lateness"] = _hub_lateness()
         write(r, HERE)
@@ -771,6 +927,8 @@ def main() -> int:
                 4, 32, 16, variants=FLEET_VARIANTS, repeats={"torrent": 2}, peer_client=1
             )
             r["scale"] = fleet.scale_curve((2, 4), 16, 16)
+            if args.kernel_links:
+                r["scale_kernel_links"] = _scale_kernel_links((2, 4), 16, 16)
             r["demo"] = run_demo(2, 8)
             r["single"] = single.run(64, rounds=1, tracker=tracker)
             r["cache_hit"] = cache_hit.run((16, 64))
@@ -790,6 +948,8 @@ def main() -> int:
             )
             print(json.dumps({k: v for k, v in r["fleet"].items() if k != "torrent"}, indent=1))
             r["scale"] = fleet.scale_curve((4, 8, 16, 32), 64, 16)
+            if args.kernel_links:
+                r["scale_kernel_links"] = _scale_kernel_links((4, 8, 16, 32), 64, 16)
             r["demo"] = run_demo(4, 64)
             r["single"] = single.run(512, rounds=3, tracker=tracker)
             print(json.dumps(r["single"], indent=1))
@@ -798,6 +958,7 @@ def main() -> int:
             _snapshots(r, 256)
             _neighbour(r, 128, seconds=6, rounds=2)
             r["origin_loss"] = _origin_loss()
+            r["zones"] = _zones()
     finally:
         if tracker is not None:
             tracker.stop()

@@ -222,3 +222,9 @@ class StripeError(TorrentImagesError):
     """An origin node's stripe server failed a request; the swarm goes on without it."""
 
     msg_fmt = "Image %(image_id)s: origin stripes at %(url)s failed: %(reason)s"
+
+
+class OriginStatusError(TorrentImagesError):
+    """``origin-status`` cannot ask the image's origin nodes (not published, no node)."""
+
+    msg_fmt = "Image %(image_id)s: origin status: %(reason)s"

@@ -216,6 +216,13 @@ def cmd_fetch(args: argparse.Namespace, conf: cfg.ConfigOpts) -> int:
     if args.output is not None:
         with download_bar(image, args.quiet) as progress:
             result = fetch_to_file(image, args.output, conf=conf, glance=glance, progress=progress)
+        if getattr(args, "format", "text") == "json":
+            answer = {
+                k: v for k, v in dataclasses.asdict(result).items() if k not in ("resume_data",)
+            }
+            json.dump(answer, sys.stdout, indent=1, default=str)
+            print()
+            return 0
         print(
             f"{image.id}: {result.source}, {result.seconds:.1f}s, "
             f"{result.bytes_from_peers >> 20} MiB from peers, "

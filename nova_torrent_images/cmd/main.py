@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image_id")
     p.add_argument("--output", "-o", help="write the image to this new file instead")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="with --output: json prints where the bytes came from (per peer and per "
+        "origin stripe server)",
+    )
     p.set_defaults(func=_local_verb("cmd_fetch"))
 
     p = sub.add_parser(

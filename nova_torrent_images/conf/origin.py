@@ -16,7 +16,7 @@
 * ``seeder_opts`` -- the origin seeder: rate, super-seeding, web seed, checks, statistics;
 * ``stripe_opts`` -- the stripes the origin hands out over HTTP (one copy per piece);
 * ``tracker_opts`` -- the opentracker whitelist and its reload;
-* ``promotion_opts`` -- automatic publication of popular images.
+* ``promotion_opts`` -- automatic publication: popular images, images Glance activates.
 
 They live here and not in :mod:`nova_torrent_images.origin`, so registering every option
 (as a compute host does) loads no origin code.
@@ -60,6 +60,17 @@ publish_opts = [
         "'nova-torrent-images seed', with the same value on all of them, so every node "
         "publishes the same magnet. Empty: the seeder's listen_interfaces address, when "
         "it is one specific address.",
+    ),
+    cfg.StrOpt(
+        "origin_zone",
+        help="The zone this origin node serves (letters, digits, '_', '.', '-'). Set, "
+        "the node writes its zone's stripe servers (origin_stripe_advertise), trackers "
+        "(origin_trackers) and seeders (origin_advertise_addresses) into the image "
+        "property torrent_zone_<zone> instead of torrent_stripes and the magnet, and the "
+        "magnet names only the info-hash: every node of every zone publishes the same "
+        "magnet and torrent and writes only its own zone's property. Compute hosts with "
+        "the same [torrent_images] zone use these first. Set it on every origin node of "
+        "a deployment with several zones, or on none. Unset: one zone, as before.",
     ),
     cfg.StrOpt(
         "origin_torrent_format",
@@ -318,6 +329,28 @@ promotion_opts = [
         "node counts every download and publishes (and seeds) a popular image itself; the "
         "nodes publish the same magnet when they share origin_trackers and "
         "origin_advertise_addresses.",
+    ),
+    cfg.BoolOpt(
+        "origin_publish_on_activate",
+        default=False,
+        help="Publish an image when Glance notifies image.activate and unpublish it on "
+        "image.delete, through the origin seeder's notification listener (the topics, "
+        "exchange and pool of promotion_notification_*; Glance must send notifications "
+        "to the seeder's [DEFAULT] transport_url). Images that cannot be published (not "
+        "raw, no os_hash_value, is_torrentable=false set by their owner) are logged and "
+        "skipped. With several origin nodes each has a pool of its own by default and "
+        "publishes the image itself; they produce the same torrent and leave Glance as "
+        "the first one set it when their settings agree. Images uploaded before it was "
+        "turned on are published with 'nova-torrent-images publish'.",
+    ),
+    cfg.IntOpt(
+        "origin_publish_workers",
+        default=1,
+        min=1,
+        max=16,
+        help="Images published at a time on activation (origin_publish_on_activate): "
+        "each reads its image from Glance once. One image is published by one worker at "
+        "a time; up to 1024 images wait, further activations are dropped and logged.",
     ),
 ]
 

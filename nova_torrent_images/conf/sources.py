@@ -10,7 +10,9 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Options of a compute host's sources besides the swarm: image locations, zone caches."""
+"""Options of a compute host's sources besides the swarm: image locations, zone caches
+(``zone_caches`` is deprecated: a caching proxy belongs in front of the origin's stripe
+server, see its ``deprecated_reason``)."""
 
 from __future__ import annotations
 
@@ -38,14 +40,33 @@ source_opts = [
     ),
     cfg.StrOpt(
         "zone",
-        help="This host's zone: image locations whose metadata names it ('zone') are "
-        "preferred over others of the same preference.",
+        help="This host's zone (letters, digits, '_', '.', '-'), as its zone's origin "
+        "nodes name it in origin_zone: the host fetches an image from the stripe "
+        "servers, trackers and origin seeders of the image property torrent_zone_<zone> "
+        "first, and from other zones' only as cross_zone_fallback allows. Image locations "
+        "whose metadata names it ('zone') are preferred over others of the same "
+        "preference. Unset: the image's zone-neutral hints, then every zone's.",
     ),
     cfg.ListOpt(
         "zone_caches",
         default=[],
-        help="Base URLs of HTTP caching proxies in front of the Glance API in this host's "
-        "zone; the image is read as <cache>/v2/images/<id>/file.",
+        deprecated_for_removal=True,
+        deprecated_reason="A zone cache in front of the Glance API is read without a "
+        "token, so it works only with a Glance that serves image data without one "
+        "(noauth, or an internal endpoint that trusts the network), and a proxy that "
+        "caches image data Glance served with authentication would hand it to any "
+        "project that asks. Put the caching proxy in front of the origin's stripe "
+        "server instead and advertise it as the zone's stripe URL "
+        "(origin_stripe_advertise on the zone's origin node): it caches only published, "
+        "content-addressed image data, whose every byte the host verifies against "
+        "Glance's hash (tests/integration/test_zone_cache.py).",
+        help="Deprecated: see the reason. Base URLs of HTTP caching proxies in front of "
+        "the Glance API in this host's zone; the image is read as "
+        "<cache>/v2/images/<id>/file, without a token: only a Glance that serves image "
+        "data without one (noauth, or a trusted internal endpoint) answers. Every byte is "
+        "still verified against Glance's hash. Use a caching proxy in front of the "
+        "origin's stripe server instead (origin_stripe_advertise; doc/source/origin.rst, "
+        "'A zone cache in front of the origin').",
     ),
     cfg.IntOpt(
         "location_stall_timeout",

@@ -114,6 +114,16 @@ swarm_opts += [
         "'nova-torrent-images publish' writes it.",
     ),
     cfg.BoolOpt(
+        "cross_zone_fallback",
+        default=True,
+        help="When none of this host's zone's origin nodes can serve an image (the image "
+        "has no torrent_zone_<zone> property for the zone, or every stripe server it "
+        "names refuses or resets connections), use another zone's, in zone name order, "
+        "and log it: the zone then takes one copy across zones and its hosts trade the "
+        "rest among themselves. Off: the host keeps to its zone, and what its swarm "
+        "cannot deliver comes from Glance.",
+    ),
+    cfg.BoolOpt(
         "land_stripes",
         default=True,
         help="While no other host needs pieces from this one (a lone boot), write the "

@@ -79,7 +79,8 @@ def _parse_peer(value: str) -> tuple[str, int]:
         raise MagnetError(f"x.pe {exc}") from None
 
 
-def _parse_tracker(value: str) -> str:
+def parse_tracker(value: str) -> str:
+    """``value`` if it is a tracker URL a host may announce to, else MagnetError."""
     parsed = urllib.parse.urlsplit(value)
     if parsed.scheme not in TRACKER_SCHEMES:
         raise MagnetError(f"tracker {value!r} must use one of {', '.join(TRACKER_SCHEMES)}")
@@ -134,7 +135,7 @@ def parse_magnet(uri: object) -> Magnet:
             else:
                 raise MagnetError(f"xt {value!r} is neither urn:btih nor urn:btmh")
         elif key == "tr":
-            trackers.append(_parse_tracker(value))
+            trackers.append(parse_tracker(value))
         elif key == "x.pe":
             peers.append(_parse_peer(value))
         elif key == "dn":

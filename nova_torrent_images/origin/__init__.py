@@ -16,10 +16,12 @@
 * :mod:`.registry` -- the on-disk ``Registry`` of published images;
 * :mod:`.magnet_fit` -- a magnet that fits Glance's 255-character property limit;
 * :mod:`.seeder` -- ``OriginSeeder``, the long-running first seed of every published image;
-* :mod:`.stripe_server` -- the HTTP endpoint that hands each host pieces nobody has yet;
+* :mod:`.dispenser` -- which host gets which piece: each piece once per zone;
+* :mod:`.stripe_server` -- the HTTP endpoint of the dispenser, the .torrent and ranges;
 * :mod:`.stripe_guard` -- its connection limits (per address, in all, deadlines);
 * :mod:`.tracker` -- opentracker whitelist writing and reload;
 * :mod:`.promotion` -- publish images that are requested often;
+* :mod:`.activation` -- publish images Glance activates, unpublish those it deletes;
 * :mod:`.metrics` -- the origin's Prometheus endpoint.
 
 The origin never imports the compute role (tests/unit/test_layout.py).

@@ -227,51 +227,113 @@ def default_pool_name() -> str:
     return f"nova-torrent-images-{socket.gethostname()}"
 
 
-def start_notification_listener(conf: cfg.ConfigOpts, publisher: Publisher | None) -> Any:
-    """Start counting Glance ``image.send`` notifications; return the running listener."""
+class NotificationListener:
+    """The origin seeder's one oslo.messaging listener and the work queue behind it."""
+
+    def __init__(self, listener: Any, jobs: Any = None) -> None:
+        self.listener = listener
+        self.jobs = jobs  # activation.PublishQueue, when publishing on activation
+
+    def stop(self) -> None:
+        """Stop receiving, then stop the publish queue (running jobs get a few seconds)."""
+        try:
+            self.listener.stop()
+        finally:
+            if self.jobs is not None:
+                self.jobs.stop()
+
+    def wait(self) -> None:
+        self.listener.wait()
+
+
+def start_notification_listener(
+    conf: cfg.ConfigOpts,
+    publisher: Publisher | None,
+    *,
+    promote: bool | None = None,
+    activate: bool | None = None,
+    transport: Any = None,
+) -> NotificationListener:
+    """Start the origin seeder's notification listener; return it running.
+
+    One listener on ``promotion_notification_topics``, ``promotion_notification_exchange``
+    and ``promotion_notification_pool`` for both of its jobs: counting Glance's
+    ``image.send`` for promotion (``promote``; default: ``promotion_enabled`` with
+    ``promotion_source = notifications``) and publishing on ``image.activate`` /
+    unpublishing on ``image.delete`` (``activate``; default: ``origin_publish_on_activate``,
+    :mod:`.activation`). ``transport``: an oslo.messaging notification transport (tests);
+    default the one ``[DEFAULT] transport_url`` or ``[oslo_messaging_notifications]`` names.
+    """
+    opts = conf.torrent_images
+    if promote is None:
+        promote = bool(opts.promotion_enabled and opts.promotion_source == "notifications")
+    if activate is None:
+        activate = bool(opts.origin_publish_on_activate)
+    option = "promotion_source" if promote else "origin_publish_on_activate"
+    if not (promote or activate):
+        raise exception.ConfigError(option=option, reason="the listener would have no job")
     if publisher is None:
         raise exception.ConfigError(
-            option="promotion_source",
-            reason="counting notifications needs a Glance client to publish with",
+            option=option,
+            reason="acting on notifications needs a Glance client to publish with",
         )
     try:
         import oslo_messaging
     except ImportError as exc:
         raise exception.ConfigError(
-            option="promotion_source",
-            reason=f"'notifications' needs oslo.messaging installed ({exc})",
+            option=option,
+            reason=f"notifications need oslo.messaging installed ({exc})",
         ) from exc
-    opts = conf.torrent_images
-    try:
-        transport = oslo_messaging.get_notification_transport(conf)
-    except oslo_messaging.MessagingException as exc:
-        raise exception.ConfigError(
-            option="promotion_source",
-            reason=f"no usable message bus for notifications ([DEFAULT] transport_url): {exc}",
-        ) from exc
+    if transport is None:
+        try:
+            transport = oslo_messaging.get_notification_transport(conf)
+        except oslo_messaging.MessagingException as exc:
+            raise exception.ConfigError(
+                option=option,
+                reason=f"no usable message bus for notifications ([DEFAULT] transport_url): {exc}",
+            ) from exc
     targets = [
         oslo_messaging.Target(topic=topic, exchange=opts.promotion_notification_exchange)
         for topic in opts.promotion_notification_topics
     ]
     pool = opts.promotion_notification_pool or default_pool_name()
-    listener = oslo_messaging.get_notification_listener(
-        transport,
-        targets,
-        [ImageSendEndpoint(Promoter(conf, publisher))],
-        executor="threading",
-        pool=pool,
-    )
-    listener.start()
+    endpoints: list[Any] = []
+    jobs = None
+    if promote:
+        endpoints.append(ImageSendEndpoint(Promoter(conf, publisher)))
+    if activate:
+        from nova_torrent_images.origin import activation
+
+        jobs = activation.PublishQueue(publisher, workers=opts.origin_publish_workers).start()
+        endpoints.append(activation.ActivationEndpoint(jobs, opts.torrentable_property))
+    try:
+        listener = oslo_messaging.get_notification_listener(
+            transport, targets, endpoints, executor="threading", pool=pool
+        )
+        listener.start()
+    except BaseException:
+        if jobs is not None:
+            jobs.stop()
+        raise
+    jobs_said = []
+    if promote:
+        jobs_said.append(
+            f"image.send for promotion ({opts.promotion_threshold} requests within "
+            f"{opts.promotion_window} minutes publish an image)"
+        )
+    if activate:
+        jobs_said.append(
+            "image.activate and image.delete to publish and unpublish "
+            f"({opts.origin_publish_workers} publishing at a time)"
+        )
     LOG.info(
-        "Counting image.send notifications on %s (exchange %s, pool %s) for promotion: "
-        "%d requests within %d minutes publish an image",
+        "Listening to Glance notifications on %s (exchange %s, pool %s): %s",
         ", ".join(opts.promotion_notification_topics),
         opts.promotion_notification_exchange,
         pool,
-        opts.promotion_threshold,
-        opts.promotion_window,
+        "; ".join(jobs_said),
     )
-    return listener
+    return NotificationListener(listener, jobs)
 
 
 _PROMOTERS: dict[int, tuple[cfg.ConfigOpts, Promoter]] = {}

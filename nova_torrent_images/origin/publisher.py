@@ -28,6 +28,13 @@ torrents are not bound: libtorrent passes a hybrid piece on its SHA-1 alone whil
 piece's v2 hashes are still unknown (``torrent::on_piece_verified``), so "every piece
 passed" would not prove the SHA-256 Merkle root.
 
+With ``origin_zone`` set, the node serves one zone of several sharing the Glance: the
+magnet names only the info-hash (every node of every zone writes the same one), and the
+zone's stripe servers, trackers and seeders go into ``torrent_zone_<zone>``
+(:mod:`nova_torrent_images.glance.zones`), the only property a node writes that differs
+between zones. Unpublishing removes the zone's property, and the magnet only when no other
+zone's remains.
+
 Publishing is idempotent: when the registry entry matches Glance's record (same size and
 ``os_hash_value``) and the configured torrent format, and the image already carries the
 same magnet, bound hash and ``is_torrentable=true``, nothing is written anywhere and Glance
@@ -53,6 +60,14 @@ from nova_torrent_images.common.utils import atomic_write, parse_host_port
 from nova_torrent_images.glance.client import GlanceClient
 from nova_torrent_images.glance.image import WEAK_HASH_ALGOS, ImageInfo, parse_image
 from nova_torrent_images.glance.magnet import MAGNET_MAX_LENGTH
+from nova_torrent_images.glance.zones import (
+    ZONE_PROPERTY_PREFIX,
+    ZoneError,
+    ZoneRoute,
+    parse_stripe_list,
+    validate_zone_name,
+    zone_property,
+)
 from nova_torrent_images.origin.magnet_fit import fit_magnet
 from nova_torrent_images.origin.registry import PublishedImage, Registry, validate_image_id
 from nova_torrent_images.origin.tracker import TrackerWhitelist
@@ -141,7 +156,56 @@ class Publisher:
     def trackers(self) -> list[str]:
         return [t.strip() for t in self.opts.origin_trackers if t.strip()]
 
+    def zone(self) -> str | None:
+        """This node's zone (``origin_zone``), checked; None when it serves one zone."""
+        zone = (self.opts.origin_zone or "").strip() or None
+        if zone is not None:
+            try:
+                validate_zone_name(zone)
+            except ZoneError as exc:
+                raise exception.ConfigError(option="origin_zone", reason=str(exc)) from None
+        return zone
+
+    def zone_route(self) -> ZoneRoute | None:
+        """This zone's route for ``torrent_zone_<zone>``; None without ``origin_zone``."""
+        zone = self.zone()
+        if zone is None:
+            return None
+        route = ZoneRoute(
+            zone,
+            tuple(self.stripe_urls()),
+            tuple(self.trackers()),
+            tuple(self.advertise_peers()),
+        )
+        if route.empty:
+            raise exception.ConfigError(
+                option="origin_stripe_advertise",
+                reason=f"zone {zone}'s property would name no stripe server, tracker or "
+                "origin seeder, so no host of the zone could find the image; set "
+                "origin_stripe_advertise, origin_trackers or origin_advertise_addresses",
+            )
+        try:
+            if route.stripes:  # hosts take only http://<IP>:<port>: refuse others here
+                parse_stripe_list(",".join(route.stripes))
+            route.format()
+        except ZoneError as exc:
+            raise exception.ConfigError(option="origin_stripe_advertise", reason=str(exc)) from None
+        return route
+
     def magnet_for(self, entry: PublishedImage) -> tuple[str, list[str]]:
+        if self.zone_route() is not None:
+            # Zone-neutral: every node of every zone writes this same magnet; where a
+            # zone's hosts find the swarm is in its own property (glance/zones.py).
+            try:
+                return fit_magnet(
+                    image_id=entry.image_id,
+                    info_hash_v1=entry.info_hash_v1,
+                    info_hash_v2=entry.info_hash_v2,
+                    trackers=[],
+                    peers=[],
+                )
+            except ValueError as exc:
+                raise exception.ConfigError(option="origin_zone", reason=str(exc)) from exc
         trackers, peers = self.trackers(), self.advertise_peers()
         if not trackers and not peers:
             raise exception.ConfigError(
@@ -350,12 +414,30 @@ class Publisher:
         if bound is not None and current_bound != bound:
             props[self.opts.bound_hash_property] = bound
         remove = [self.opts.bound_hash_property] if bound is None and current_bound else []
-        stripes = ",".join(self.stripe_urls())
+        route = self.zone_route()
+        # With zones the stripes are in the zone's property; the zone-neutral list goes.
+        stripes = ",".join(self.stripe_urls()) if route is None else ""
         current_stripes = image.properties.get(self.opts.stripes_property)
         if stripes and current_stripes != stripes:
             props[self.opts.stripes_property] = stripes
         elif not stripes and current_stripes:
             remove.append(self.opts.stripes_property)
+        if route is not None:
+            key, value = zone_property(route.zone or ""), route.format()
+            current = image.properties.get(key)
+            if current != value:
+                if current:
+                    LOG.warning(
+                        "Image %s: %s was %r, this node writes %r: every origin node of "
+                        "zone %s needs the same origin_stripe_advertise, origin_trackers "
+                        "and origin_advertise_addresses",
+                        image.id,
+                        key,
+                        current,
+                        value,
+                        route.zone,
+                    )
+                props[key] = value
         if props:
             # One update: a host never sees the new magnet with an old bound hash.
             self.glance.set_properties(image.id, **props)
@@ -440,6 +522,24 @@ class Publisher:
             remove.append(self.opts.torrentable_property)
         if self.opts.stripes_property in image.properties:
             remove.append(self.opts.stripes_property)
+        zone = self.zone()
+        if zone is not None:
+            own = zone_property(zone)
+            if own in image.properties:
+                remove.append(own)
+            others = [
+                k for k in image.properties if k.startswith(ZONE_PROPERTY_PREFIX) and k != own
+            ]
+            if others:
+                # Other zones still serve the image: their hosts keep the magnet.
+                LOG.info(
+                    "Image %s: %s still name origin nodes; the magnet stays",
+                    image_id,
+                    ", ".join(sorted(others)),
+                )
+                keep = {self.opts.magnet_property, self.opts.torrentable_property}
+                keep.add(self.opts.bound_hash_property)
+                remove = [k for k in remove if k not in keep]
         if self.opts.bound_hash_property in image.properties and (
             entry is None
             or image.bound_hash is None  # unparsable: of no use to anyone

@@ -49,6 +49,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -57,11 +58,12 @@ from oslo_utils import units
 from nova_torrent_images import exception
 from nova_torrent_images.glance import verify
 from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.origin.dispenser import StripeDispenser
 from nova_torrent_images.origin.metrics import OriginMetrics
 from nova_torrent_images.origin.publisher import Publisher
 from nova_torrent_images.origin.registry import PublishedImage, Registry
 from nova_torrent_images.origin.stripe_guard import ConnectionLimits
-from nova_torrent_images.origin.stripe_server import StripeDispenser, StripeServer
+from nova_torrent_images.origin.stripe_server import StripeServer
 from nova_torrent_images.swarm import recipes, torrent
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
 
@@ -127,7 +129,7 @@ class OriginSeeder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._signature: tuple | None = None
-        self._listener = None
+        self._listener: Any = None  # promotion.NotificationListener, when listening
         self._started_at = time.monotonic()
         # Read from stats() and uploaded_bytes() at each scrape of origin_metrics_listen.
         self.metrics = OriginMetrics(self)
@@ -159,6 +161,7 @@ class OriginSeeder:
                     batch_bytes=self.opts.origin_stripe_batch * 1024,
                     reissue_after=self.opts.origin_stripe_reissue_after,
                     held_bytes=self.opts.origin_stripe_held_per_address * 1024 * 1024,
+                    zone=(self.opts.origin_zone or "").strip() or None,
                 ),
                 rate_limit=(
                     self.opts.origin_stripe_rate_limit or self.opts.origin_upload_rate_limit
@@ -171,11 +174,16 @@ class OriginSeeder:
                     request_timeout=self.opts.origin_stripe_request_timeout,
                     send_timeout=self.opts.origin_stripe_send_timeout,
                 ),
+                zone=(self.opts.origin_zone or "").strip() or None,
+                image_status=self.image_status,
             ).start()
         self._started_at = time.monotonic()
         self._stop.clear()
         self.sync()
-        if self.opts.promotion_enabled and self.opts.promotion_source == "notifications":
+        promote = self.opts.promotion_enabled and self.opts.promotion_source == "notifications"
+        if promote or self.opts.origin_publish_on_activate:
+            # One listener for both: popularity (image.send) and activation (image.activate,
+            # image.delete).
             from nova_torrent_images.origin import promotion
 
             self._listener = promotion.start_notification_listener(self.conf, self.publisher)
@@ -492,6 +500,28 @@ class OriginSeeder:
                 + stripes
                 + self._stripes_served_before_stop
             )
+
+    def image_status(self, entry: PublishedImage) -> dict[str, object]:
+        """What the seeder adds to the stripe server's ``GET .../status`` of ``entry``:
+        how it serves it, and how complete a re-download is (whole data counts 1.0 there)."""
+        with self._lock:
+            seeded = self._seeds.get(entry.image_id)
+            if seeded is None:
+                return {"mode": "not seeded"}
+            try:
+                counters = seeded.watch.counters()
+            except RuntimeError:  # libtorrent's "invalid torrent handle": removed meanwhile
+                return {"mode": seeded.mode}
+            answer: dict[str, object] = {
+                "mode": seeded.mode,
+                "peers": counters.peers,
+                "uploaded": seeded.uploaded_earlier + counters.uploaded_since_added,
+            }
+            if seeded.mode != "seed" and entry.size:
+                # Bytes received so far: a re-download is that far along (a byte received
+                # twice counts twice, so it stays below 1.0 until the data is whole).
+                answer["complete"] = min(0.999, counters.downloaded_since_added / entry.size)
+            return answer
 
     def seeded(self) -> list[str]:
         with self._lock:

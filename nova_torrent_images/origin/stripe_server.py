@@ -10,7 +10,9 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""The stripe dispenser: the origin sends each piece about once, and the fleet the rest.
+"""The stripe server: the origin sends each piece about once, and the fleet the rest.
+
+The HTTP side; who gets which piece is :mod:`.dispenser`'s.
 
 Why (measured, doc/source/origin.rst): libtorrent 2.1's super-seeding starts a swarm ten
 seconds late, and without it no setting keeps an origin from sending duplicates. Here the
@@ -37,6 +39,8 @@ Endpoints (HTTP/1.1, read-only, only published images, only ``allowed_peer_cidrs
     GET  /v1/torrents/<info-hash>/data       image bytes, Range required and bounded
     POST /v1/torrents/<info-hash>/stripes    {"peer", "part", "parts", "want"?, "batches"?}
                                              -> {"pieces", "done", "peers", ...}
+    GET  /v1/torrents/<info-hash>/status     {"image_id", "zone", "complete", "size",
+                                              "served", "hosts", ...} (origin-status)
 
 What one client can hold of the server (connections, requests, time per phase) is
 bounded by origin/stripe_guard.py; what it can hold of the pieces, by
@@ -86,9 +90,7 @@ import struct
 import termios
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -97,36 +99,26 @@ from oslo_log import log as logging
 
 from nova_torrent_images import exception
 from nova_torrent_images.common import utils
-from nova_torrent_images.origin.registry import PublishedImage, Registry
+from nova_torrent_images.glance.zones import validate_zone_name
+from nova_torrent_images.origin.dispenser import (
+    ImageStripes,
+    StripeDispenser,
+    normal_address,
+)
+from nova_torrent_images.origin.registry import PublishedImage
 from nova_torrent_images.origin.stripe_guard import (
     ConnectionGuard,
     ConnectionLimits,
     busy_answer,
 )
-from nova_torrent_images.swarm.torrent import describe
+from nova_torrent_images.swarm.torrent import bitfield_to_pieces
 
 LOG = logging.getLogger(__name__)
 
 MAX_RANGE = 64 * 1024 * 1024  # bytes one data request may ask for
 MAX_BODY = 256 * 1024  # a stripe request (its want list included)
 MAX_WANT = 100_000
-MAX_PEERS = 50  # other hosts named in one answer
-MAX_PEER_RECORDS = 4096  # hosts (addresses) remembered per image
 MAX_BATCHES = 16  # batches one request may ask for (a lone host: 1 MiB each was too few)
-# Several batches go to one request only while a host takes at most this share of what
-# is left per host that asked lately: the last batches stay small and spread over hosts.
-SHARE_PER_REQUEST = 4
-ACTIVE_WINDOW = 30.0  # a host that asked within this long counts as fetching
-# An address that left pieces unclaimed gets no hand-outs for this many reissue periods.
-STRIKE_PERIODS = 10
-# Unless origin_stripe_held_per_address says otherwise, an address holds at most this
-# share of an image unclaimed, and at most HELD_MAX: a host's streams claim each hand-out
-# at once, so a lone host asking 8 batches on each of its 3 streams holds 24 MiB of 1 MiB
-# batches for a moment; a flood holds an eighth of a small image for at most
-# origin_stripe_reissue_after, while the fleet takes the rest.
-HELD_SHARE = 8
-HELD_MAX = 64 * 1024 * 1024
-PEER_TTL = 3600.0  # a host that asked within this long is still worth naming
 CHUNK = 256 * 1024  # bytes sent per rate-limiter step
 # How far a response may fall behind its booked share of the uplink before the rest is
 # booked again (a burst of at most this long at the cap beside the next booking).
@@ -167,301 +159,10 @@ ACCEPT_PAUSE = 0.1  # seconds without accept() after the process ran out of desc
 WORKER_IDLE = 60.0  # seconds an idle worker thread waits for work before it ends
 LISTEN_BACKLOG = 1024
 _DIGITS = 19  # a byte position beyond 19 digits (10^19 bytes) is no position
-_PATH = re.compile(r"^/v1/torrents/([0-9a-f]{40}|[0-9a-f]{64})(/data|/stripes)?$")
+_PATH = re.compile(r"^/v1/torrents/([0-9a-f]{40}|[0-9a-f]{64})(/data|/stripes|/status)?$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
 # SIOCOUTQ (Linux): bytes sent but not yet acknowledged, and not yet sent, of a socket.
 _OUTQ = getattr(termios, "TIOCOUTQ", None)
-
-
-def _address_of(endpoint: str | None) -> str | None:
-    """The IP address of ``address:port`` (IPv4-mapped IPv6 as IPv4), or None."""
-    if not endpoint:
-        return None
-    try:
-        return normal_address(utils.parse_host_port(endpoint)[0])
-    except ValueError:
-        return None
-
-
-def normal_address(address: str) -> str:
-    """``address`` as one text per host: IPv4-mapped IPv6 (a dual-stack socket) as IPv4."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-@dataclass
-class PeerRecord:
-    """A host that asked for an image's stripes, as other hosts are told about it."""
-
-    endpoint: str  # its BitTorrent endpoint: the address it asked from, its own port
-    seen: float  # when it last asked
-    fetched: int = 0  # bytes of ranges it was sent whole since: it makes progress
-
-
-@dataclass
-class ImageStripes:
-    """Who was given which piece of one image, and when."""
-
-    entry: PublishedImage
-    torrent: bytes
-    piece_length: int
-    num_pieces: int
-    given_at: dict[int, float] = field(default_factory=dict)  # piece -> last hand-out
-    served: int = 0  # payload bytes sent
-    # Hosts that asked for stripes, one record per address: they keep off the origin's
-    # BitTorrent port, so the origin cannot introduce them to each other there.
-    peers: dict[str, PeerRecord] = field(default_factory=dict)  # IP address -> record
-    # Who holds what (client addresses): a piece is claimed once a data request for it
-    # arrived; see StripeDispenser.assign for what happens to pieces never claimed.
-    given_to: dict[int, str] = field(default_factory=dict)  # piece -> last given to
-    unclaimed: dict[str, set[int]] = field(default_factory=dict)  # address -> pieces
-    reading: Counter[str] = field(default_factory=Counter)  # data responses in flight
-    last_read: dict[str, float] = field(default_factory=dict)  # address -> last one's end
-    struck: dict[str, float] = field(default_factory=dict)  # address -> no hand-outs until
-
-
-class StripeDispenser:
-    """Hands out disjoint batches of pieces per image; re-issues what went missing."""
-
-    def __init__(
-        self,
-        registry: Registry,
-        *,
-        batch_bytes: int,
-        reissue_after: float,
-        held_bytes: int = 0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.registry = registry
-        self.batch_bytes = batch_bytes
-        self.reissue_after = reissue_after
-        self.held_bytes = held_bytes
-        self._clock = clock
-        self._images: dict[str, ImageStripes] = {}
-        self._lock = threading.Lock()
-
-    def image(self, info_hash: str) -> ImageStripes | None:
-        """The published image with this v1 or v2 info-hash (hex), if any."""
-        with self._lock:
-            known = self._images.get(info_hash)
-            if known is not None and self.registry.get(known.entry.image_id) is not None:
-                return known
-        for entry in self.registry.list():
-            if info_hash not in (entry.info_hash_v1, entry.info_hash_v2) or not entry.has_data():
-                continue
-            torrent = self.registry.read_torrent(entry)
-            meta = describe(torrent)
-            stripes = ImageStripes(entry, torrent, meta.piece_length, meta.num_pieces)
-            with self._lock:
-                # Hosts ask at once after an origin restart: the first one in wins, or
-                # each would get its own hand-out record and the same first batches.
-                current = self._images.get(info_hash)
-                if current is not None and current is not known:
-                    return current
-                for key in (entry.info_hash_v1, entry.info_hash_v2):
-                    if key:
-                        self._images[key] = stripes
-            return stripes
-        return None
-
-    def peers(
-        self, stripes: ImageStripes, peer: str | None, *, address: str | None = None
-    ) -> list[str]:
-        """Other hosts that asked for this image's stripes lately; records ``peer``.
-
-        ``peer`` is the asking host's BitTorrent endpoint, ``address:port``, its address
-        the one its request came from (the server checks that): one record per address,
-        so a client naming thousands of endpoints is one entry (25,682 requests with a
-        different ``peer`` each once filled every host's list with 50 fake ones). Hosts
-        that were sent ranges whole since they asked come first, the most recent first:
-        the list favours hosts seen to make progress over hosts that only asked.
-        ``address``: the asking client's, left out of the list (it may name no peer).
-        """
-        now = self._clock()
-        own = address or _address_of(peer)
-        with self._lock:
-            if peer and own and own == _address_of(peer):
-                record = stripes.peers.get(own)
-                if record is None:
-                    stripes.peers[own] = PeerRecord(peer, now)
-                    if len(stripes.peers) > MAX_PEER_RECORDS:
-                        self._forget_one(stripes, own)
-                else:
-                    record.endpoint, record.seen = peer, now
-            for stale in [a for a, r in stripes.peers.items() if now - r.seen >= PEER_TTL]:
-                del stripes.peers[stale]
-            named = sorted(
-                (r for a, r in stripes.peers.items() if a != own),
-                key=lambda r: (r.fetched == 0, -r.seen),
-            )
-        return [r.endpoint for r in named[:MAX_PEERS]]
-
-    @staticmethod
-    def _forget_one(stripes: ImageStripes, keep: str) -> None:
-        """Drop the least useful record but ``keep``'s (the lock is held): one that made
-        no progress before one that did, the oldest first."""
-        worst = min(
-            (a for a in stripes.peers if a != keep),
-            key=lambda a: (stripes.peers[a].fetched > 0, stripes.peers[a].seen),
-        )
-        del stripes.peers[worst]
-
-    def fetching(
-        self, stripes: ImageStripes, peer: str | None, *, address: str | None = None
-    ) -> int:
-        """How many hosts other than ``peer`` (at ``address``) asked for this image's
-        stripes lately.
-
-        A host told none lands its stripes itself (swarm/landing.py) until one shows up.
-        """
-        now = self._clock()
-        own = address or _address_of(peer)
-        with self._lock:
-            return sum(
-                1 for a, r in stripes.peers.items() if a != own and now - r.seen < ACTIVE_WINDOW
-            )
-
-    def assign(
-        self,
-        stripes: ImageStripes,
-        *,
-        part: int,
-        parts: int,
-        want: list[int] | None = None,
-        batches: int = 1,
-        address: str = "",
-    ) -> tuple[list[int], bool]:
-        """The next pieces for the client at ``address``, and whether this node has none left.
-
-        Without ``want``: pieces of this node's part nobody was given yet, up to
-        ``batches`` batches while each of the hosts that asked lately could still get
-        :data:`SHARE_PER_REQUEST` times as many. With ``want`` (a host whose swarm went
-        quiet lists what it lacks): those of them last given out more than
-        ``reissue_after`` seconds ago, from any part, up to ``batches`` batches.
-
-        What a client holds unclaimed (no data request for it yet) is bounded: at most
-        ``held_bytes``, or else an eighth of the image up to 64 MiB; and pieces
-        unclaimed after ``reissue_after`` by an address with no data request in flight
-        or as recent go back to everyone, that address getting no hand-outs for
-        :data:`STRIKE_PERIODS` periods. A client that floods the dispenser and fetches
-        nothing keeps pieces from the fleet only that long.
-        """
-        per_batch = max(1, self.batch_bytes // stripes.piece_length)
-        now = self._clock()
-        with self._lock:
-            self._expire_unclaimed(stripes, now)
-            if stripes.struck.get(address, -1e18) > now:
-                return [], False
-            held = stripes.unclaimed.setdefault(address, set())
-            limit = self.held_bytes or min(HELD_MAX, stripes.entry.size // HELD_SHARE)
-            limit = max(limit, self.batch_bytes)
-            room = max(0, -(-limit // stripes.piece_length) - len(held))
-            given = stripes.given_at
-            if want is None:
-                free = [p for p in range(part, stripes.num_pieces, parts) if p not in given]
-                hosts = max(
-                    1, sum(1 for r in stripes.peers.values() if now - r.seen < ACTIVE_WINDOW)
-                )
-                batches = max(1, min(batches, len(free) // (per_batch * SHARE_PER_REQUEST * hosts)))
-                pieces = free[: min(per_batch * batches, room)]
-                done = len(pieces) == len(free)
-            else:
-                pieces = [
-                    p
-                    for p in dict.fromkeys(want)
-                    if 0 <= p < stripes.num_pieces
-                    and now - given.get(p, -1e18) > self.reissue_after
-                ][: min(per_batch * batches, room)]
-                done = False
-            for p in pieces:
-                self._unclaim(stripes, p)
-                given[p] = now
-                stripes.given_to[p] = address
-                held.add(p)
-        return pieces, done
-
-    @staticmethod
-    def _unclaim(stripes: ImageStripes, piece: int) -> None:
-        """``piece`` is no longer held unclaimed by whoever was given it last."""
-        holder = stripes.given_to.get(piece)
-        if holder is not None:
-            stripes.unclaimed.get(holder, set()).discard(piece)
-
-    @staticmethod
-    def _whole_pieces(stripes: ImageStripes, start: int, end: int) -> range:
-        """The pieces bytes ``start``-``end`` hold whole (the short last one included)."""
-        if end + 1 >= stripes.entry.size:
-            last = stripes.num_pieces
-        else:
-            last = (end + 1) // stripes.piece_length
-        return range(-(-start // stripes.piece_length), last)
-
-    def _expire_unclaimed(self, stripes: ImageStripes, now: float) -> None:
-        """Give back pieces their holder never asked the data of (the lock is held)."""
-        old = now - self.reissue_after
-        for address, held in list(stripes.unclaimed.items()):
-            if stripes.reading[address] or stripes.last_read.get(address, -1e18) >= old:
-                continue
-            expired = [p for p in held if stripes.given_at.get(p, now) < old]
-            if not expired:
-                if not held:
-                    del stripes.unclaimed[address]
-                continue
-            for p in expired:
-                held.discard(p)
-                del stripes.given_to[p]
-                stripes.given_at.pop(p, None)
-            if stripes.struck.get(address, -1e18) > now:
-                continue  # struck already: the rest of what it took before
-            stripes.struck[address] = now + STRIKE_PERIODS * self.reissue_after
-            LOG.warning(
-                "Image %s: %s took %d pieces and asked for none of them in %.0f s "
-                "(origin_stripe_reissue_after); they go to other hosts, and it gets no "
-                "stripes for %.0f s",
-                stripes.entry.image_id,
-                address or "a client",
-                len(expired),
-                self.reissue_after,
-                STRIKE_PERIODS * self.reissue_after,
-            )
-        for address in [a for a, until in stripes.struck.items() if until <= now]:
-            del stripes.struck[address]
-        for address in [a for a, t in stripes.last_read.items() if now - t > PEER_TTL]:
-            del stripes.last_read[address]
-
-    def reading_started(self, stripes: ImageStripes, address: str, start: int, end: int) -> None:
-        """A data request for bytes ``start``-``end`` arrived: the pieces in it are claimed."""
-        with self._lock:
-            stripes.reading[address] += 1
-            for p in self._whole_pieces(stripes, start, end):
-                self._unclaim(stripes, p)
-
-    def reading_ended(
-        self, stripes: ImageStripes, address: str, start: int, end: int, *, sent: bool
-    ) -> None:
-        """The data response ended; one not sent whole gives its pieces back at once."""
-        now = self._clock()
-        with self._lock:
-            stripes.reading[address] -= 1
-            if stripes.reading[address] <= 0:
-                del stripes.reading[address]
-            stripes.last_read[address] = now
-            if sent:
-                record = stripes.peers.get(address)
-                if record is not None:  # progress: named before hosts that only asked
-                    record.fetched += end - start + 1
-                return
-            for p in self._whole_pieces(stripes, start, end):
-                if stripes.given_to.get(p) == address:
-                    del stripes.given_to[p]
-                    stripes.given_at.pop(p, None)
-            # Gone, or too slow to read: the swarm serves it better than new hand-outs.
-            stripes.struck[address] = now + STRIKE_PERIODS * self.reissue_after
 
 
 class UplinkBooking:
@@ -838,6 +539,12 @@ class _Handler(BaseHTTPRequestHandler):
         if match is None:
             self._refuse(HTTPStatus.NOT_FOUND, "no such endpoint")
             return None
+        if match.group(2) == "/status":
+            if self.command != "GET":
+                self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, "the status is read with GET")
+            else:
+                self._send_status(match.group(1))
+            return None  # answered
         stripes = self.server.dispenser.image(match.group(1))
         if stripes is None:
             self._refuse(HTTPStatus.NOT_FOUND, "not a published image")
@@ -858,6 +565,43 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_range(stripes, etag)
         else:
             self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, "stripes are asked for with POST")
+
+    def _send_status(self, info_hash: str) -> None:
+        """``GET .../status``: how much of the image this node holds and serves (JSON).
+
+        Read-only, never cached (``no-store``), for ``nova-torrent-images origin-status``;
+        an entry whose data is still missing (re-downloading) is answered too.
+        """
+        entry = next(
+            (
+                e
+                for e in self.server.dispenser.registry.list()
+                if info_hash in (e.info_hash_v1, e.info_hash_v2)
+            ),
+            None,
+        )
+        if entry is None:
+            self._refuse(HTTPStatus.NOT_FOUND, "not a published image")
+            return
+        answer: dict[str, Any] = {
+            "image_id": entry.image_id,
+            "zone": self.server.zone,
+            "info_hash_v1": entry.info_hash_v1,
+            "info_hash_v2": entry.info_hash_v2,
+            "size": entry.size,
+            "complete": 0.0,
+            "served": 0,
+            "hosts": 0,
+        }
+        if self.server.image_status is not None:
+            answer.update(self.server.image_status(entry))
+        if entry.has_data():
+            answer["complete"] = 1.0
+            stripes = self.server.dispenser.image(info_hash)
+            if stripes is not None:
+                answer["served"] = stripes.served
+                answer["hosts"] = self.server.dispenser.fetching(stripes, None)
+        self._reply(HTTPStatus.OK, answer)
 
     def _validators(self, etag: str) -> None:
         # Content-addressed: the info-hash names the bytes, so a cache may keep them for
@@ -910,6 +654,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         address = self.client_address[0]
+        stripes = self.server.dispenser.for_address(stripes, address)
         self.server.dispenser.reading_started(stripes, address, start, end)
         sent = False
         try:
@@ -1018,6 +763,16 @@ class _Handler(BaseHTTPRequestHandler):
             want = request.get("want")
             batches = _integer(request, "batches", 1) or 1
             peer = self._peer(request.get("peer"))
+            have = request.get("have")
+            if have is not None:
+                if not isinstance(have, str):
+                    raise ValueError("have must be a base64 bitfield")
+                have = bitfield_to_pieces(have, stripes.num_pieces)
+            zone = request.get("zone")
+            if zone is not None:
+                if not isinstance(zone, str):
+                    raise ValueError("zone must be a string")
+                validate_zone_name(zone)
             if not 0 <= part < parts <= 64:
                 raise ValueError(f"part {part} of {parts}")
             if not 1 <= batches <= MAX_BATCHES:
@@ -1038,6 +793,7 @@ class _Handler(BaseHTTPRequestHandler):
             # waits for a quiet swarm (a fleet beside two clients that never read: 2.5 s
             # sooner done, tests/integration/test_stripe_abuse.py).
             batches = 1
+        stripes = self.server.dispenser.for_zone(stripes, zone, self.client_address[0])
         pieces, done = self.server.dispenser.assign(
             stripes,
             part=part,
@@ -1045,6 +801,7 @@ class _Handler(BaseHTTPRequestHandler):
             want=want,
             batches=batches,
             address=self.client_address[0],
+            have=have,
         )
         source = self.client_address[0]
         peers = self.server.dispenser.peers(stripes, peer, address=source)
@@ -1076,12 +833,19 @@ class StripeServer:
         rate_limit: int,
         allowed_cidrs: list[str],
         limits: ConnectionLimits = DEFAULT_LIMITS,
+        zone: str | None = None,
+        image_status: Callable[[PublishedImage], dict[str, Any]] | None = None,
     ) -> None:
+        """``zone``: the node's ``origin_zone``, and ``image_status``: more of an image's
+        state (the seeder's: ``complete`` of an image it re-downloads, BitTorrent
+        ``uploaded`` and ``peers``), both only for ``GET .../status``."""
         try:
             host, port = utils.parse_listen_address(listen)
         except ValueError as exc:
             raise exception.ConfigError(option="origin_stripe_listen", reason=str(exc)) from exc
         self.dispenser = dispenser
+        self.zone = zone
+        self.image_status = image_status
         self.limiter = utils.RateLimiter(rate_limit)
         self._networks = [
             ipaddress.ip_network(c.strip(), strict=False) for c in allowed_cidrs if c.strip()

@@ -40,7 +40,9 @@ from oslo_log import log as logging
 from nova_torrent_images import exception
 from nova_torrent_images.common import qos
 from nova_torrent_images.common.utils import RateLimiter, parse_host_port
+from nova_torrent_images.glance.zones import parse_stripe_list
 from nova_torrent_images.swarm.landing import PieceLanding
+from nova_torrent_images.swarm.torrent import pieces_to_bitfield
 
 LOG = logging.getLogger(__name__)
 
@@ -59,32 +61,23 @@ HASH_BACKLOG = 32 * 1024 * 1024
 # A node that refused or reset a connection is left out this long; its part of the image
 # goes to the live nodes meanwhile (several origin nodes are one service).
 NODE_DOWN_FOR = 5.0
-
-
-MAX_STRIPE_URLS = 8
+# How often a host tells the nodes which pieces it holds (in a batch request): a node that
+# restarted, or one of another zone the host just turned to, then hands out only what no
+# host has, instead of the whole image again.
+HAVE_EVERY = 2.0
 
 
 def parse_stripe_urls(value: object, allowed_cidrs: tuple[str, ...]) -> tuple[str, ...]:
     """The stripe URLs of an image property; ValueError says what is wrong.
 
-    Any image owner may write the property, so only ``http://<IP>:<port>`` URLs inside
+    Any image owner may write the property, so only ``http://<IP>:<port>`` URLs
+    (:func:`~nova_torrent_images.glance.zones.parse_stripe_list`) inside
     ``allowed_peer_cidrs`` are taken: no names to resolve, nothing outside the fabric.
     """
-    if not isinstance(value, str):
-        raise ValueError(f"it is a {type(value).__name__}, not a string")
-    urls = tuple(dict.fromkeys(u.strip() for u in value.split(",") if u.strip()))
-    if not urls or len(urls) > MAX_STRIPE_URLS:
-        raise ValueError(f"it names {len(urls)} URLs (1 to {MAX_STRIPE_URLS})")
+    urls = parse_stripe_list(value)
     networks = [ipaddress.ip_network(c, strict=False) for c in allowed_cidrs if c.strip()]
     for url in urls:
-        parts = urllib.parse.urlsplit(url)
-        try:
-            address = ipaddress.ip_address(parts.hostname or "")
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"{url!r} is not http://<IP address>:<port>") from None
-        if parts.scheme != "http" or not port or parts.path not in ("", "/"):
-            raise ValueError(f"{url!r} is not http://<IP address>:<port>")
+        address = ipaddress.ip_address(urllib.parse.urlsplit(url).hostname or "")
         if networks and not any(address in net for net in networks):
             raise ValueError(f"{url!r} is outside allowed_peer_cidrs")
     return urls
@@ -95,6 +88,9 @@ class StripeClient:
 
     Each thread keeps one HTTP/1.1 connection per origin node: a new TCP connection per
     request (urllib) cost 1.5 s of a 512 MiB fetch in batch requests alone.
+
+    The nodes are those of one zone (``urls``); ``fallback`` lists other zones' nodes,
+    used in turn once every node of the current zone is down (glance/zones.py ``plan``).
     """
 
     def __init__(
@@ -105,11 +101,29 @@ class StripeClient:
         peer: str,
         source_host: str | None = None,
         downlink: RateLimiter | None = None,
+        *,
+        zone: str | None = None,
+        urls_zone: str | None = None,
+        fallback: tuple[tuple[str | None, tuple[str, ...]], ...] = (),
     ) -> None:
         """``downlink``: the host's budget for stripe bytes (``download_rate_limit``),
-        shared by every stream and transfer of the host."""
+        shared by every stream and transfer of the host. ``zone``: the host's, named in
+        stripe requests (a node hands each zone every piece once); ``urls_zone``: the
+        zone of ``urls``; ``fallback``: (zone, urls) of the nodes to use next, in order."""
         self.image_id = image_id
         self.urls = urls
+        self.zone = zone
+        self.urls_zone = urls_zone
+        self._fallback = list(fallback)
+        self._generation = 0  # bumped when the nodes change: connections are per node index
+        # Payload bytes per node URL (the operator's and the zone tests' cross-zone figure).
+        self.bytes_by_url: collections.Counter[str] = collections.Counter()
+        # Called with the zone whose nodes are used from now on (the transfer adds that
+        # zone's trackers and seeders).
+        self.on_fall_back: Callable[[str | None], None] | None = None
+        # The pieces this host holds (the worker sets it), sent every HAVE_EVERY seconds.
+        self.have: Callable[[], list[int]] | None = None
+        self._have_sent_at = -1e18
         self.info_hash = info_hash
         self.peer = peer
         # The address the host's BitTorrent traffic leaves from: the origin's per-address
@@ -131,15 +145,24 @@ class StripeClient:
         # origin does not say): a host alone lands its stripes itself (swarm/landing.py).
         self.others_fetching: int | None = None
 
+    def _url(self, part: int) -> str:
+        # Any node serves any byte range: a range of a batch a node of the previous zone
+        # gave (fall_back changed the nodes since) is read from the new zone's node.
+        urls = self.urls
+        return urls[part % len(urls)]
+
     def _connection(self, part: int) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection to node ``part``, and whether it was used before."""
         conns = getattr(self._local, "conns", None)
-        if conns is None:
+        if conns is None or getattr(self._local, "generation", 0) != self._generation:
+            for old in (conns or {}).values():
+                old.close()
             conns = self._local.conns = {}
+            self._local.generation = self._generation
         conn = conns.get(part)
         if conn is not None:
             return conn, True
-        parts = urllib.parse.urlsplit(self.urls[part])
+        parts = urllib.parse.urlsplit(self._url(part))
         source = (self.source_host, 0) if self.source_host else None
         conn = http.client.HTTPConnection(
             parts.hostname, parts.port, timeout=HTTP_TIMEOUT, source_address=source
@@ -163,7 +186,7 @@ class StripeClient:
         expect: int | None = None,
     ) -> http.client.HTTPResponse:
         """A response whose status is 2xx (``expect``: that size) with its body unread."""
-        url = self.urls[part].rstrip("/") + path
+        url = self._url(part).rstrip("/") + path
         for attempt in (0, 1):
             conn, reused = self._connection(part)
             try:
@@ -209,7 +232,7 @@ class StripeClient:
         except (http.client.HTTPException, OSError, ValueError) as exc:
             self._drop(part)
             raise exception.StripeError(
-                image_id=self.image_id, url=self.urls[part], reason=str(exc)
+                image_id=self.image_id, url=self._url(part), reason=str(exc)
             ) from exc
 
     def _drop(self, part: int) -> None:
@@ -218,26 +241,58 @@ class StripeClient:
             conn.close()
 
     def fetch_torrent(self) -> bytes:
+        """The .torrent from the first node that answers, another zone's if need be."""
         errors = []
-        for part in range(len(self.urls)):
-            try:
-                return self._read(part, self._path)
-            except exception.StripeError as exc:
-                errors.append(str(exc))
-            finally:
-                self._drop(part)  # once per fetch: no connection left open for it
-        raise exception.StripeError(
-            image_id=self.image_id, url=", ".join(self.urls), reason="; ".join(errors)
-        )
+        while True:
+            for part in range(len(self.urls)):
+                try:
+                    return self._read(part, self._path)
+                except exception.StripeError as exc:
+                    errors.append(str(exc))
+                    self.node_failed(part, exc)
+                finally:
+                    self._drop(part)  # once per fetch: no connection left open for it
+            if not self.fall_back():
+                raise exception.StripeError(
+                    image_id=self.image_id, url=", ".join(self.urls), reason="; ".join(errors)
+                )
 
     def _answered(self, part: int) -> None:
         with self._lock:
             self._answered_at[part] = time.monotonic()
 
+    def fall_back(self) -> bool:
+        """Use the next zone's nodes, if any is left: whether the nodes changed."""
+        with self._lock:
+            if not self._fallback:
+                return False
+            gone, zone = ", ".join(self.urls), self.urls_zone
+            self.urls_zone, self.urls = self._fallback.pop(0)
+            self._generation += 1
+            self._next_part = 0
+            self._dry.clear()
+            self._down.clear()
+            self._answered_at.clear()
+        LOG.warning(
+            "Image %s: every origin node of %s (%s) is down or refuses; fetching the "
+            "stripes from %s (%s) instead ([torrent_images] cross_zone_fallback)",
+            self.image_id,
+            f"zone {zone}" if zone else "the image's zone-neutral list",
+            gone,
+            f"zone {self.urls_zone}" if self.urls_zone else "the zone-neutral list",
+            ", ".join(self.urls),
+        )
+        if self.on_fall_back is not None:
+            self.on_fall_back(self.urls_zone)
+        return True
+
     def all_down(self) -> bool:
         """Whether every node failed since it last answered (the origin is gone, or
-        restarting): the swarm's missing pieces are then Glance's to fill in."""
+        restarting) and no other zone's nodes are left to try: the swarm's missing
+        pieces are then Glance's to fill in."""
         with self._lock:
+            if self._fallback:
+                return False
             return all(
                 self._down.get(n, -1e18) > self._answered_at.get(n, -1e18)
                 for n in range(len(self.urls))
@@ -274,6 +329,8 @@ class StripeClient:
         :class:`~nova_torrent_images.exception.StripeError` when no node is left.
         """
         live = self.live_nodes()
+        if not live and self.fall_back():
+            return self.next_batch(want)
         if not live:
             raise exception.StripeError(
                 image_id=self.image_id, url=", ".join(self.urls), reason="every origin node is down"
@@ -285,15 +342,23 @@ class StripeClient:
             part = live[index]
             if want is None and part in self._dry:
                 continue
-            body = json.dumps(
-                {
-                    "peer": self.peer,
-                    "part": index,
-                    "parts": len(live),
-                    "want": want,
-                    "batches": BATCHES_PER_REQUEST,
-                }
-            ).encode()
+            request = {
+                "peer": self.peer,
+                "part": index,
+                "parts": len(live),
+                "want": want,
+                "batches": BATCHES_PER_REQUEST,
+            }
+            if self.zone is not None:
+                request["zone"] = self.zone
+            if want is None and self.have is not None:
+                now = time.monotonic()
+                if now - self._have_sent_at >= HAVE_EVERY:
+                    self._have_sent_at = now
+                    have = self.have()
+                    if have:
+                        request["have"] = pieces_to_bitfield(have)
+            body = json.dumps(request).encode()
             try:
                 text = self._read(
                     part,
@@ -302,7 +367,7 @@ class StripeClient:
                     headers={"Content-Type": "application/json"},
                 )
             except exception.StripeError as exc:
-                if not self.node_failed(part, exc):
+                if not self.node_failed(part, exc) and not self._fallback:
                     raise
                 LOG.warning("%s; its part of the image goes to the other origin nodes", exc)
                 return self.next_batch(want)
@@ -310,7 +375,7 @@ class StripeClient:
                 answer = json.loads(text)
             except ValueError as exc:
                 raise exception.StripeError(
-                    image_id=self.image_id, url=self.urls[part], reason=f"bad answer: {exc}"
+                    image_id=self.image_id, url=self._url(part), reason=f"bad answer: {exc}"
                 ) from exc
             self._introduce(answer.get("peers") or [])
             fetching = answer.get("fetching")
@@ -379,25 +444,27 @@ class StripeClient:
                     if not n:
                         raise exception.StripeError(
                             image_id=self.image_id,
-                            url=self.urls[part],
+                            url=self._url(part),
                             reason=f"asked for {length} bytes, the answer ended early",
                         ) from EOFError()  # the node closed the connection: it may be gone
                     got += n
             if response.read(1):
                 raise exception.StripeError(
                     image_id=self.image_id,
-                    url=self.urls[part],
+                    url=self._url(part),
                     reason=f"asked for {length} bytes, got more",
                 )
             self._answered(part)
         except (http.client.HTTPException, OSError, ValueError) as exc:
             self._drop(part)
             raise exception.StripeError(
-                image_id=self.image_id, url=self.urls[part], reason=str(exc)
+                image_id=self.image_id, url=self._url(part), reason=str(exc)
             ) from exc
         except exception.StripeError:
             self._drop(part)
             raise
+        with self._lock:
+            self.bytes_by_url[self._url(part)] += length
         return buffers
 
 
@@ -462,6 +529,8 @@ class StripeWorker:
         self.client = client
         self.piece_length = piece_length
         self.size = size
+        pieces = -(-size // piece_length)
+        client.have = lambda: sorted(set(range(pieces)).difference(missing()))
         self._add_piece = add_piece
         self._missing = missing  # pieces the torrent still lacks
         self._progress = progress  # bytes the torrent has (to tell a quiet swarm)
@@ -708,7 +777,7 @@ class StripeWorker:
                     part, start, end, self.piece_length, allocate=self._pool.get
                 )
             except exception.StripeError as exc:
-                if not self.client.node_failed(part, exc):
+                if not self.client.node_failed(part, exc) and not self.client.fall_back():
                     raise
                 # Handed out by a node that is gone: another node hands them out again
                 # once this host lists them as missing.

@@ -18,8 +18,10 @@ libtorrent side of a torrent.
 
 from __future__ import annotations
 
+import base64
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import libtorrent as lt
@@ -86,6 +88,8 @@ def make_torrent(
     ``name`` is the file name inside the torrent (default: the file's own name); publishing
     uses the Glance image id, so the local file name never leaks into the swarm. ``size``:
     only the first ``size`` bytes (a VDI's device may be larger than its image).
+    Deterministic: the same bytes, name, piece size and version give the same .torrent
+    on every node and every run (no creation date; the creator is this library's name).
     """
     if version not in VERSIONS:
         raise ValueError(f"version must be hybrid, v1 or v2, not {version!r}")
@@ -97,6 +101,9 @@ def make_torrent(
     entry = lt.create_file_entry(name or os.path.basename(path), size)
     creator = lt.create_torrent([entry], piece_size, flags[version])
     creator.set_creator("nova-torrent-images")
+    # No creation date (libtorrent writes the current time by default): every origin node
+    # that publishes an image builds the same .torrent bytes, not only the same info-hash.
+    creator.set_creation_date(0)
     # set_piece_hashes reads <parent>/<name in torrent>; hash the real file through a
     # callback-free path by giving the file's directory when the names agree, else a link.
     parent = os.path.dirname(os.path.abspath(path))
@@ -172,3 +179,30 @@ def describe(data: bytes) -> TorrentMeta:
         info_hash_v1=str(hashes.v1) if hashes.has_v1() else None,
         info_hash_v2=str(hashes.v2) if hashes.has_v2() else None,
     )
+
+
+def pieces_to_bitfield(pieces: Iterable[int]) -> str:
+    """Piece indices as a BitTorrent-style bitfield (bit 0 the high bit of byte 0), base64."""
+    indices = sorted(set(pieces))
+    field = bytearray((indices[-1] // 8 + 1) if indices else 0)
+    for p in indices:
+        field[p // 8] |= 0x80 >> (p % 8)
+    return base64.b64encode(bytes(field)).decode("ascii")
+
+
+def bitfield_to_pieces(text: str, num_pieces: int) -> list[int]:
+    """The piece indices of :func:`pieces_to_bitfield`; ValueError when it is malformed or
+    longer than ``num_pieces`` needs."""
+    try:
+        field = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ValueError(f"not a base64 bitfield: {exc}") from None
+    if len(field) > (num_pieces + 7) // 8:
+        raise ValueError(f"a bitfield of {len(field)} bytes for {num_pieces} pieces")
+    return [
+        i * 8 + bit
+        for i, byte in enumerate(field)
+        if byte
+        for bit in range(8)
+        if byte & (0x80 >> bit) and i * 8 + bit < num_pieces
+    ]

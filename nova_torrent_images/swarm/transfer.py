@@ -48,6 +48,7 @@ from nova_torrent_images import exception
 from nova_torrent_images.common import qos, utils
 from nova_torrent_images.glance import verify
 from nova_torrent_images.glance.image import ImageInfo
+from nova_torrent_images.glance.zones import ZONE_PROPERTY_PREFIX, ZoneRoute, image_routes, plan
 from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
 from nova_torrent_images.swarm.glance_fill import GlanceFill, RangeReader
@@ -98,6 +99,8 @@ class TransferSettings:
     stripes_property: str = "torrent_stripes"
     land_stripes: bool = True
     allowed_peer_cidrs: tuple[str, ...] = ()
+    zone: str | None = None
+    cross_zone_fallback: bool = True
 
     @classmethod
     def from_conf(cls, conf: cfg.ConfigOpts) -> TransferSettings:
@@ -113,6 +116,8 @@ class TransferSettings:
             stripes_property=opts.stripes_property,
             land_stripes=opts.land_stripes,
             allowed_peer_cidrs=tuple(opts.allowed_peer_cidrs),
+            zone=(opts.zone or "").strip() or None,
+            cross_zone_fallback=opts.cross_zone_fallback,
         )
 
 
@@ -132,6 +137,10 @@ class SwarmStats:
     peers_banned: int = 0  # peers libtorrent banned or refused (peer_ban/blocked)
     seconds: float = 0.0
     per_peer: dict[str, int] = field(default_factory=dict)
+    # Payload bytes per origin stripe server URL, and the zone whose servers delivered
+    # ("" for the image's zone-neutral list; None when no stripes were fetched).
+    per_stripe_server: dict[str, int] = field(default_factory=dict)
+    stripes_zone: str | None = None
 
 
 # Called on every poll with (bytes done, bytes wanted, payload rate B/s, connected peers).
@@ -232,6 +241,14 @@ class Transfer:
         self.magnet = image.magnet
         self.destination = os.path.abspath(destination)
         self.opts = settings
+        self.routes = self._plan_routes()
+        # The swarm's rendezvous: the magnet's and the first route's (the host's zone's,
+        # when the image has one); other zones are reached through their stripes only.
+        first = self.routes[0] if self.routes else ZoneRoute(None)
+        self.trackers = tuple(
+            dict.fromkeys([*self.magnet.trackers, *first.trackers, *settings.trackers])
+        )
+        self.peer_hints = tuple(dict.fromkeys([*self.magnet.peers, *first.peers]))
         self.stats = SwarmStats()
         self.progress = progress
         self._origin_hosts: set[str] = set()
@@ -255,6 +272,24 @@ class Transfer:
         self._origin_seen: float | None = None
 
     # -- setup -------------------------------------------------------------------------
+    def _plan_routes(self) -> list[ZoneRoute]:
+        """The image's routes in the order this host uses them (glance/zones.py)."""
+        routes = image_routes(self.image.properties, self.opts.stripes_property)
+        for key, why in sorted(routes.unusable.items()):
+            LOG.warning("Image %s: property %s is not usable (%s)", self.image.id, key, why)
+        order = plan(routes, self.opts.zone, cross_zone=self.opts.cross_zone_fallback)
+        if self.opts.zone and routes.by_zone and self.opts.zone not in routes.by_zone:
+            LOG.warning(
+                "Image %s: no origin node of zone %s serves it (no property %s); %s",
+                self.image.id,
+                self.opts.zone,
+                ZONE_PROPERTY_PREFIX + self.opts.zone,
+                f"using {', '.join(str(r.zone or 'zone-neutral') for r in order)}"
+                if order
+                else "cross_zone_fallback is off: the swarm and Glance only",
+            )
+        return order
+
     def _params(
         self, scratch_dir: str, peers: list[tuple[str, int]], torrent: bytes | None
     ) -> lt.add_torrent_params:
@@ -263,7 +298,7 @@ class Transfer:
             name=self.image.id,
             destination=self.destination,
             scratch_dir=scratch_dir,
-            trackers=list(dict.fromkeys([*self.magnet.trackers, *self.opts.trackers])),
+            trackers=list(self.trackers),
             peers=peers,
             torrent=torrent,
         )
@@ -272,30 +307,43 @@ class Transfer:
         """The origin's stripes for this image and its .torrent, when they can be used."""
         if not self.opts.use_origin_stripes:
             return None
-        value = self.image.properties.get(self.opts.stripes_property)
-        if not value:
-            return None
-        try:
-            urls = parse_stripe_urls(value, self.opts.allowed_peer_cidrs)
-        except ValueError as exc:
-            LOG.warning(
-                "Image %s: property %s is not usable (%s); fetching by BitTorrent alone",
-                self.image.id,
-                self.opts.stripes_property,
-                exc,
-            )
+        tiers: list[tuple[str | None, tuple[str, ...]]] = []
+        for route in self.routes:
+            if not route.stripes:
+                continue
+            try:
+                tiers.append(
+                    (
+                        route.zone,
+                        parse_stripe_urls(",".join(route.stripes), self.opts.allowed_peer_cidrs),
+                    )
+                )
+            except ValueError as exc:
+                LOG.warning(
+                    "Image %s: the stripe servers of %s are not usable (%s)",
+                    self.image.id,
+                    f"zone {route.zone}"
+                    if route.zone
+                    else f"property {self.opts.stripes_property}",
+                    exc,
+                )
+        if not tiers:
             return None
         host = self.engine.listen_host()
         listen = f"{host}:{self.engine.listen_port}"
         source = host if utils.is_specific_ip(host) else None
         client = StripeClient(
             self.image.id,
-            urls,
+            tiers[0][1],
             self.magnet.best_hash,
             listen,
             source,
             downlink=self.engine.stripe_downlink,
+            zone=self.opts.zone,
+            urls_zone=tiers[0][0],
+            fallback=tuple(tiers[1:]),
         )
+        client.on_fall_back = self._fell_back
         try:
             torrent = client.fetch_torrent()
             meta = describe(torrent)
@@ -521,6 +569,29 @@ class Transfer:
                 self.image.id,
             )
 
+    def _fell_back(self, zone: str | None) -> None:
+        """The stripes come from ``zone``'s nodes now (the host's own are down).
+
+        The swarm stays the host's zone's: the other zone's node hands this zone every
+        piece once and names only this zone's hosts (origin/stripe_server.py), so one
+        copy crosses. Only a host with no tracker nor seeder of its own joins that
+        zone's swarm too.
+        """
+        self.stats.stripes_zone = zone or ""
+        if self.trackers or self.peer_hints:
+            return
+        route = next((r for r in self.routes if r.zone == zone), None)
+        if route is None:
+            return
+        self.trackers, self.peer_hints = route.trackers, route.peers
+        watch = self._watch
+        if watch is None:
+            return  # not joined yet: _params takes them
+        for url in route.trackers:
+            watch.handle.add_tracker({"url": url})
+        for host, port in resolve_peers(route.peers, RESOLVE_TIMEOUT):
+            watch.handle.connect_peer((host, port))
+
     def _stripes_failed(self) -> None:
         """The stripes broke: the origin's BitTorrent port is welcome again."""
         self._origin_seen = time.monotonic()  # the grace for its port to connect
@@ -557,7 +628,7 @@ class Transfer:
     def run(self) -> SwarmStats:
         """Download the image; on success the torrent stays in the swarm until :meth:`leave`."""
         start = time.monotonic()
-        peers = resolve_peers(self.magnet.peers, min(RESOLVE_TIMEOUT, self.opts.metadata_timeout))
+        peers = resolve_peers(self.peer_hints, min(RESOLVE_TIMEOUT, self.opts.metadata_timeout))
         self._origin_hosts = {host for host, _ in peers}
         # A destination this transfer creates is removed again if it fails: libtorrent may
         # create it (empty) when a hostile torrent's zero-length file comes first.
@@ -596,15 +667,26 @@ class Transfer:
                 self._download(start)
                 self._flush()
                 self.resume_data = self._save_resume_data()
-                self._collect_block_stats()
+                self._collect_peer_stats()
             finally:
                 self.stats.seconds = time.monotonic() - start
                 self._stop_read_behind()
                 if self._stripes is not None:
                     self._stripes.stop()
+                    self.stats.per_stripe_server = dict(self._stripes.client.bytes_by_url)
+                    self.stats.stripes_zone = self._stripes.client.urls_zone or ""
                     self.stats.bytes_from_origin += self._stripes.bytes_fetched
                     self.stats.bytes_total += self._stripes.bytes_fetched
                     self.stats.bytes_from_stripes = self._stripes.bytes_fetched
+                    zone = self.stats.stripes_zone
+                    if self.opts.zone and zone and zone != self.opts.zone:
+                        LOG.warning(
+                            "Image %s: %d MiB of stripes crossed from zone %s into zone %s",
+                            self.image.id,
+                            self._stripes.bytes_fetched >> 20,
+                            zone,
+                            self.opts.zone,
+                        )
                 if self._fill is not None:
                     self._fill.stop()
                     self.stats.bytes_from_glance = self._fill.bytes_fetched
@@ -695,7 +777,11 @@ class Transfer:
                 # Not while libtorrent checks the files: add_piece then drops the pieces.
                 self._start_stripes(self._pending_stripes, status)
                 self._pending_stripes = None
-            if self.check is not None and self._read_behind is None:
+            if (
+                self.check is not None
+                and self._read_behind is None
+                and self.engine.writes_before_hashing
+            ):
                 self._start_read_behind()
             if (
                 self._excluded
@@ -720,6 +806,9 @@ class Transfer:
             ):
                 # Back from a restart: its BitTorrent port would only send duplicates again.
                 self._excluded = self.engine.exclude_peers(self._stripe_hosts)
+            # Where the bytes come from, from the peers' own counters at the poll's rate
+            # (not an alert per 16 KiB block: engine.ALERT_MASK).
+            self._watch.peer_bytes.update(utils.native_call(handle.get_peer_info))
             done = status.total_wanted_done
             if self._landing is not None:
                 self._check_landing(status)
@@ -809,17 +898,28 @@ class Transfer:
 
     def _finish_stats(self, status: lt.torrent_status) -> None:
         # Blocks of pieces that failed their hash check are counted too; total_payload
-        # is what really crossed the wire, the split is as exact as the blocks are.
+        # is what really crossed the wire, and the split by peer adds up to it.
         self.stats.bytes_total = status.total_payload_download
 
-    def _collect_block_stats(self) -> None:
-        # After the flush and resume-data round trips through the pump, every block alert
-        # of the download has been counted (alerts arrive in order).
-        for (host, port), size in dict(self._watch.block_bytes).items():
-            if host in ("0.0.0.0", "::"):
-                # Pieces given with add_piece (the origin's stripes): libtorrent names no
-                # peer for them, and they are counted as bytes_from_stripes already.
-                continue
+    def _collect_peer_stats(self) -> None:
+        # Pieces given with add_piece (the origin's stripes, Glance's fill) come through no
+        # peer connection: they are counted as bytes_from_stripes/_glance already.
+        handle = self._watch.handle
+        peer_bytes = self._watch.peer_bytes
+        peer_bytes.update(utils.native_call(handle.get_peer_info))  # the final counters
+        # What the peers sent that libtorrent used: the payload less end-game duplicates
+        # (64 MiB from two seeds: 192 KiB of them), yet not less than what libtorrent
+        # holds beyond the pieces given to it with add_piece (the same download once had
+        # 5364 bytes "redundant" with a payload of exactly 64 MiB: partial blocks of
+        # closed connections count as waste).
+        status = utils.native_call(handle.status)
+        payload = status.total_payload_download
+        given = self._fill.bytes_fetched if self._fill is not None else 0
+        if self._stripes is not None:
+            landed = self._landing.bytes_landed if self._landing is not None else 0
+            given += self._stripes.bytes_fetched - landed
+        used = max(payload - status.total_redundant_bytes, status.total_wanted_done - given)
+        for (host, port), size in peer_bytes.totals(min(payload, used)).items():
             key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self.stats.per_peer[key] = self.stats.per_peer.get(key, 0) + size
             if host in self._origin_hosts:

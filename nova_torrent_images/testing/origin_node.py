@@ -62,13 +62,15 @@ def start_origin_node(
     super_seeding: bool | str = "auto",
     torrent_format: str | None = None,
     stripes: bool = True,
+    address: str | None = None,
+    zone: str | None = None,
 ) -> OriginNode:
     """Start an origin seeder (uplink capped at ``upload_kib``) advertising itself.
 
     With ``stripes`` it also serves stripes on the same address (the uplink cap applies
     to each of the two), and ``publish`` names them in the image.
     """
-    address = next_loopback_address()
+    address = address or next_loopback_address()
     settings = {
         "glance_endpoint": glance_url,
         "glance_noauth": True,
@@ -82,6 +84,8 @@ def start_origin_node(
         settings["origin_torrent_format"] = torrent_format
     if stripes:
         settings["origin_stripe_listen"] = f"{address}:0"
+    if zone is not None:
+        settings["origin_zone"] = zone
     if tracker is not None:
         settings.update(
             origin_trackers=[tracker.announce_url],

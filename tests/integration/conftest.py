@@ -33,15 +33,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
+def require_program(found: str | None, program: str, package: str, tests: str) -> None:
+    """Skip where a Debian program is missing, fail in CI (which installs it)."""
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} is not installed; CI must run the {tests} tests")
+        pytest.skip(f"{program} (Debian package {package}) is not installed")
+
+
 @pytest.fixture
 def tracker(tmp_path):
     """Debian's opentracker in whitelist mode on 127.0.0.1 (CI installs it)."""
     from nova_torrent_images.testing.opentracker import Opentracker, find_binary
 
-    if find_binary() is None:
-        if os.environ.get("CI"):
-            pytest.fail("opentracker is not installed; CI must run the tracker tests")
-        pytest.skip("opentracker (Debian package) is not installed")
+    require_program(find_binary(), "opentracker", "opentracker", "tracker")
     with Opentracker(workdir=tmp_path / "tracker") as ot:
         yield ot
 

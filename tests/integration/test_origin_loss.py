@@ -99,8 +99,19 @@ class Process:
 class OriginNodeProcess:
     """``nova-torrent-images seed`` on its own address, with stripes and metrics."""
 
-    def __init__(self, glance_server, tracker, state_dir: str, tmp_path, name: str) -> None:
-        self.address = next_loopback_address()
+    def __init__(
+        self,
+        glance_server,
+        tracker,
+        state_dir: str,
+        tmp_path,
+        name: str,
+        *,
+        address: str | None = None,
+        extra: str = "",
+    ) -> None:
+        """``extra``: more ``[torrent_images]`` lines (test_zones.py: the node's zone)."""
+        self.address = address or next_loopback_address()
         self.bt_port = free_port(self.address)
         self.stripe_port = free_port(self.address)
         self.metrics_port = free_port(self.address)
@@ -120,6 +131,7 @@ class OriginNodeProcess:
                 f"origin_trackers = {tracker.announce_url}\n"
                 f"tracker_whitelist_path = {tracker.whitelist_path}\n"
                 f"tracker_pidfile = {tracker.pidfile_path}\n"
+                f"{extra}"
             )
         self.process: Process | None = None
 
@@ -179,14 +191,19 @@ def sha512_of(path: str) -> str:
         return hashlib.file_digest(f, "sha512").hexdigest()
 
 
-@pytest.fixture
-def image(glance_server, tmp_path):
+def random_image(glance_server, tmp_path, size: int) -> dict:
+    """A new Glance image of ``size`` random bytes (its record)."""
     path = tmp_path / "image.raw"
     with open(path, "wb") as f:
-        f.write(os.urandom(SIZE))
+        f.write(os.urandom(size))
     record = glance_server.create_image(str(path))
     os.unlink(path)
     return record
+
+
+@pytest.fixture
+def image(glance_server, tmp_path):
+    return random_image(glance_server, tmp_path, SIZE)
 
 
 def storm(

@@ -22,16 +22,14 @@ import pytest
 from nova_torrent_images.testing import aria2
 from nova_torrent_images.testing.http_origin import HTTPOrigin
 from nova_torrent_images.testing.origin_node import start_origin_node
+from tests.integration.conftest import require_program
 
 MiB = 1024 * 1024
 
 
 @pytest.fixture
 def aria2c():
-    if aria2.find_binary() is None:
-        if os.environ.get("CI"):
-            pytest.fail("aria2c is not installed; CI must run the standard-client tests")
-        pytest.skip("aria2c (Debian package aria2) is not installed")
+    require_program(aria2.find_binary(), "aria2c", "aria2", "standard-client")
 
 
 def test_a_lone_standard_client_is_served_at_once_by_a_stripe_serving_origin(

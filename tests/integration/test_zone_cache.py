@@ -35,6 +35,7 @@ from nova_torrent_images.testing.http_origin import HTTPOrigin
 from nova_torrent_images.testing.nginx import Nginx, find_binary
 from nova_torrent_images.testing.origin_node import start_origin_node
 from nova_torrent_images.testing.swarm import SimulatedHost
+from tests.integration.conftest import require_program
 
 from .test_stripes import fetch_on, sha512_of
 
@@ -45,10 +46,7 @@ SIZE = 24 * MiB + 12345  # the last piece and the last 1 MiB slice are short
 @pytest.fixture
 def zone(tmp_path):
     """(glance, image, origin node, nginx in front of the node's stripe server)."""
-    if find_binary() is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed; CI must run the zone cache tests")
-        pytest.skip("nginx (Debian package) is not installed")
+    require_program(find_binary(), "nginx", "nginx", "zone cache")
     path = tmp_path / "image.raw"
     path.write_bytes(os.urandom(SIZE))
     with HTTPOrigin(str(tmp_path / "glance")) as glance_origin:

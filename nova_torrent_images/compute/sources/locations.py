@@ -17,8 +17,11 @@ that can read one of them without Glance in the middle does so:
 
 * ``file://`` on storage the host mounts, ``http://``/``https://`` (a web store): read by
   the location readers (:mod:`.readers`);
-* zone caches configured per host (``[torrent_images] zone_caches``): an HTTP caching proxy
-  in front of the Glance API, read as ``<cache>/v2/images/<id>/file``.
+* zone caches configured per host (``[torrent_images] zone_caches``, deprecated): an HTTP
+  caching proxy in front of the Glance API, read as ``<cache>/v2/images/<id>/file``
+  without a token, so only a Glance that serves image data without one answers, and a
+  proxy caching authenticated image data would serve it to anyone; a caching proxy in
+  front of the origin's stripe server replaces it (doc/source/origin.rst).
 
 Locations are ranked by the operator's preference
 (``location_preference``: URL prefixes, first wins), then by zone affinity (a location
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -54,6 +58,27 @@ from nova_torrent_images.glance import verify
 from nova_torrent_images.glance.image import ImageInfo
 
 LOG = logging.getLogger(__name__)
+
+_zone_caches_warned = False
+_zone_caches_lock = threading.Lock()
+
+
+def warn_zone_caches(caches: tuple[str, ...]) -> bool:
+    """Log once per process that the deprecated ``zone_caches`` are used; True that time."""
+    global _zone_caches_warned
+    with _zone_caches_lock:
+        if _zone_caches_warned:
+            return False
+        _zone_caches_warned = True
+    LOG.warning(
+        "[torrent_images] zone_caches (%s) is deprecated for removal: the caches are read "
+        "without a token, so only a Glance serving image data without one (noauth, or a "
+        "trusted internal endpoint) answers, and a proxy caching authenticated image data "
+        "serves it to any project. Put the caching proxy in front of the origin's stripe "
+        "server and advertise it with origin_stripe_advertise instead",
+        ", ".join(caches),
+    )
+    return True
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,8 @@ def discover(image: ImageInfo, settings: LocationSettings) -> list[Location]:
         metadata = entry.get("metadata") or {}
         zone = metadata.get("zone") if isinstance(metadata, dict) else None
         found.append(Location(entry["url"], kind, zone))
+    if settings.zone_caches:
+        warn_zone_caches(settings.zone_caches)
     for cache in settings.zone_caches:
         url = f"{cache.rstrip('/')}/v2/images/{image.id}/file"
         found.append(Location(url, "http", settings.zone, origin="zone-cache"))

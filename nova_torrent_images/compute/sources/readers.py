@@ -12,8 +12,9 @@
 """Location readers: how a host reads an image location itself, one reader per URL scheme.
 
 * ``file://`` on storage the host mounts (a shared filesystem store): copied into the slot;
-* ``http://``/``https://`` (a web store, a zone cache): read with ``Range`` requests,
-  continued where the last read stopped after a stall or a broken connection.
+* ``http://``/``https://`` (a web store, a deprecated ``zone_caches`` proxy; no token is
+  sent): read with ``Range`` requests, continued where the last read stopped after a stall
+  or a broken connection.
 
 Readers are drivers loaded by name from the ``nova_torrent_images.location_readers`` entry
 points (the former group name ``nova_torrent_images.sources`` is still read). The source

@@ -453,3 +453,89 @@ def test_unpublish_keeps_a_bound_hash_of_another_torrent(publisher, glance):
 
     assert glance.removals == [(IMAGE_ID, ["torrent_magnet", "is_torrentable"])]
     assert glance.records[IMAGE_ID]["torrent_bound_hash"] == other
+
+
+def zone_node(tmp_path, glance, zone: str, n: int) -> Publisher:
+    """An origin node of ``zone`` with its own registry, tracker and stripe servers."""
+    conf = make_conf(
+        origin_state_dir=str(tmp_path / f"origin-{zone}-{n}"),
+        origin_zone=zone,
+        origin_trackers=[f"http://10.{n}.0.1:6969/announce"],
+        origin_advertise_addresses=[f"10.{n}.0.2:6881"],
+        origin_stripe_advertise=[f"http://10.{n}.0.2:9480", f"http://10.{n}.0.3:9480"],
+    )
+    return Publisher(conf, glance)
+
+
+def test_nodes_of_several_zones_write_one_magnet_and_their_own_zone_each(tmp_path, glance):
+    glance.add()
+    a, b = zone_node(tmp_path, glance, "zone-a", 1), zone_node(tmp_path, glance, "zone-b", 2)
+    first, second = a.publish(IMAGE_ID), b.publish(IMAGE_ID)
+
+    # The same torrent on both nodes, and a magnet naming neither zone's tracker or seeder.
+    assert first.info_hash_v2 == second.info_hash_v2 and first.magnet == second.magnet
+    assert second.status == "published"  # read from Glance once per node
+    magnet = parse_magnet(first.magnet)
+    assert magnet.trackers == () and magnet.peers == ()
+    record = glance.records[IMAGE_ID]
+    assert record["torrent_magnet"] == first.magnet
+    assert record["torrent_zone_zone-a"] == (
+        "stripes=http://10.1.0.2:9480,http://10.1.0.3:9480;"
+        "trackers=http://10.1.0.1:6969/announce;peers=10.1.0.2:6881"
+    )
+    assert record["torrent_zone_zone-b"].startswith("stripes=http://10.2.0.2:9480")
+    assert "torrent_stripes" not in record
+    # Zone b's update named only its own property: nothing of zone a's was rewritten.
+    assert glance.updates[1] == (IMAGE_ID, {"torrent_zone_zone-b": record["torrent_zone_zone-b"]})
+    # Either node publishing again changes nothing.
+    assert a.publish(IMAGE_ID).status == "unchanged"
+    assert b.publish(IMAGE_ID).status == "unchanged"
+    assert len(glance.updates) == 2
+
+    # Zone a stops serving it: its property goes, the magnet stays for zone b's hosts.
+    a.unpublish(IMAGE_ID)
+    assert "torrent_zone_zone-a" not in glance.records[IMAGE_ID]
+    assert glance.records[IMAGE_ID]["torrent_magnet"] == first.magnet
+    b.unpublish(IMAGE_ID)
+    assert "torrent_magnet" not in glance.records[IMAGE_ID]
+    assert "torrent_zone_zone-b" not in glance.records[IMAGE_ID]
+
+
+def test_a_zone_node_with_other_settings_than_its_zone_says_so(tmp_path, glance, caplog):
+    glance.add()
+    zone_node(tmp_path, glance, "zone-a", 1).publish(IMAGE_ID)
+    other = zone_node(tmp_path, glance, "zone-a", 3)
+    other.publish(IMAGE_ID)
+    assert "every origin node of zone zone-a needs the same" in caplog.text
+    assert glance.records[IMAGE_ID]["torrent_zone_zone-a"].startswith("stripes=http://10.3.")
+
+
+@pytest.mark.parametrize(
+    "overrides, option",
+    [
+        ({"origin_zone": "zone a"}, "origin_zone"),
+        ({"origin_stripe_advertise": ["http://origin.example:9480"]}, "origin_stripe_advertise"),
+        (
+            {
+                "origin_stripe_advertise": [],
+                "origin_trackers": [],
+                "origin_advertise_addresses": [],
+            },
+            "origin_stripe_advertise",
+        ),
+    ],
+)
+def test_zone_settings_that_no_host_could_use_fail_before_reading(
+    tmp_path, glance, overrides, option
+):
+    glance.add()
+    values = {
+        "origin_state_dir": str(tmp_path / "origin"),
+        "origin_zone": "zone-a",
+        "origin_trackers": ["http://10.1.0.1:6969/announce"],
+        "origin_stripe_advertise": ["http://10.1.0.2:9480"],
+        **overrides,
+    }
+    with pytest.raises(exception.ConfigError, match=option):
+        Publisher(make_conf(**values), glance).publish(IMAGE_ID)
+    assert glance.downloads == 0 and glance.updates == []

@@ -26,8 +26,9 @@ import time
 import pytest
 
 from nova_torrent_images import exception
+from nova_torrent_images.origin.dispenser import STRIKE_PERIODS, StripeDispenser
 from nova_torrent_images.origin.stripe_guard import ConnectionLimits
-from nova_torrent_images.origin.stripe_server import STRIKE_PERIODS, StripeDispenser, StripeServer
+from nova_torrent_images.origin.stripe_server import StripeServer
 from nova_torrent_images.swarm.stripe_client import StripeClient
 from tests.unit.origin.fakes import IMAGE_ID, Clock, publish_one
 

@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from nova_torrent_images.origin import stripe_server as origin_stripes
+from nova_torrent_images.origin import dispenser as origin_dispenser
 from nova_torrent_images.origin.stripe_guard import ConnectionLimits
 from nova_torrent_images.origin.stripe_server import (
     DEFAULT_LIMITS,
@@ -333,7 +333,7 @@ def test_hosts_seen_to_make_progress_are_named_before_hosts_that_only_asked(publ
         clock.now += 1
         d.peers(stripes, f"10.0.1.{i + 1}:6881")
     named = d.peers(stripes, "10.0.0.7:6881")
-    assert len(named) == origin_stripes.MAX_PEERS and named[0] == f"{working}:6881"
+    assert len(named) == origin_dispenser.MAX_PEERS and named[0] == f"{working}:6881"
 
 
 # -- 5. malformed requests: a 400 and one log line, never a dropped connection -----------

@@ -24,6 +24,7 @@ import pytest
 
 from nova_torrent_images import exception
 from nova_torrent_images.common import utils
+from nova_torrent_images.origin import dispenser as origin_dispenser
 from nova_torrent_images.origin import stripe_server as origin_stripes
 from nova_torrent_images.origin.stripe_server import (
     StripeDispenser,
@@ -42,7 +43,7 @@ SIZE = 3 * 1024 * 1024 + 4321  # 256 KiB pieces: 13 of them, the last one short
 def whole_image_holds(monkeypatch):
     """These tests are about the hand-out order: an address may hold all of the small
     test image unclaimed (the bounds on holds: test_stripe_abuse.py)."""
-    monkeypatch.setattr(origin_stripes, "HELD_SHARE", 1)
+    monkeypatch.setattr(origin_dispenser, "HELD_SHARE", 1)
 
 
 @pytest.fixture
@@ -199,6 +200,8 @@ def test_malformed_stripe_requests_are_400(server):
         b"not json",
         json.dumps({"part": 3, "parts": 2}).encode(),
         json.dumps({"want": "all"}).encode(),
+        json.dumps({"zone": ["zone-a"]}).encode(),
+        json.dumps({"zone": "../../etc"}).encode(),
     ):
         request = urllib.request.Request(url, data=body)
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -377,13 +380,24 @@ def test_rate_limited_ranges_are_served_and_counted(published):
 def make_worker(srv, entry, add_piece, **kwargs):
     """A stripe worker of the test image (13 pieces of 256 KiB), not yet started."""
     client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+    held: set[int] = set()  # what the torrent has: added, or landed by the worker itself
+
+    def added(piece, chunk):
+        add_piece(piece, chunk)
+        held.add(piece)
+
+    def missing():
+        landing = kwargs.get("landing")
+        landed = landing.landed() if landing is not None else ()
+        return [p for p in range(13) if p not in held and p not in landed]
+
     return StripeWorker(
         client,
         piece_length=256 * 1024,
         size=SIZE,
-        add_piece=add_piece,
-        missing=list,
-        progress=lambda: 0,
+        add_piece=added,
+        missing=missing,
+        progress=lambda: len(held),
         **kwargs,
     )
 
@@ -602,3 +616,90 @@ def test_the_buffer_pool_gives_back_whole_pieces_only_and_keeps_few():
     for buffer in [bytearray(1024) for _ in range(5)]:
         pool.put(buffer)
     assert len(pool._free) == 2
+
+
+def test_each_zone_is_handed_every_piece_once_and_meets_only_its_own_hosts(published):
+    registry, entry, _ = published
+    d = StripeDispenser(
+        registry, batch_bytes=64 * 1024 * 1024, reissue_after=5.0, zone="zone-a", clock=Clock()
+    )
+    base = d.image(entry.info_hash_v2)
+    own = d.for_zone(base, "zone-a", "10.1.0.10")
+    assert own is base and d.for_zone(base, None, "10.1.0.11") is base
+    other = d.for_zone(base, "zone-b", "10.2.0.10")
+    assert other is not base and d.for_zone(base, "zone-b", "10.2.0.11") is other
+    assert d.assign(base, part=0, parts=1, address="10.1.0.10")[0] == list(range(13))
+    # Zone b gets the whole image too: its hosts could get zone a's pieces only across.
+    assert d.assign(other, part=0, parts=1, address="10.2.0.10")[0] == list(range(13))
+    d.peers(base, "10.1.0.10:6881", address="10.1.0.10")
+    d.peers(other, "10.2.0.10:6881", address="10.2.0.10")
+    assert d.peers(other, "10.2.0.11:6881", address="10.2.0.11") == ["10.2.0.10:6881"]
+    assert d.peers(base, "10.1.0.11:6881", address="10.1.0.11") == ["10.1.0.10:6881"]
+    # Ranges are booked where the address asked for its stripes.
+    assert d.for_address(base, "10.2.0.10") is other and d.for_address(base, "10.1.0.10") is base
+    # A client naming ever more zones gets no more records than the bound.
+    for n in range(3 * origin_dispenser.MAX_ZONE_RECORDS):
+        d.for_zone(base, f"zone-x{n}", f"10.9.0.{n}")
+    assert len(base.zones) == origin_dispenser.MAX_ZONE_RECORDS + 1  # the bound and "*"
+
+
+def test_a_host_takes_another_zones_nodes_once_its_own_are_down(published):
+    registry, entry, data = published
+    elsewhere = StripeServer(
+        "127.0.0.1:0",
+        StripeDispenser(registry, batch_bytes=512 * 1024, reissue_after=5.0, zone="zone-b"),
+        rate_limit=0,
+        allowed_cidrs=["127.0.0.0/8"],
+    ).start()
+    try:
+        changed = []
+        client = StripeClient(
+            IMAGE_ID,
+            ("http://127.0.0.1:9",),  # the host's own zone's node: nothing listens there
+            entry.info_hash_v2,
+            "127.0.0.9:6881",
+            zone="zone-a",
+            urls_zone="zone-a",
+            fallback=(("zone-b", (elsewhere.url,)),),
+        )
+        client.on_fall_back = changed.append
+        assert not client.all_down()  # another zone is left to try
+        assert describe(client.fetch_torrent()).info_hash_v2 == entry.info_hash_v2
+        assert changed == ["zone-b"] and client.urls == (elsewhere.url,)
+        seen = []
+        while (batch := client.next_batch()) is not None:
+            seen += batch[1]
+        assert sorted(seen) == list(range(13))
+        assert client.fetch_range(0, 0, 99) == data[:100]
+        assert client.bytes_by_url == {elsewhere.url: 100}
+        # The other zone's node books this host under its zone.
+        stripes = elsewhere.dispenser.image(entry.info_hash_v2)
+        assert set(stripes.zones) == {"zone-a"} and stripes.given_at == {}
+    finally:
+        elsewhere.stop()
+
+
+def test_a_restarted_node_told_what_hosts_hold_hands_out_only_the_rest(published):
+    registry, entry, _ = published
+    srv = StripeServer(
+        "127.0.0.1:0",
+        dispenser(registry, batch=64 * 1024 * 1024),
+        rate_limit=0,
+        allowed_cidrs=["127.0.0.0/8"],
+    ).start()
+    try:
+        client = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.9:6881")
+        client.have = lambda: [0, 1, 2, 5, 12]  # from its peers before the node restarted
+        _, pieces = client.next_batch()
+        assert pieces == [3, 4, 6, 7, 8, 9, 10, 11]
+        # Another host is not sent what the first holds either; a bad bitfield is a 400.
+        other = StripeClient(IMAGE_ID, (srv.url,), entry.info_hash_v2, "127.0.0.8:6881")
+        assert other.next_batch() is None
+        url = f"{srv.url}/v1/torrents/{entry.info_hash_v2}/stripes"
+        for have in ("!!", "AAAAAAAA", 7):
+            body = json.dumps({"have": have}).encode()
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(url, data=body))
+            assert refused.value.code == 400
+    finally:
+        srv.stop()

@@ -19,6 +19,7 @@ import pytest
 
 from nova_torrent_images.glance.magnet import parse_magnet
 from nova_torrent_images.swarm import torrent
+from nova_torrent_images.swarm.torrent import bitfield_to_pieces, pieces_to_bitfield
 
 
 def test_piece_size_bounds_and_powers_of_two():
@@ -111,3 +112,32 @@ def test_describe_reads_what_make_torrent_wrote(tmp_path, version):
 def test_describe_refuses_what_is_not_a_torrent(data):
     with pytest.raises(ValueError, match="not a valid torrent"):
         torrent.describe(data)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "hybrid"])
+def test_make_torrent_is_deterministic(tmp_path, version):
+    """Two origin nodes publishing the same image build the same .torrent bytes: no
+    creation date (libtorrent's default is the current time), the same creator, whatever
+    the local file's name."""
+    data = os.urandom(700_000)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "image-1", tmp_path / "b" / "staging-xyz"
+    first.write_bytes(data)
+    second.write_bytes(data)
+    one = torrent.make_torrent(str(first), name="img-id", version=version)
+    two = torrent.make_torrent(str(second), name="img-id", version=version)
+    assert one.data == two.data
+    assert (one.info_hash_v1, one.info_hash_v2) == (two.info_hash_v1, two.info_hash_v2)
+    meta = lt.bdecode(one.data)
+    assert b"creation date" not in meta and meta[b"created by"] == b"nova-torrent-images"
+
+
+@pytest.mark.parametrize("pieces", [[], [0], [7, 8], list(range(0, 1000, 3)), [999]])
+def test_bitfields_round_trip(pieces):
+    assert bitfield_to_pieces(pieces_to_bitfield(pieces), 1000) == pieces
+
+
+def test_a_bitfield_longer_than_the_torrent_is_refused():
+    with pytest.raises(ValueError):
+        bitfield_to_pieces(pieces_to_bitfield([100]), 50)

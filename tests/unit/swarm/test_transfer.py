@@ -325,3 +325,39 @@ def test_without_peers_leaving_does_not_wait(tmp_path):
         assert time.monotonic() - started < transfer.SHARE_LIMIT  # nothing to hand over
         job.leave()  # idempotent
         assert host.engine.session.get_torrents() == []
+
+
+@pytest.mark.parametrize("disk_io", ["posix", "pread"])
+def test_the_image_hash_reads_behind_only_what_the_backend_wrote(tmp_path, disk_io):
+    """posix writes a block before it hashes the piece: the hash may read behind it. pread
+    hashes from its write buffer and writes later: the hash waits for the flush."""
+    from nova_torrent_images.glance import verify
+
+    data, source, torrent = torrent_of(tmp_path, 4 * MiB)
+    dest = tmp_path / "img.part"
+    with (
+        SimulatedHost("origin") as origin,
+        SimulatedHost("compute-1", disk_io=disk_io, download_rate_limit=4096) as host,
+    ):
+        origin.seed(torrent.data, str(source))
+        image = image_record(torrent, data, [origin.endpoint])
+        check = verify.StreamingCheck(image)
+        job = Transfer(
+            host.engine,
+            image,
+            str(dest),
+            transfer_settings(tmp_path / "scratch", overall_timeout=60),
+            check=check,
+        )
+        try:
+            job.run()
+            read_behind = job._read_behind is not None
+            hashed_during = check.streamed
+            check.finish(str(dest))  # raises IntegrityError on any wrong byte
+        finally:
+            job.leave()
+
+    assert read_behind == (disk_io == "posix")
+    if disk_io == "pread":
+        assert hashed_during == 0
+    assert dest.read_bytes() == data

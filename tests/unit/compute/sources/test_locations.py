@@ -72,6 +72,22 @@ def test_discover_keeps_what_a_host_can_read(tmp_path):
     ]
 
 
+def test_zone_caches_are_deprecated_and_say_so_once(tmp_path, monkeypatch, caplog):
+    from nova_torrent_images.compute.sources import locations
+    from nova_torrent_images.conf import sources as source_opts
+
+    opt = next(o for o in source_opts.source_opts if o.name == "zone_caches")
+    assert opt.deprecated_for_removal and "stripe server" in opt.deprecated_reason
+    monkeypatch.setattr(locations, "_zone_caches_warned", False)
+    discover(image(), settings(tmp_path))  # none configured: nothing said
+    assert "zone_caches" not in caplog.text
+    for _ in range(3):
+        discover(image(), settings(tmp_path, zone_caches=("http://cache:8080/",)))
+    warned = [r for r in caplog.records if "zone_caches" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    assert "origin_stripe_advertise" in warned[0].getMessage()
+
+
 def test_rank_by_preference_then_zone_then_throughput(tmp_path):
     a = Location("http://a/x", "http")
     b = Location("http://b/x", "http", zone="z1")
