@@ -1013,6 +1013,7 @@ def main() -> int:
             _snapshots(r, 256)
             _neighbour(r, 128, seconds=6, rounds=2)
             r["origin_loss"] = _origin_loss()
+            r["hub_lateness"] = _hub_lateness()
             r["zones"] = _zones()
     finally:
         if tracker is not None:

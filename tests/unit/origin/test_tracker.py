@@ -79,7 +79,11 @@ def spawn_named(binary, name="opentracker") -> subprocess.Popen:
     Between fork and exec the child still has the parent's name; the reload would
     (rightly) refuse to signal it.
     """
-    proc = subprocess.Popen([str(binary), "60"])
+    # SIGHUP as by default even where the tests run under nohup (an ignored signal stays
+    # ignored across exec, and the reload under test could not end the process).
+    proc = subprocess.Popen(
+        [str(binary), "60"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    )
     deadline = time.monotonic() + 5
     while tracker._process_name(proc.pid) != name:
         assert time.monotonic() < deadline, tracker._process_name(proc.pid)
