@@ -18,13 +18,20 @@ An origin node of zone ``Z`` (``[torrent_images] origin_zone``) writes the image
     stripes=http://10.1.0.5:9480,http://10.1.0.6:9480;trackers=http://10.1.0.5:6969/announce;peers=10.1.0.5:6881
 
 its zone's stripe servers, trackers and origin seeders. Every origin node of every zone
-publishes the same torrent and the same zone-neutral magnet (info-hash and name only), and
-writes only its own zone's property, so nodes of different zones never overwrite each
-other's values. One property per zone keeps each within Glance's 255 characters however
-many zones share the Glance (one list of every zone's nodes would not fit beyond a handful).
+publishes the same torrent and writes only its own zone's property, so nodes of different
+zones never overwrite each other's routes. One property per zone keeps each within
+Glance's 255 characters however many zones share the Glance (one list of every zone's
+nodes would not fit beyond a handful).
+
+The magnet stays usable on its own, by any BitTorrent client: with zones it names the
+trackers and seeders of the zones that serve the image (:func:`swarm_hints`, the first of
+each zone first, as many as fit), computed from the zone properties alone, so every node
+that sees the same properties writes the same magnet. A compute host of a zone leaves the
+hints that only other zones' properties name to those zones (:func:`foreign_hints`).
 
 The image's zone-neutral hints (the ``torrent_stripes`` property and the magnet's ``tr=``
-and ``x.pe=``, written by origin nodes without a zone) are the route of zone ``None``.
+and ``x.pe=`` that no zone property names, written by origin nodes without a zone) are
+the route of zone ``None``.
 
 A compute host of zone ``Z`` (``[torrent_images] zone``) takes its own zone's route first,
 then the zone-neutral one, then (``cross_zone_fallback``) the other zones' in name order:
@@ -39,7 +46,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from nova_torrent_images.common.utils import format_host_port, parse_host_port
@@ -215,3 +222,38 @@ def plan(routes: Routes, zone: str | None, *, cross_zone: bool) -> list[ZoneRout
     if cross_zone or zone is None:
         order.extend(routes.by_zone[z] for z in routes.zones() if z != zone)
     return order
+
+
+def swarm_hints(routes: Iterable[ZoneRoute]) -> tuple[list[str], list[tuple[str, int]]]:
+    """The trackers and seeders of ``routes`` for a magnet, interleaved by zone.
+
+    The first tracker (and seeder) of every zone comes before any zone's second, so a
+    magnet shortened to Glance's 255 characters (trackers and seeders dropped last first)
+    keeps one of each zone as long as it can.
+    """
+    routes = list(routes)
+    trackers: dict[str, None] = {}
+    peers: dict[tuple[str, int], None] = {}
+    for i in range(max([len(r.trackers) for r in routes] + [len(r.peers) for r in routes] + [0])):
+        for route in routes:
+            if i < len(route.trackers):
+                trackers.setdefault(route.trackers[i])
+            if i < len(route.peers):
+                peers.setdefault(route.peers[i])
+    return list(trackers), list(peers)
+
+
+def foreign_hints(routes: Routes, zone: str | None) -> tuple[set[str], set[tuple[str, int]]]:
+    """Trackers and seeders that only other zones' properties name.
+
+    A host of ``zone`` takes the magnet's other hints and leaves these to their zones; it
+    reaches another zone through that zone's route, when :func:`plan` gets there. A host
+    without a zone leaves nothing out.
+    """
+    if zone is None:
+        return set(), set()
+    own = routes.by_zone.get(zone, ZoneRoute(zone))
+    others = [r for z, r in routes.by_zone.items() if z not in (None, zone)]
+    trackers = {t for r in others for t in r.trackers} - set(own.trackers)
+    peers = {p for r in others for p in r.peers} - set(own.peers)
+    return trackers, peers

@@ -47,6 +47,7 @@ import dataclasses
 import ipaddress
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -64,7 +65,9 @@ from nova_torrent_images.glance.zones import (
     ZONE_PROPERTY_PREFIX,
     ZoneError,
     ZoneRoute,
+    image_routes,
     parse_stripe_list,
+    swarm_hints,
     validate_zone_name,
     zone_property,
 )
@@ -192,20 +195,49 @@ class Publisher:
             raise exception.ConfigError(option="origin_stripe_advertise", reason=str(exc)) from None
         return route
 
-    def magnet_for(self, entry: PublishedImage) -> tuple[str, list[str]]:
-        if self.zone_route() is not None:
-            # Zone-neutral: every node of every zone writes this same magnet; where a
-            # zone's hosts find the swarm is in its own property (glance/zones.py).
-            try:
-                return fit_magnet(
-                    image_id=entry.image_id,
-                    info_hash_v1=entry.info_hash_v1,
-                    info_hash_v2=entry.info_hash_v2,
-                    trackers=[],
-                    peers=[],
-                )
-            except ValueError as exc:
-                raise exception.ConfigError(option="origin_zone", reason=str(exc)) from exc
+    def zone_routes(
+        self, properties: Mapping[str, object], own: ZoneRoute | None
+    ) -> list[ZoneRoute]:
+        """Every zone's route on the image, this node's zone's replaced by ``own`` (or
+        left out: None), in zone name order."""
+        routes = image_routes(properties, self.opts.stripes_property)
+        for key, why in sorted(routes.unusable.items()):
+            if key != self.opts.stripes_property:
+                LOG.warning("Property %s is not usable, its zone is left out: %s", key, why)
+        by_zone = {z: r for z, r in routes.by_zone.items() if z is not None}
+        by_zone.pop(self.zone() or "", None)
+        if own is not None:
+            by_zone[own.zone or ""] = own
+        return [by_zone[z] for z in sorted(by_zone)]
+
+    def _zone_magnet(
+        self, entry: PublishedImage, properties: Mapping[str, object], own: ZoneRoute | None
+    ) -> tuple[str, list[str]]:
+        trackers, peers = swarm_hints(self.zone_routes(properties, own))
+        try:
+            return fit_magnet(
+                image_id=entry.image_id,
+                info_hash_v1=entry.info_hash_v1,
+                info_hash_v2=entry.info_hash_v2,
+                trackers=trackers,
+                peers=peers,
+            )
+        except ValueError as exc:
+            raise exception.ConfigError(option="origin_zone", reason=str(exc)) from exc
+
+    def magnet_for(
+        self, entry: PublishedImage, properties: Mapping[str, object] | None = None
+    ) -> tuple[str, list[str]]:
+        """The magnet to write for ``entry``, and what did not fit.
+
+        With ``origin_zone`` it names the trackers and seeders of every zone that serves
+        the image (``properties``' ``torrent_zone_*``, this node's own from its settings):
+        a function of those properties, so every node that sees them writes the same
+        magnet, and any BitTorrent client finds the swarm from the magnet alone.
+        """
+        route = self.zone_route()
+        if route is not None:
+            return self._zone_magnet(entry, properties or {}, route)
         trackers, peers = self.trackers(), self.advertise_peers()
         if not trackers and not peers:
             raise exception.ConfigError(
@@ -324,7 +356,7 @@ class Publisher:
                 fmt = self.opts.origin_torrent_format
                 v1 = "0" * 40 if fmt != "v2" else None
                 v2 = "0" * 64 if fmt != "v1" else None
-                self.magnet_for(PublishedImage(image_id, 0, "", "", v1, v2, 0, 0))
+                self.magnet_for(PublishedImage(image_id, 0, "", "", v1, v2, 0, 0), image.properties)
                 entry = self._create(image, record)
                 read = entry.size
             try:
@@ -392,9 +424,14 @@ class Publisher:
     def _advertise(
         self, image: ImageInfo, entry: PublishedImage, created: bool, read: int, start: float
     ) -> PublishResult:
-        magnet, dropped = self.magnet_for(entry)
+        if self.zone() is not None:
+            # Other zones' nodes may have published while this one read the image: the
+            # magnet is computed from the zone properties as they are now.
+            image = self._image_info(image.id)
+        magnet, dropped = self.magnet_for(entry, image.properties)
         if dropped:
-            LOG.warning(
+            # With zones a short magnet is expected: hosts read their zone's property.
+            (LOG.info if self.zone() is not None else LOG.warning)(
                 "Image %s: the magnet had to be shortened to fit Glance's %d characters; "
                 "dropped %s",
                 image.id,
@@ -531,7 +568,8 @@ class Publisher:
                 k for k in image.properties if k.startswith(ZONE_PROPERTY_PREFIX) and k != own
             ]
             if others:
-                # Other zones still serve the image: their hosts keep the magnet.
+                # Other zones still serve the image: their hosts keep the magnet, which
+                # stops naming this zone's trackers and seeders.
                 LOG.info(
                     "Image %s: %s still name origin nodes; the magnet stays",
                     image_id,
@@ -540,6 +578,11 @@ class Publisher:
                 keep = {self.opts.magnet_property, self.opts.torrentable_property}
                 keep.add(self.opts.bound_hash_property)
                 remove = [k for k in remove if k not in keep]
+                if entry is not None and entry.named_by(image.magnet_uri):
+                    magnet, _ = self._zone_magnet(entry, image.properties, None)
+                    if magnet != image.magnet_uri:
+                        self.glance.set_properties(image_id, **{self.opts.magnet_property: magnet})
+                        LOG.info("Image %s: the magnet no longer names zone %s", image_id, zone)
         if self.opts.bound_hash_property in image.properties and (
             entry is None
             or image.bound_hash is None  # unparsable: of no use to anyone
@@ -562,17 +605,26 @@ class Publisher:
         ``None`` when it is fine, or when Glance could not be asked (a Glance outage must
         not unpublish everything).
         """
+        return self._check_entry(entry)[0]
+
+    def _check_entry(
+        self, entry: PublishedImage
+    ) -> tuple[tuple[str, bool] | None, ImageInfo | None]:
+        """:meth:`stale_reason`, and the image record it read (None: none could be)."""
         try:
             image = self._image_info(entry.image_id)
         except exception.ImageNotFound:
-            return "it was deleted from Glance", False
+            return ("it was deleted from Glance", False), None
         except exception.InvalidImageMetadata as exc:
-            return f"its Glance record is no longer usable: {exc}", True
+            return (f"its Glance record is no longer usable: {exc}", True), None
         except exception.TorrentImagesError as exc:
             LOG.warning(
                 "Image %s: cannot check it in Glance, still seeding: %s", entry.image_id, exc
             )
-            return None
+            return None, None
+        return self._stale(entry, image), image
+
+    def _stale(self, entry: PublishedImage, image: ImageInfo) -> tuple[str, bool] | None:
         if image.status != "active":
             return f"it is {image.status} in Glance", True
         if not entry.matches(image):
@@ -592,8 +644,10 @@ class Publisher:
                 current = self.registry.get(entry.image_id)
                 if current is None:
                     continue
-                stale = self.stale_reason(current)
+                stale, image = self._check_entry(current)
                 if stale is None:
+                    if image is not None:
+                        self._refresh_zone_magnet(current, image)
                     continue
                 reason, fix_glance = stale
                 LOG.warning("Image %s is unpublished: %s", entry.image_id, reason)
@@ -603,6 +657,23 @@ class Publisher:
                     LOG.error("Image %s: unpublishing failed: %s", entry.image_id, exc)
         self.registry.cleanup_staging()
         return results
+
+    def _refresh_zone_magnet(self, entry: PublishedImage, image: ImageInfo) -> None:
+        """Write the magnet the image's zone properties now call for (nodes of two zones
+        that published at the same moment each wrote one naming only their own zone)."""
+        zone = self.zone()
+        if zone is None or zone_property(zone) not in image.properties:
+            return  # not (or no longer) this zone's to speak for
+        try:
+            magnet, _ = self.magnet_for(entry, image.properties)
+            if magnet == image.magnet_uri:
+                return
+            self.glance.set_properties(entry.image_id, **{self.opts.magnet_property: magnet})
+        except exception.TorrentImagesError as exc:
+            LOG.warning("Image %s: the magnet is left as it is: %s", entry.image_id, exc)
+            return
+        self.registry.save(dataclasses.replace(entry, magnet=magnet))
+        LOG.info("Image %s: the magnet now names every zone that serves it", entry.image_id)
 
     def _sync_whitelist(self, *, raise_errors: bool = True) -> bool:
         if self.whitelist is None:

@@ -48,7 +48,13 @@ from nova_torrent_images import exception
 from nova_torrent_images.common import qos, utils
 from nova_torrent_images.glance import verify
 from nova_torrent_images.glance.image import ImageInfo
-from nova_torrent_images.glance.zones import ZONE_PROPERTY_PREFIX, ZoneRoute, image_routes, plan
+from nova_torrent_images.glance.zones import (
+    ZONE_PROPERTY_PREFIX,
+    ZoneRoute,
+    foreign_hints,
+    image_routes,
+    plan,
+)
 from nova_torrent_images.swarm import recipes
 from nova_torrent_images.swarm.engine import AlertEvent, SwarmEngine, TorrentWatch
 from nova_torrent_images.swarm.glance_fill import GlanceFill, RangeReader
@@ -241,14 +247,16 @@ class Transfer:
         self.magnet = image.magnet
         self.destination = os.path.abspath(destination)
         self.opts = settings
-        self.routes = self._plan_routes()
-        # The swarm's rendezvous: the magnet's and the first route's (the host's zone's,
-        # when the image has one); other zones are reached through their stripes only.
+        self.routes, foreign = self._plan_routes()
+        # The swarm's rendezvous: the first route's (the host's zone's, when the image has
+        # one) and the magnet's, less what only other zones' properties name; other zones
+        # are reached through their stripes, or as the first route when the host's zone
+        # has none.
         first = self.routes[0] if self.routes else ZoneRoute(None)
-        self.trackers = tuple(
-            dict.fromkeys([*self.magnet.trackers, *first.trackers, *settings.trackers])
-        )
-        self.peer_hints = tuple(dict.fromkeys([*self.magnet.peers, *first.peers]))
+        trackers = [t for t in self.magnet.trackers if t not in foreign[0]]
+        self.trackers = tuple(dict.fromkeys([*first.trackers, *trackers, *settings.trackers]))
+        peers = [p for p in self.magnet.peers if p not in foreign[1]]
+        self.peer_hints = tuple(dict.fromkeys([*first.peers, *peers]))
         self.stats = SwarmStats()
         self.progress = progress
         self._origin_hosts: set[str] = set()
@@ -272,8 +280,9 @@ class Transfer:
         self._origin_seen: float | None = None
 
     # -- setup -------------------------------------------------------------------------
-    def _plan_routes(self) -> list[ZoneRoute]:
-        """The image's routes in the order this host uses them (glance/zones.py)."""
+    def _plan_routes(self) -> tuple[list[ZoneRoute], tuple[set[str], set[tuple[str, int]]]]:
+        """The image's routes in the order this host uses them, and the magnet's hints
+        that only other zones' routes name (glance/zones.py)."""
         routes = image_routes(self.image.properties, self.opts.stripes_property)
         for key, why in sorted(routes.unusable.items()):
             LOG.warning("Image %s: property %s is not usable (%s)", self.image.id, key, why)
@@ -288,7 +297,7 @@ class Transfer:
                 if order
                 else "cross_zone_fallback is off: the swarm and Glance only",
             )
-        return order
+        return order, foreign_hints(routes, self.opts.zone)
 
     def _params(
         self, scratch_dir: str, peers: list[tuple[str, int]], torrent: bytes | None

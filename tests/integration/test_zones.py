@@ -21,13 +21,18 @@ counted from each host's own figures: bytes per peer and per origin stripe serve
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
+import time
 import urllib.parse
 
+import libtorrent as lt
 import pytest
 
+from nova_torrent_images.glance.client import GlanceClient
+from nova_torrent_images.glance.magnet import parse_magnet
 from nova_torrent_images.testing.opentracker import Opentracker, find_binary
 from tests.integration.conftest import require_program
 from tests.integration.test_origin_loss import (
@@ -221,3 +226,46 @@ def test_a_zone_whose_origin_is_dead_takes_one_copy_from_another_zone(
     assert glance_bytes <= 1.1 * SIZE * len(ZONES)
     assert crossed[dead] <= 1.1 * SIZE
     assert sum(crossed) <= 1.1 * SIZE * (len(ZONES) - 1)
+
+
+def test_a_plain_bittorrent_client_finds_the_swarm_from_the_magnet_alone(
+    glance_server, zone_trackers, image, tmp_path
+):
+    """Zones or not, torrent_magnet is a magnet any client can use: it names every zone's
+    tracker (as many as fit), not only the info-hash."""
+    origins = [zone_origin(glance_server, t, i, tmp_path) for i, t in enumerate(zone_trackers)]
+    for node in origins:
+        node.publish(image["id"])
+    record = GlanceClient.for_endpoint(glance_server.url).get_image(image["id"])
+    magnet = record["torrent_magnet"]
+    assert set(parse_magnet(magnet).trackers) == {t.announce_url for t in zone_trackers}, magnet
+    address = "127.0.120.5"  # in no zone
+    session = lt.session(
+        {
+            "listen_interfaces": f"{address}:{free_port(address)}",
+            "outgoing_interfaces": address,
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "enable_outgoing_utp": False,
+            "enable_incoming_utp": False,
+        }
+    )
+    try:
+        for node in origins:
+            node.start()
+        params = lt.parse_magnet_uri(magnet)
+        params.save_path = str(tmp_path / "client")
+        handle = session.add_torrent(params)
+        deadline = time.monotonic() + 120
+        while not handle.status().is_seeding:
+            assert time.monotonic() < deadline, f"no swarm found from {magnet}"
+            time.sleep(0.2)
+        name = handle.status().name
+    finally:
+        session.pause()
+        for node in origins:
+            node.kill()
+    with open(tmp_path / "client" / name, "rb") as f:
+        assert hashlib.file_digest(f, "sha512").hexdigest() == image["os_hash_value"]

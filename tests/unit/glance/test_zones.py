@@ -19,9 +19,11 @@ import pytest
 from nova_torrent_images.glance.zones import (
     ZoneError,
     ZoneRoute,
+    foreign_hints,
     image_routes,
     parse_zone_route,
     plan,
+    swarm_hints,
     validate_zone_name,
     zone_property,
 )
@@ -109,3 +111,41 @@ def test_a_host_uses_its_zone_then_the_neutral_list_then_other_zones():
     assert plan(routes, "zone-x", cross_zone=False)[0].zone is None
     # A host without a zone keeps to no zone.
     assert [r.zone for r in plan(routes, None, cross_zone=False)] == [None, "zone-a", "zone-b"]
+
+
+def test_the_magnet_hints_take_the_first_of_every_zone_before_any_second():
+    other = ZoneRoute(
+        "zone-b",
+        trackers=("http://10.2.0.5:6969/announce", "http://10.2.0.6:6969/announce"),
+        peers=(("10.2.0.5", 6881), ("10.1.0.5", 6881)),
+    )
+    trackers, peers = swarm_hints([ROUTE, other])
+    assert trackers == [
+        "http://10.1.0.5:6969/announce",
+        "http://10.2.0.5:6969/announce",
+        "http://10.2.0.6:6969/announce",
+    ]
+    assert peers == [("10.1.0.5", 6881), ("10.2.0.5", 6881)]  # named twice, listed once
+    assert swarm_hints([]) == ([], [])
+
+
+def test_a_host_leaves_the_hints_only_other_zones_name_to_those_zones():
+    props = properties()
+    props["torrent_zone_zone-b"] = (
+        "stripes=http://10.2.0.5:9480;"
+        "trackers=http://10.2.0.5:6969/announce,http://10.1.0.5:6969/announce;"
+        "peers=10.2.0.5:6881"
+    )
+    routes = image_routes(props, "torrent_stripes")
+    # zone-a's own tracker, which zone-b names too, stays zone-a's.
+    assert foreign_hints(routes, "zone-a") == (
+        {"http://10.2.0.5:6969/announce"},
+        {("10.2.0.5", 6881)},
+    )
+    assert foreign_hints(routes, "zone-b") == (set(), {("10.1.0.5", 6881)})
+    # A zone the image does not know: every zone's hints are another's.
+    assert foreign_hints(routes, "zone-x")[0] == {
+        "http://10.1.0.5:6969/announce",
+        "http://10.2.0.5:6969/announce",
+    }
+    assert foreign_hints(routes, None) == (set(), set())

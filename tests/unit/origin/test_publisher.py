@@ -467,38 +467,70 @@ def zone_node(tmp_path, glance, zone: str, n: int) -> Publisher:
     return Publisher(conf, glance)
 
 
-def test_nodes_of_several_zones_write_one_magnet_and_their_own_zone_each(tmp_path, glance):
+def test_nodes_of_several_zones_write_their_own_zone_and_one_magnet_naming_every_zone(
+    tmp_path, glance
+):
     glance.add()
     a, b = zone_node(tmp_path, glance, "zone-a", 1), zone_node(tmp_path, glance, "zone-b", 2)
-    first, second = a.publish(IMAGE_ID), b.publish(IMAGE_ID)
-
-    # The same torrent on both nodes, and a magnet naming neither zone's tracker or seeder.
-    assert first.info_hash_v2 == second.info_hash_v2 and first.magnet == second.magnet
-    assert second.status == "published"  # read from Glance once per node
+    first = a.publish(IMAGE_ID)
+    # Alone, zone a's magnet names its tracker and seeder: any client finds the swarm.
     magnet = parse_magnet(first.magnet)
-    assert magnet.trackers == () and magnet.peers == ()
+    assert magnet.trackers == ("http://10.1.0.1:6969/announce",)
+    assert magnet.peers == (("10.1.0.2", 6881),)
+
+    second = b.publish(IMAGE_ID)
+    assert first.info_hash_v2 == second.info_hash_v2  # the same torrent on both nodes
+    assert second.status == "published"  # read from Glance once per node
+    magnet = parse_magnet(second.magnet)
+    assert magnet.trackers == ("http://10.1.0.1:6969/announce", "http://10.2.0.1:6969/announce")
+    assert magnet.peers == (("10.1.0.2", 6881), ("10.2.0.2", 6881))
     record = glance.records[IMAGE_ID]
-    assert record["torrent_magnet"] == first.magnet
+    assert record["torrent_magnet"] == second.magnet
     assert record["torrent_zone_zone-a"] == (
         "stripes=http://10.1.0.2:9480,http://10.1.0.3:9480;"
         "trackers=http://10.1.0.1:6969/announce;peers=10.1.0.2:6881"
     )
     assert record["torrent_zone_zone-b"].startswith("stripes=http://10.2.0.2:9480")
     assert "torrent_stripes" not in record
-    # Zone b's update named only its own property: nothing of zone a's was rewritten.
-    assert glance.updates[1] == (IMAGE_ID, {"torrent_zone_zone-b": record["torrent_zone_zone-b"]})
-    # Either node publishing again changes nothing.
+    # Zone b's update wrote its own property and the magnet; nothing of zone a's.
+    assert set(glance.updates[1][1]) == {"torrent_zone_zone-b", "torrent_magnet"}
+    # Either node publishing again changes nothing: both compute the same magnet.
     assert a.publish(IMAGE_ID).status == "unchanged"
     assert b.publish(IMAGE_ID).status == "unchanged"
+    assert a.check() == [] and b.check() == []
     assert len(glance.updates) == 2
 
-    # Zone a stops serving it: its property goes, the magnet stays for zone b's hosts.
+    # Zone a stops serving it: its property goes, the magnet stays for zone b's hosts
+    # and no longer names zone a's tracker or seeder.
     a.unpublish(IMAGE_ID)
-    assert "torrent_zone_zone-a" not in glance.records[IMAGE_ID]
-    assert glance.records[IMAGE_ID]["torrent_magnet"] == first.magnet
+    record = glance.records[IMAGE_ID]
+    assert "torrent_zone_zone-a" not in record
+    magnet = parse_magnet(record["torrent_magnet"])
+    assert magnet.info_hash_v2 == first.info_hash_v2
+    assert magnet.trackers == ("http://10.2.0.1:6969/announce",)
+    assert magnet.peers == (("10.2.0.2", 6881),)
     b.unpublish(IMAGE_ID)
     assert "torrent_magnet" not in glance.records[IMAGE_ID]
     assert "torrent_zone_zone-b" not in glance.records[IMAGE_ID]
+
+
+def test_nodes_of_two_zones_publishing_at_once_agree_on_the_magnet_at_the_next_check(
+    tmp_path, glance
+):
+    glance.add()
+    a, b = zone_node(tmp_path, glance, "zone-a", 1), zone_node(tmp_path, glance, "zone-b", 2)
+    a.publish(IMAGE_ID)
+    b.publish(IMAGE_ID)
+    both = glance.records[IMAGE_ID]["torrent_magnet"]
+    # As if zone a had read the image before zone b's properties were written, and
+    # written last: its magnet names only its own zone.
+    alone = a.magnet_for(a.registry.get(IMAGE_ID), {})[0]
+    glance.records[IMAGE_ID]["torrent_magnet"] = alone
+    assert parse_magnet(alone).trackers == ("http://10.1.0.1:6969/announce",)
+
+    assert b.check() == []  # the seeder's periodic check
+    assert glance.records[IMAGE_ID]["torrent_magnet"] == both
+    assert a.check() == [] and glance.records[IMAGE_ID]["torrent_magnet"] == both
 
 
 def test_a_zone_node_with_other_settings_than_its_zone_says_so(tmp_path, glance, caplog):
