@@ -927,7 +927,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["origin-loss", "hub-lateness", "zones", "aria2", "kernel-links"],
+        choices=["origin-loss", "hub-lateness", "zones", "aria2", "kernel-links", "neighbour"],
         help="measure this row alone and merge it into bench/results.json, then rewrite "
         "RESULTS.md (the other rows keep their figures from the last full run)",
     )
@@ -958,6 +958,8 @@ def main() -> int:
             r["hub_lateness"] = _hub_lateness()
         elif args.only == "zones":
             r["zones"] = _zones()
+        elif args.only == "neighbour":
+            _neighbour(r, 128, seconds=6, rounds=2)
         elif args.only == "kernel-links":
             r["scale_kernel_links"] = _scale_kernel_links((4, 8, 16), 64, 16)
         elif args.only == "aria2":
