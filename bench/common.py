@@ -121,6 +121,21 @@ def read_io(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def context_switches(pid: int | str = "self") -> int:
+    """Voluntary and involuntary context switches of every live thread of a process
+    (/proc/<pid>/task/*/status): how often its threads slept and woke, or were preempted."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt")):
+                        total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+    return total
+
+
 class ProcessThreads:
     """CPU seconds (user + system) by thread of other processes, from /proc/<pid>/task.
 

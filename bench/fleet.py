@@ -344,6 +344,11 @@ def _summary(run: dict, size: int, floor: float, *, detail: bool) -> dict:
             ),
             "write_calls_per_mib": round(sum(i.get("syscw", 0) for i in io) / (image_bytes / MiB)),
             "read_calls_per_mib": round(sum(i.get("syscr", 0) for i in io) / (image_bytes / MiB)),
+            # Every thread's sleeps and wakes (and preemptions): a wake costs more CPU on a
+            # small VM than the work it wakes for, when the work is a few blocks.
+            "context_switches_per_mib": round(
+                sum(i.get("ctxsw", 0) for i in io) / (image_bytes / MiB), 1
+            ),
         }
     if any(h.get("source") == "torrent" for h in run["per_host"]):
         hosts = run["per_host"]

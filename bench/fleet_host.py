@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 
-from common import read_io
+from common import context_switches, read_io
 
 from nova_torrent_images.common.utils import RateLimiter
 from nova_torrent_images.compute.pipeline import ImagePipeline, fetch_to_file
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     sampler = ThreadCPU()
     cpu_at_go, threads_at_go = os.times(), sampler.totals()
-    io_at_go = read_io()
+    io_at_go = {**read_io(), "ctxsw": context_switches()}
     pipeline = None
     try:
         image = glance.image_info(args.image_id)
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         done = time.time()
         cpu = os.times()
-        io = {key: value - io_at_go.get(key, 0) for key, value in read_io().items()}
+        now = {**read_io(), "ctxsw": context_switches()}
+        io = {key: value - io_at_go.get(key, 0) for key, value in now.items()}
         threads = {
             name: round(t - threads_at_go.get(name, 0.0), 3)
             for name, t in sampler.totals().items()

@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import MiB, ProcessThreads, read_io  # noqa: E402
+from common import MiB, ProcessThreads, context_switches, read_io  # noqa: E402
 
 from nova_torrent_images.testing import aria2  # noqa: E402
 from nova_torrent_images.testing.origin_node import start_origin_node  # noqa: E402
@@ -158,7 +158,7 @@ def run_fleet(
         cpu = sum(_cpu(p.pid) for p in procs)
         by_thread = threads.stop()
         for p in procs:
-            for key, value in read_io(p.pid).items():
+            for key, value in {**read_io(p.pid), "ctxsw": context_switches(p.pid)}.items():
                 io[key] = io.get(key, 0) + value
         sent = v1.egress() - before
     finally:
@@ -196,6 +196,7 @@ def run_fleet(
             "file_written_per_image_byte": round(io.get("wchar", 0) / image_bytes, 2),
             "write_calls_per_mib": round(io.get("syscw", 0) / (image_bytes / MiB)),
             "read_calls_per_mib": round(io.get("syscr", 0) / (image_bytes / MiB)),
+            "context_switches_per_mib": round(io.get("ctxsw", 0) / (image_bytes / MiB), 1),
         },
         "done_times": [round(t, 3) for t in times],
         "seconds": round(times[-1], 3),

@@ -504,7 +504,9 @@ def cpu_table(r: dict) -> list[str]:
             "bytes read are the hash read-back, the uploads and the whole-image check. "
             "aria2c sends with writev(2), which these counters see (libtorrent's sendmsg is "
             "not in them), so its bytes written include its uploads, about (hosts - 1) / "
-            "hosts. Rows measured before these counters existed show none.",
+            "hosts. Context switches: every thread's, voluntary and involuntary (/proc/<pid>/"
+            "task/*/status; aria2c's from its start). Rows measured before these counters "
+            "existed show none.",
             "",
             "| per image byte | " + " | ".join(LABELS[key].split(" (")[0] for key, _ in io) + " |",
             "|---|" + "---|" * len(io),
@@ -514,6 +516,7 @@ def cpu_table(r: dict) -> list[str]:
             ("file_written_per_image_byte", "bytes written"),
             ("read_calls_per_mib", "read calls per MiB"),
             ("write_calls_per_mib", "write calls per MiB"),
+            ("context_switches_per_mib", "context switches per MiB"),
         ):
             lines.append(
                 f"| {label} | " + " | ".join(f"{by.get(field, '-')}" for _, by in io) + " |"
@@ -909,6 +912,19 @@ def _zones() -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _headline_fleet() -> dict:
+    """The 16-host fleet, its headline rows three times each (min, median and max show
+    the noise), with aria2c's fleet beside it."""
+    return fleet.run(
+        16,
+        256,
+        32,
+        variants=FLEET_VARIANTS,
+        repeats={"torrent": 3, "trusted": 3},
+        peer_client=3,
+    )
+
+
 def _neighbour(r: dict, size_mib: int, *, seconds: float, rounds: int) -> None:
     """A short neighbour run (bench/neighbour.py has the long one); failure is reported."""
     try:
@@ -927,7 +943,15 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["origin-loss", "hub-lateness", "zones", "aria2", "kernel-links", "neighbour"],
+        choices=[
+            "fleet",
+            "origin-loss",
+            "hub-lateness",
+            "zones",
+            "aria2",
+            "kernel-links",
+            "neighbour",
+        ],
         help="measure this row alone and merge it into bench/results.json, then rewrite "
         "RESULTS.md (the other rows keep their figures from the last full run)",
     )
@@ -958,6 +982,8 @@ def main() -> int:
             r["hub_lateness"] = _hub_lateness()
         elif args.only == "zones":
             r["zones"] = _zones()
+        elif args.only == "fleet":
+            r["fleet"] = _headline_fleet()
         elif args.only == "neighbour":
             _neighbour(r, 128, seconds=6, rounds=2)
         elif args.only == "kernel-links":
@@ -994,15 +1020,7 @@ def main() -> int:
             _neighbour(r, 32, seconds=3, rounds=1)
         else:
             out_dir = HERE
-            # Headline rows three times each: min, median and max show the noise.
-            r["fleet"] = fleet.run(
-                16,
-                256,
-                32,
-                variants=FLEET_VARIANTS,
-                repeats={"torrent": 3, "trusted": 3},
-                peer_client=3,
-            )
+            r["fleet"] = _headline_fleet()
             print(json.dumps({k: v for k, v in r["fleet"].items() if k != "torrent"}, indent=1))
             r["scale"] = fleet.scale_curve((4, 8, 16, 32), 64, 16)
             if args.kernel_links:
