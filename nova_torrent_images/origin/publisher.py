@@ -214,6 +214,14 @@ class Publisher:
         self, entry: PublishedImage, properties: Mapping[str, object], own: ZoneRoute | None
     ) -> tuple[str, list[str]]:
         trackers, peers = swarm_hints(self.zone_routes(properties, own))
+        return self._fit(entry, trackers, peers, option="origin_zone")
+
+    @staticmethod
+    def _fit(
+        entry: PublishedImage, trackers: list[str], peers: list[tuple[str, int]], *, option: str
+    ) -> tuple[str, list[str]]:
+        """:func:`fit_magnet` for ``entry``; a hint that does not parse back (MagnetError,
+        a ValueError) is a ConfigError of ``option``."""
         try:
             return fit_magnet(
                 image_id=entry.image_id,
@@ -223,7 +231,7 @@ class Publisher:
                 peers=peers,
             )
         except ValueError as exc:
-            raise exception.ConfigError(option="origin_zone", reason=str(exc)) from exc
+            raise exception.ConfigError(option=option, reason=str(exc)) from exc
 
     def magnet_for(
         self, entry: PublishedImage, properties: Mapping[str, object] | None = None
@@ -246,16 +254,7 @@ class Publisher:
                 "host could find the swarm; set origin_advertise_addresses (host:port of "
                 "the origin seeders) and/or origin_trackers",
             )
-        try:
-            return fit_magnet(
-                image_id=entry.image_id,
-                info_hash_v1=entry.info_hash_v1,
-                info_hash_v2=entry.info_hash_v2,
-                trackers=trackers,
-                peers=peers,
-            )
-        except ValueError as exc:  # MagnetError: a tracker URL that does not parse back
-            raise exception.ConfigError(option="origin_trackers", reason=str(exc)) from exc
+        return self._fit(entry, trackers, peers, option="origin_trackers")
 
     # -- publish -----------------------------------------------------------------------
     def _require_publishable(self, image: ImageInfo) -> None:
